@@ -1,0 +1,299 @@
+"""Checkpoints as lazy ``name -> tensor`` mappings.
+
+Every reader exposes names, shapes and dtypes from headers alone and hands out one tensor at a
+time, so a comparison never holds two whole models in memory:
+
+* safetensors files are parsed and validated here and memory-mapped; a tensor is a zero-copy view
+  of the page cache, and :meth:`CheckpointSource.release` drops its pages from this process again;
+* ``.bin/.pt/.pth/.ckpt`` files go through ``torch.load(weights_only=True, mmap=True)``: nothing in
+  them is ever executed, and a pickle that needs more than tensors and containers is refused.
+
+:func:`open_checkpoint` resolves a path (file, sharded index, diffusers model or pipeline folder)
+to a source and normalises its key names (see :mod:`wadi_analysis.keymap`).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(Exception):
+    """Input that cannot be read as a checkpoint. The message is one line meant for the user."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointSource(ABC):
+    """A checkpoint whose tensors are read one at a time. Subclasses fill ``_infos``."""
+
+    path: Path
+    format: str
+    metadata: dict[str, str]
+
+    def __init__(self) -> None:
+        self._infos: dict[str, TensorInfo] = {}
+        self.metadata = {}
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    @abstractmethod
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor ``name``; may be a read-only view valid until :meth:`release` or close."""
+
+    def release(self, name: str) -> None:
+        """Tell the reader that ``name`` is no longer needed (frees what it can)."""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, {len(self)} tensors)"
+
+
+class SafetensorsFile(CheckpointSource):
+    """One ``.safetensors`` file, header validated, data memory-mapped."""
+
+    format = "safetensors"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as fh:
+                prefix = fh.read(8)
+                if len(prefix) < 8:
+                    raise CheckpointError(f"{self.path} is not a safetensors file (too short)")
+                (header_len,) = struct.unpack("<Q", prefix)
+                if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                    raise CheckpointError(f"{self.path} is not a safetensors file (bad header length)")
+                header_bytes = fh.read(header_len)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        try:
+            header = json.loads(header_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{self.path} is not a safetensors file (header is not JSON)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path} is not a safetensors file (header is not a mapping)")
+        self._data_start = 8 + header_len
+        data_len = size - self._data_start
+        self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        self._offsets: dict[str, tuple[int, int]] = {}
+        spans = []
+        for name, entry in header.items():
+            dtype, shape, (begin, end) = self._validate_entry(name, entry)
+            if end > data_len:
+                raise CheckpointError(
+                    f"{self.path} is truncated: tensor {name!r} ends at byte {end:,} "
+                    f"but the file holds {data_len:,} data bytes")
+            self._infos[name] = TensorInfo(shape, dtype)
+            self._offsets[name] = (begin, end)
+            spans.append((begin, end, name))
+        spans.sort()
+        for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
+            if begin_b < end_a:
+                raise CheckpointError(f"{self.path} is corrupt: tensors {name_a!r} and {name_b!r} overlap")
+        self._mmap: mmap.mmap | None = None
+        if size:
+            with open(self.path, "rb") as fh:
+                # Private copy-on-write mapping: torch gets a writable buffer, the file is never touched.
+                self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def _validate_entry(self, name, entry):
+        bad = CheckpointError(f"{self.path} is corrupt: bad header entry for tensor {str(name)[:80]!r}")
+        if not isinstance(entry, dict):
+            raise bad
+        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
+        shape = entry.get("shape")
+        offsets = entry.get("data_offsets")
+        if (dtype is None or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(d, int) and d >= 0 for d in shape + offsets)):
+            raise bad
+        begin, end = offsets
+        if end - begin != prod(shape) * dtype.itemsize:
+            raise bad
+        return dtype, tuple(shape), (begin, end)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        info = self._infos[name]
+        begin, end = self._offsets[name]
+        if info.numel == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        offset = self._data_start + begin
+        if offset % info.dtype.itemsize:  # unaligned data: copy rather than hand torch a misaligned view
+            raw = bytearray(self._mmap[offset:self._data_start + end])
+            return torch.frombuffer(raw, dtype=info.dtype).reshape(info.shape)
+        return torch.frombuffer(self._mmap, dtype=info.dtype, count=info.numel, offset=offset).reshape(info.shape)
+
+    def release(self, name: str) -> None:
+        # Drop the tensor's pages from this process (they stay in the OS page cache), which keeps the
+        # resident set at about one layer however large the file is.
+        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, end = self._offsets[name]
+        start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        stop = self._data_start + end
+        if stop > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a tensor view is still alive; the mapping goes with it
+                pass
+            self._mmap = None
+
+
+class ShardedSafetensors(CheckpointSource):
+    """A model split over several safetensors files listed in a ``*.safetensors.index.json``."""
+
+    format = "sharded safetensors"
+
+    def __init__(self, index_path: str | os.PathLike) -> None:
+        super().__init__()
+        self.path = Path(index_path)
+        try:
+            index = json.loads(self.path.read_text())
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise TypeError
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        except (ValueError, KeyError, TypeError):
+            raise CheckpointError(f"{self.path} is not a safetensors index (no weight_map)") from None
+        self.metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
+        self._shards: dict[str, SafetensorsFile] = {}
+        self._shard_of: dict[str, SafetensorsFile] = {}
+        for name, shard_name in weight_map.items():
+            shard_path = self.path.parent / str(shard_name)
+            if Path(shard_name).name != shard_name:
+                raise CheckpointError(f"{self.path}: shard name {str(shard_name)[:80]!r} is not a plain file name")
+            if shard_name not in self._shards:
+                if not shard_path.is_file():
+                    raise CheckpointError(f"{self.path}: shard {shard_name} is missing")
+                self._shards[shard_name] = SafetensorsFile(shard_path)
+            shard = self._shards[shard_name]
+            if name not in shard._infos:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is not in shard {shard_name}")
+            self._shard_of[name] = shard
+            self._infos[name] = shard.info(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._shard_of[name].tensor(name)
+
+    def release(self, name: str) -> None:
+        self._shard_of[name].release(name)
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+
+
+class TorchPickleFile(CheckpointSource):
+    """``.bin/.pt/.pth/.ckpt`` state dicts, read with ``weights_only=True`` (never executes code)."""
+
+    format = "torch pickle (weights_only)"
+    _NESTED_KEYS = ("state_dict", "model", "module", "model_state_dict")
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path} does not exist")
+        mmap_ok = zipfile.is_zipfile(self.path)  # only the zip format can be memory-mapped
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap_ok)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()
+            detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), "")
+            raise CheckpointError(
+                f"{self.path} needs full unpickling (arbitrary code) and was refused; convert it to "
+                f"safetensors in a trusted environment{': ' + detail.strip() if detail else ''}") from None
+        except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{self.path} is not a readable torch checkpoint ({message[:200]})") from None
+        state = self._find_state_dict(obj)
+        if state is None:
+            raise CheckpointError(f"{self.path} holds no state dict of tensors")
+        self._tensors = state
+        self._infos = {name: TensorInfo(tuple(t.shape), t.dtype) for name, t in state.items()}
+
+    @classmethod
+    def _find_state_dict(cls, obj) -> dict[str, torch.Tensor] | None:
+        if not isinstance(obj, dict):
+            return None
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if tensors and len(tensors) >= len(obj) / 2:
+            return tensors
+        for key in cls._NESTED_KEYS:
+            nested = cls._find_state_dict(obj.get(key))
+            if nested:
+                return nested
+        return tensors or None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def open_file(path: Path) -> CheckpointSource:
+    """A single checkpoint file, by its suffix."""
+    name = path.name
+    if name.endswith(".safetensors"):
+        return SafetensorsFile(path)
+    if name.endswith(".json"):
+        return ShardedSafetensors(path)
+    if name.endswith(PICKLE_SUFFIXES):
+        return TorchPickleFile(path)
+    # Unknown suffix: sniff. Zip/pickle -> torch; anything else -> safetensors (which validates).
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    if magic in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
+        return TorchPickleFile(path)
+    return SafetensorsFile(path)

@@ -1,0 +1,147 @@
+"""``wadi-analyze``: thin typer commands over the library functions."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .checkpoint import CheckpointError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compare diffusion checkpoints weight by weight: norm vs direction (WaDi, CVPR 2026).")
+console = Console()
+error_console = Console(stderr=True)
+
+
+class Precision(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+class EmaSide(str, Enum):
+    teacher = "teacher"
+    student = "student"
+    both = "both"
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit code 2: the contract for every bad input."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def print_summary(summary: dict, layers) -> None:
+    table = Table(title="teacher → student: norm vs direction", show_header=True, header_style="bold")
+    table.add_column("all-layer average")
+    table.add_column("norm change %", justify="right")
+    table.add_column("direction change %", justify="right")
+    table.add_column("direction / norm", justify="right")
+    for moment in ("mean", "std"):
+        for suffix, label in (("", ""), ("_weighted", " (param-weighted)")):
+            table.add_row(f"{moment}{label}", _fmt(summary[f"norm_change_{moment}{suffix}"]),
+                          _fmt(summary[f"direction_change_{moment}{suffix}"]),
+                          _fmt(summary[f"direction_to_norm_{moment}_ratio{suffix}"], 1) + "×")
+    console.print(table)
+    console.print(
+        f"layers analysed [bold]{summary['n_layers']}[/] ({summary['n_identical']} identical, "
+        f"{len(summary['nonfinite_layers'])} non-finite), skipped 1-D {summary['n_skipped_vectors']}, "
+        f"missing in teacher {len(summary['missing_in_teacher'])}, missing in student "
+        f"{len(summary['missing_in_student'])}, shape mismatches {len(summary['shape_mismatches'])}, "
+        f"zero-norm rows {summary['zero_norm_rows']}")
+    if summary.get("max_layer_direction_change_name"):
+        console.print(f"largest mean direction change: {summary['max_layer_direction_change_mean']:.3f} % in "
+                      f"{summary['max_layer_direction_change_name']}", markup=False)
+    for item in summary["shape_mismatches"][:5]:
+        console.print(f"[yellow]shape mismatch[/] {item['name']}: {item['teacher_shape']} vs {item['student_shape']}")
+
+
+@app.command()
+def compare(
+    teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint: file, sharded index, diffusers model or pipeline folder.")],
+    student: Annotated[Path, typer.Argument(help="Student checkpoint, any supported format.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write layers.csv and summary.json here.")] = None,
+    include: Annotated[Optional[list[str]], typer.Option("--include", "-i", help="Glob on weight names to keep (repeatable).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Glob on weight names to drop (repeatable).")] = None,
+    kind: Annotated[Optional[list[str]], typer.Option("--kind", "-k", help="Keep only linear / conv / embedding / param (repeatable).")] = None,
+    component: Annotated[Optional[str], typer.Option(help="Pipeline component folder (default: unet or transformer).")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="diffusers weight variant to prefer, e.g. fp16.")] = None,
+    ema: Annotated[Optional[EmaSide], typer.Option(help="Use the EMA copy (model_ema.*) of an LDM checkpoint.")] = None,
+    precision: Annotated[Precision, typer.Option(help="Arithmetic for the statistics.")] = Precision.float32,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout, nothing else.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Compare TEACHER and STUDENT weight by weight: per-row norm and direction change."""
+    from .compare import compare as run_compare
+
+    try:
+        result = run_compare(teacher, student, include=include or (), exclude=exclude or (), kinds=kind or (),
+                             component=component, variant=variant, ema=ema.value if ema else None,
+                             precision=precision.value, progress=not (quiet or as_json))
+    except CheckpointError as exc:
+        fail(str(exc))
+    result.summary["command"] = " ".join(["wadi-analyze", *sys.argv[1:]])
+    if out is not None:
+        try:
+            result.write(out)
+        except OSError as exc:
+            fail(f"cannot write to {out}: {exc.strerror or exc}")
+    if as_json:
+        print(json.dumps(result.summary, indent=2))
+        return
+    print_summary(result.summary, result.layers)
+    if out is not None:
+        console.print(f"wrote {out / 'layers.csv'} and {out / 'summary.json'}", markup=False)
+
+
+@app.command()
+def info(
+    checkpoint: Annotated[Path, typer.Argument(help="Any supported checkpoint.")],
+    component: Annotated[Optional[str], typer.Option(help="Pipeline component folder.")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="diffusers weight variant.")] = None,
+) -> None:
+    """Describe a checkpoint from its headers: format, layout, tensors, parameters, dtypes."""
+    from .compare import describe
+    from .locate import open_checkpoint
+
+    try:
+        with open_checkpoint(checkpoint, component=component, variant=variant) as source:
+            details = describe(source)
+    except CheckpointError as exc:
+        fail(str(exc))
+    for key, value in details.items():
+        console.print(f"{key}: {value}", markup=False)
+
+
+@app.command("example-pair")
+def example_pair(
+    out: Annotated[Path, typer.Argument(help="Folder for teacher/, student/ and planted.csv.")],
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a tiny SD1.5-layout teacher/student pair with known, planted row rotations and rescalings."""
+    from .examples import make_example_pair
+
+    paths = make_example_pair(out, seed=seed)
+    console.print(f"wrote {paths['teacher']}, {paths['student']} and {paths['planted']}", markup=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

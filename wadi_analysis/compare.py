@@ -1,0 +1,254 @@
+"""The streaming comparison: two checkpoints -> one row per layer (a DataFrame) + a summary.
+
+Only one teacher tensor and one student tensor are alive at a time, and their pages are released
+right after use, so memory stays at about one layer whatever the model size.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .checkpoint import CheckpointError, CheckpointSource
+from .decompose import layer_statistics, row_norms
+from .keymap import align
+from .layers import label
+from .locate import open_checkpoint
+
+PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
+STAT_NAMES = ("norm_change", "direction_change", "angle_deg")
+LAYER_COLUMNS = [
+    "name", "kind", "block", "role", "group", "shape", "numel", "rows", "dtype", "student_dtype",
+    "norm_change_mean", "norm_change_std", "norm_change_max",
+    "direction_change_mean", "direction_change_std", "direction_change_max",
+    "angle_deg_mean", "angle_deg_std", "angle_deg_max",
+    "frobenius_change", "valid_rows", "zero_norm_rows", "nonfinite_rows", "status",
+]
+
+
+@dataclass
+class Selection:
+    """Which weights to analyse: glob patterns on canonical names and weight kinds."""
+
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+
+    def __call__(self, name: str, kind: str) -> bool:
+        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return False
+        return not self.kinds or kind in self.kinds
+
+
+@dataclass
+class Comparison:
+    """The per-layer table and the summary of one teacher/student comparison."""
+
+    layers: pd.DataFrame
+    summary: dict
+
+    def write(self, out_dir: str | os.PathLike) -> list[Path]:
+        """Write ``layers.csv`` and ``summary.json`` atomically (temp file + rename)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        for file_name, text in (("layers.csv", self.layers.to_csv(index=False)),
+                                ("summary.json", json.dumps(self.summary, indent=2) + "\n")):
+            handle, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{file_name}.", suffix=".tmp")
+            with os.fdopen(handle, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, out_dir / file_name)
+            written.append(out_dir / file_name)
+        return written
+
+
+def _open(source, component, variant, ema) -> tuple[CheckpointSource, bool]:
+    if isinstance(source, CheckpointSource):
+        return source, False
+    return open_checkpoint(source, component=component, variant=variant, ema=ema), True
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    return Progress(TextColumn("[bold]comparing"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TimeRemainingColumn(), TextColumn("{task.fields[layer]}"),
+                    console=Console(stderr=True), transient=True)
+
+
+def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, selection: Selection | None = None,
+                    precision: str = "float32", progress: bool = False) -> Comparison:
+    """Compare two opened sources (see :func:`compare`)."""
+    selection = selection or Selection()
+    compute_dtype = PRECISIONS[precision]
+    alignment = align(teacher, student)
+    if not alignment.common and not alignment.shape_mismatches:
+        raise CheckpointError(
+            f"no common weights: the teacher has {len(teacher)} tensors and the student {len(student)}, "
+            f"but no name is shared (teacher e.g. {teacher.names()[0]!r}, student e.g. {student.names()[0]!r})")
+    skipped_vectors = skipped_non_float = deselected = 0
+    todo = []
+    for name in alignment.common:
+        info = teacher.info(name)
+        layer = label(name, len(info.shape))
+        if len(info.shape) < 2:
+            skipped_vectors += 1
+        elif not (info.dtype.is_floating_point and student.info(name).dtype.is_floating_point):
+            skipped_non_float += 1
+        elif not selection(name, layer.kind):
+            deselected += 1
+        else:
+            todo.append((name, layer))
+    if not todo:
+        raise CheckpointError(f"none of the {len(alignment.common)} shared weights is a selected weight with ≥ 2 dims")
+
+    records = []
+    with _progress_bar(progress) as bar:
+        task = bar.add_task("compare", total=sum(teacher.info(n).numel for n, _ in todo), layer="") if bar else None
+        for name, layer in todo:
+            info, student_info = teacher.info(name), student.info(name)
+            norms = row_norms(teacher.tensor(name), student.tensor(name), compute_dtype)
+            teacher.release(name)
+            student.release(name)
+            stats = layer_statistics(norms)
+            identical = stats.pop("identical")
+            status = "nonfinite" if stats["nonfinite_rows"] else "identical" if identical else "ok"
+            records.append({
+                "name": name, "kind": layer.kind, "block": layer.block, "role": layer.role, "group": layer.group,
+                "shape": "x".join(map(str, info.shape)), "numel": info.numel,
+                "dtype": str(info.dtype).removeprefix("torch."),
+                "student_dtype": str(student_info.dtype).removeprefix("torch."),
+                **stats, "status": status,
+            })
+            if bar:
+                bar.update(task, advance=info.numel, layer=name[-60:])
+    layers = pd.DataFrame.from_records(records)
+    layers = layers[LAYER_COLUMNS + [c for c in layers.columns if c not in LAYER_COLUMNS]]
+    summary = summarize(layers)
+    summary.update({
+        "n_skipped_vectors": skipped_vectors,
+        "n_skipped_non_float": skipped_non_float,
+        "n_deselected": deselected,
+        "missing_in_teacher": alignment.missing_in_teacher,
+        "missing_in_student": alignment.missing_in_student,
+        "shape_mismatches": [{"name": n, "teacher_shape": list(teacher.info(n).shape),
+                              "student_shape": list(student.info(n).shape)} for n in alignment.shape_mismatches],
+        "teacher": describe(teacher),
+        "student": describe(student),
+        "precision": precision,
+        "versions": _versions(),
+    })
+    return Comparison(layers, summary)
+
+
+def compare(teacher: str | os.PathLike | CheckpointSource, student: str | os.PathLike | CheckpointSource, *,
+            include: Iterable[str] = (), exclude: Iterable[str] = (), kinds: Iterable[str] = (),
+            component: str | None = None, variant: str | None = None, ema: str | None = None,
+            precision: str = "float32", progress: bool = False) -> Comparison:
+    """Compare a teacher and a student checkpoint weight by weight.
+
+    Args:
+        teacher, student: paths (any format :func:`wadi_analysis.open_checkpoint` reads) or opened sources.
+        include, exclude: glob patterns on diffusers-style names (``*attn2*``); include keeps only matches.
+        kinds: keep only these weight kinds (``linear``, ``conv``, ``embedding``, ``param``).
+        component: pipeline component to read on both sides (default ``unet`` or ``transformer``).
+        variant: diffusers weight variant (``fp16``) to prefer in model folders.
+        ema: ``teacher``, ``student`` or ``both``: read the EMA copy of an original LDM checkpoint.
+        precision: ``float32`` (fast) or ``float64`` (exact to ~1e-12); inputs are never reduced in half precision.
+        progress: show a rich progress bar on stderr.
+
+    Returns:
+        A :class:`Comparison` with ``layers`` (one row per analysed weight) and ``summary``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+    if ema not in (None, "teacher", "student", "both"):
+        raise ValueError("ema must be teacher, student or both")
+    selection = Selection(list(include), list(exclude), list(kinds))
+    with ExitStack() as stack:
+        opened = []
+        for side, source in (("teacher", teacher), ("student", student)):
+            handle, owned = _open(source, component, variant, ema in (side, "both"))
+            if owned:
+                stack.callback(handle.close)
+            opened.append(handle)
+        return compare_sources(*opened, selection=selection, precision=precision, progress=progress)
+
+
+def _mean_or_none(values: pd.Series, weights: pd.Series | None = None) -> float | None:
+    mask = values.notna()
+    if not mask.any():
+        return None
+    if weights is None:
+        return float(values[mask].mean())
+    return float((values[mask] * weights[mask]).sum() / weights[mask].sum())
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0 or not math.isfinite(numerator / denominator):
+        return None
+    return numerator / denominator
+
+
+def summarize(layers: pd.DataFrame) -> dict:
+    """The paper's all-layer figures: averages over layers of per-layer means and stds, and ratios.
+
+    Layers with non-finite values are left out of the averages (and listed); identical layers count
+    as real zero changes. ``*_weighted`` variants weight each layer by its parameter count.
+    """
+    usable = layers[layers["status"] != "nonfinite"]
+    summary: dict = {"n_layers": int(len(layers)), "n_layers_in_means": int(len(usable))}
+    for suffix, weights in (("", None), ("_weighted", usable["numel"].astype(float))):
+        for stat in STAT_NAMES:
+            for moment in ("mean", "std"):
+                summary[f"{stat}_{moment}{suffix}"] = _mean_or_none(usable[f"{stat}_{moment}"], weights)
+        for moment in ("mean", "std"):
+            summary[f"direction_to_norm_{moment}_ratio{suffix}"] = _ratio(
+                summary[f"direction_change_{moment}{suffix}"], summary[f"norm_change_{moment}{suffix}"])
+    if len(usable):
+        worst = usable.loc[usable["direction_change_mean"].idxmax()] if usable["direction_change_mean"].notna().any() else None
+        summary["max_layer_direction_change_mean"] = None if worst is None else float(worst["direction_change_mean"])
+        summary["max_layer_direction_change_name"] = None if worst is None else str(worst["name"])
+    summary["n_identical"] = int((layers["status"] == "identical").sum())
+    summary["nonfinite_layers"] = layers.loc[layers["status"] == "nonfinite", "name"].tolist()
+    summary["zero_norm_rows"] = int(layers["zero_norm_rows"].sum())
+    summary["n_params_analysed"] = int(layers["numel"].sum())
+    return summary
+
+
+def describe(source: CheckpointSource) -> dict:
+    inner = getattr(source, "inner", source)
+    mapping = getattr(source, "mapping", None)
+    return {
+        "path": str(source.path), "format": source.format, "n_tensors": len(source),
+        "n_params": int(sum(source.info(n).numel for n in source.names())),
+        "dtypes": sorted({str(source.info(n).dtype).removeprefix("torch.") for n in source.names()}),
+        "ignored_keys": len(mapping.ignored) if mapping else 0,
+        "unmapped_keys": mapping.unmapped[:20] if mapping else [],
+        "raw_tensors": len(inner),
+    }
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    found = {}
+    for package in ("wadi", "torch", "diffusers", "safetensors"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
