@@ -19,6 +19,7 @@ import mmap
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -107,8 +108,11 @@ class SafetensorsFile(CheckpointSource):
                 if len(prefix) < 8:
                     raise CheckpointError(f"{self.path} is not a safetensors file (too short)")
                 (header_len,) = struct.unpack("<Q", prefix)
-                if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                if header_len > _MAX_HEADER_BYTES:
                     raise CheckpointError(f"{self.path} is not a safetensors file (bad header length)")
+                if header_len > size - 8:
+                    raise CheckpointError(f"{self.path} is truncated or not a safetensors file (its header "
+                                          f"needs {header_len:,} bytes, the file has {size - 8:,} after the length)")
                 header_bytes = fh.read(header_len)
         except OSError as exc:
             raise CheckpointError(f"cannot read {self.path}: {exc.strerror or exc}") from None
@@ -246,7 +250,9 @@ class TorchPickleFile(CheckpointSource):
             raise CheckpointError(f"{self.path} does not exist")
         mmap_ok = zipfile.is_zipfile(self.path)  # only the zip format can be memory-mapped
         try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap_ok)
+            with warnings.catch_warnings():  # e.g. pickle-protocol notices: the outcome is reported below
+                warnings.simplefilter("ignore")
+                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=mmap_ok)
         except pickle.UnpicklingError as exc:
             first = str(exc).strip().splitlines()
             detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), "")
@@ -280,6 +286,21 @@ class TorchPickleFile(CheckpointSource):
 
     def close(self) -> None:
         self._tensors = {}
+
+
+class TensorDictSource(CheckpointSource):
+    """An in-memory ``{name: tensor}`` mapping (e.g. ``model.state_dict()``) as a source."""
+
+    format = "in-memory state dict"
+
+    def __init__(self, tensors: dict[str, torch.Tensor], path: str = "<memory>") -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._tensors = {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+        self._infos = {name: TensorInfo(tuple(t.shape), t.dtype) for name, t in self._tensors.items()}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name].detach()
 
 
 def open_file(path: Path) -> CheckpointSource:

@@ -37,6 +37,25 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def command_line(ctx: typer.Context) -> str:
+    """The invocation, rebuilt from the parsed parameters (recorded in outputs for reproducibility)."""
+    import shlex
+
+    words = ["wadi-analyze", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        value = value.value if isinstance(value, Enum) else value
+        if param.param_type_name == "argument":
+            words.append(str(value))
+        elif value not in (None, param.default, (), []) and not (param.default is None and value is False):
+            flag = max(param.opts, key=len)
+            if getattr(param, "is_flag", False):
+                words.append(flag)
+            else:
+                words += [w for v in (value if isinstance(value, (list, tuple)) else [value]) for w in (flag, str(v))]
+    return " ".join(shlex.quote(w) for w in words)
+
+
 def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -68,6 +87,7 @@ def print_summary(summary: dict, layers) -> None:
 
 @app.command()
 def compare(
+    ctx: typer.Context,
     teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint: file, sharded index, diffusers model or pipeline folder.")],
     student: Annotated[Path, typer.Argument(help="Student checkpoint, any supported format.")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write layers.csv and summary.json here.")] = None,
@@ -90,7 +110,7 @@ def compare(
                              precision=precision.value, progress=not (quiet or as_json))
     except CheckpointError as exc:
         fail(str(exc))
-    result.summary["command"] = " ".join(["wadi-analyze", *sys.argv[1:]])
+    result.summary["command"] = command_line(ctx)
     if out is not None:
         try:
             result.write(out)

@@ -11,15 +11,16 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable
-from contextlib import ExitStack, nullcontext
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from .checkpoint import CheckpointError, CheckpointSource
+from .checkpoint import CheckpointError, CheckpointSource, TensorDictSource
 from .decompose import layer_statistics, row_norms
 from .keymap import align
 from .layers import label
@@ -77,6 +78,8 @@ class Comparison:
 def _open(source, component, variant, ema) -> tuple[CheckpointSource, bool]:
     if isinstance(source, CheckpointSource):
         return source, False
+    if isinstance(source, Mapping):
+        return TensorDictSource(dict(source)), True
     return open_checkpoint(source, component=component, variant=variant, ema=ema), True
 
 
@@ -90,8 +93,18 @@ def _progress_bar(enabled: bool):
                     console=Console(stderr=True), transient=True)
 
 
+@contextmanager
+def _torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, selection: Selection | None = None,
-                    precision: str = "float32", progress: bool = False) -> Comparison:
+                    precision: str = "float32", progress: bool = False, workers: int | None = None) -> Comparison:
     """Compare two opened sources (see :func:`compare`)."""
     selection = selection or Selection()
     compute_dtype = PRECISIONS[precision]
@@ -116,15 +129,21 @@ def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, sel
     if not todo:
         raise CheckpointError(f"none of the {len(alignment.common)} shared weights is a selected weight with ≥ 2 dims")
 
+    def measure(item):
+        name, _ = item
+        norms = row_norms(teacher.tensor(name), student.tensor(name), compute_dtype)
+        teacher.release(name)
+        student.release(name)
+        return layer_statistics(norms)
+
     records = []
-    with _progress_bar(progress) as bar:
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    with _progress_bar(progress) as bar, _torch_threads(1), ThreadPoolExecutor(workers) as pool:
         task = bar.add_task("compare", total=sum(teacher.info(n).numel for n, _ in todo), layer="") if bar else None
-        for name, layer in todo:
+        # Layers run in parallel, one torch thread each: no OpenMP barriers per small op, which stall
+        # badly on a busy machine, and at most `workers` layers are in memory at once.
+        for (name, layer), stats in zip(todo, pool.map(measure, todo)):
             info, student_info = teacher.info(name), student.info(name)
-            norms = row_norms(teacher.tensor(name), student.tensor(name), compute_dtype)
-            teacher.release(name)
-            student.release(name)
-            stats = layer_statistics(norms)
             identical = stats.pop("identical")
             status = "nonfinite" if stats["nonfinite_rows"] else "identical" if identical else "ok"
             records.append({
@@ -155,14 +174,18 @@ def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, sel
     return Comparison(layers, summary)
 
 
-def compare(teacher: str | os.PathLike | CheckpointSource, student: str | os.PathLike | CheckpointSource, *,
+CheckpointLike = str | os.PathLike | CheckpointSource | Mapping[str, torch.Tensor]
+
+
+def compare(teacher: CheckpointLike, student: CheckpointLike, *,
             include: Iterable[str] = (), exclude: Iterable[str] = (), kinds: Iterable[str] = (),
             component: str | None = None, variant: str | None = None, ema: str | None = None,
-            precision: str = "float32", progress: bool = False) -> Comparison:
+            precision: str = "float32", progress: bool = False, workers: int | None = None) -> Comparison:
     """Compare a teacher and a student checkpoint weight by weight.
 
     Args:
-        teacher, student: paths (any format :func:`wadi_analysis.open_checkpoint` reads) or opened sources.
+        teacher, student: paths (any format :func:`wadi_analysis.open_checkpoint` reads), opened sources,
+            or in-memory ``{name: tensor}`` state dicts.
         include, exclude: glob patterns on diffusers-style names (``*attn2*``); include keeps only matches.
         kinds: keep only these weight kinds (``linear``, ``conv``, ``embedding``, ``param``).
         component: pipeline component to read on both sides (default ``unet`` or ``transformer``).
@@ -170,6 +193,7 @@ def compare(teacher: str | os.PathLike | CheckpointSource, student: str | os.Pat
         ema: ``teacher``, ``student`` or ``both``: read the EMA copy of an original LDM checkpoint.
         precision: ``float32`` (fast) or ``float64`` (exact to ~1e-12); inputs are never reduced in half precision.
         progress: show a rich progress bar on stderr.
+        workers: layers measured in parallel (default: CPU count); each uses one torch thread.
 
     Returns:
         A :class:`Comparison` with ``layers`` (one row per analysed weight) and ``summary``.
@@ -186,7 +210,8 @@ def compare(teacher: str | os.PathLike | CheckpointSource, student: str | os.Pat
             if owned:
                 stack.callback(handle.close)
             opened.append(handle)
-        return compare_sources(*opened, selection=selection, precision=precision, progress=progress)
+        return compare_sources(*opened, selection=selection, precision=precision, progress=progress,
+                               workers=workers)
 
 
 def _mean_or_none(values: pd.Series, weights: pd.Series | None = None) -> float | None:
