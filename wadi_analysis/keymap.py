@@ -34,17 +34,18 @@ class KeyMapping:
 def _infer_ldm_unet_config(unet_keys: list[str]) -> dict:
     """The few config fields diffusers' LDM converter needs, read off the key names."""
     input_ids = {int(m.group(1)) for k in unet_keys if (m := re.match(r"input_blocks\.(\d+)\.", k))}
-    downsamplers = sorted(int(m.group(1)) for k in unet_keys if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.", k)))
+    downsamplers = sorted({int(m.group(1)) for k in unet_keys if (m := re.match(r"input_blocks\.(\d+)\.0\.op\.", k))})
     if downsamplers:
         layers_per_block = downsamplers[0] - 1
     else:  # a single resolution level: conv_in + the level's layers
         layers_per_block = max(input_ids, default=1)
     config: dict = {"layers_per_block": layers_per_block}
-    if any(k.startswith("label_emb.") for k in unet_keys):
-        # SDXL's label_emb carries the text/time embedding; other label_emb users (unCLIP, upscalers)
-        # are class projections. SDXL's first block has no cross-attention and 3 levels.
-        config["addition_embed_type"] = "text_time" if len(downsamplers) == 2 else None
-        config["class_embed_type"] = None if len(downsamplers) == 2 else "projection"
+    if any(k.startswith("label_emb.0.") for k in unet_keys):
+        # label_emb is SDXL's text/time embedding (add_embedding) or, in unCLIP-style models, a class
+        # projection (class_embedding). SDXL is the one whose first level has no attention.
+        sdxl_like = not any(k.startswith("input_blocks.1.1.") for k in unet_keys)
+        config["addition_embed_type"] = "text_time" if sdxl_like else None
+        config["class_embed_type"] = None if sdxl_like else "projection"
     return config
 
 
