@@ -83,7 +83,7 @@ with open("/proc/self/clear_refs", "w") as fh:
     fh.write("5")  # reset the peak resident set size (VmHWM) to the current one, after the imports
 before = status("VmRSS")
 if sys.argv[1] == "compare":
-    compare(sys.argv[2], sys.argv[3])
+    compare(sys.argv[2], sys.argv[3], workers=2)
 else:
     from safetensors.torch import load_file
     tensors = [load_file(sys.argv[2]), load_file(sys.argv[3])]

@@ -98,6 +98,7 @@ def compare(
     variant: Annotated[Optional[str], typer.Option(help="diffusers weight variant to prefer, e.g. fp16.")] = None,
     ema: Annotated[Optional[EmaSide], typer.Option(help="Use the EMA copy (model_ema.*) of an LDM checkpoint.")] = None,
     precision: Annotated[Precision, typer.Option(help="Arithmetic for the statistics.")] = Precision.float32,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Layers measured in parallel (default: CPUs, at most 8).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout, nothing else.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -107,7 +108,7 @@ def compare(
     try:
         result = run_compare(teacher, student, include=include or (), exclude=exclude or (), kinds=kind or (),
                              component=component, variant=variant, ema=ema.value if ema else None,
-                             precision=precision.value, progress=not (quiet or as_json))
+                             precision=precision.value, progress=not (quiet or as_json), workers=workers)
     except CheckpointError as exc:
         fail(str(exc))
     result.summary["command"] = command_line(ctx)

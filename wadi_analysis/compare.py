@@ -137,7 +137,7 @@ def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, sel
         return layer_statistics(norms)
 
     records = []
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    workers = max(1, min(workers or min(os.cpu_count() or 1, 8), len(todo)))
     with _progress_bar(progress) as bar, _torch_threads(1), ThreadPoolExecutor(workers) as pool:
         task = bar.add_task("compare", total=sum(teacher.info(n).numel for n, _ in todo), layer="") if bar else None
         # Layers run in parallel, one torch thread each: no OpenMP barriers per small op, which stall
@@ -193,7 +193,8 @@ def compare(teacher: CheckpointLike, student: CheckpointLike, *,
         ema: ``teacher``, ``student`` or ``both``: read the EMA copy of an original LDM checkpoint.
         precision: ``float32`` (fast) or ``float64`` (exact to ~1e-12); inputs are never reduced in half precision.
         progress: show a rich progress bar on stderr.
-        workers: layers measured in parallel (default: CPU count); each uses one torch thread.
+        workers: layers measured in parallel (default: CPU count, at most 8); each uses one torch
+            thread and holds one teacher and one student tensor.
 
     Returns:
         A :class:`Comparison` with ``layers`` (one row per analysed weight) and ``summary``.

@@ -18,6 +18,7 @@ which keeps full relative precision for tiny rotations, and the angle is 2 asin(
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -39,27 +40,39 @@ class RowNorms:
     difference: torch.Tensor
 
 
+_scratch = threading.local()
+
+
+def _scratch_buffer(elements: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread buffer reused across calls: fresh multi-MB allocations would page-fault every block."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < elements:
+        buffer = _scratch.buffer = torch.empty(elements, dtype=dtype)
+    return buffer[:elements]
+
+
 def row_norms(teacher: torch.Tensor, student: torch.Tensor, compute_dtype: torch.dtype = torch.float32,
               block_elements: int = BLOCK_ELEMENTS) -> RowNorms:
     """||t_j||, ||s_j|| and ||s_j - t_j|| for every row, computed blockwise in ``compute_dtype``.
 
-    Half-precision inputs are converted a block of rows at a time, so the float copy stays in cache
-    and no full-size float32 copy of the layer is ever made.
+    Half-precision inputs are converted a block of rows at a time into a reused buffer, so the float
+    copy stays in cache and no full-size float32 copy of the layer is ever made.
     """
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError("statistics are computed in float32 or float64, never in half precision")
     teacher_rows, student_rows = rows(teacher), rows(student)
     out_rows, width = teacher_rows.shape
     norms = torch.empty(3, out_rows, dtype=compute_dtype)
-    step = max(1, block_elements // max(width, 1))
+    step = max(1, min(out_rows, block_elements // max(width, 1)))
+    scratch = _scratch_buffer(2 * step * width, compute_dtype).view(2, step, width)
     norm = torch.linalg.vector_norm
     for start in range(0, out_rows, step):
         stop = min(start + step, out_rows)
-        t = teacher_rows[start:stop].to(compute_dtype)
-        s = student_rows[start:stop].to(compute_dtype, copy=True)
-        norm(t, dim=1, out=norms[0, start:stop])
-        norm(s, dim=1, out=norms[1, start:stop])
-        norm(s.sub_(t), dim=1, out=norms[2, start:stop])
+        pair = scratch[:, : stop - start]
+        pair[0].copy_(teacher_rows[start:stop])
+        pair[1].copy_(student_rows[start:stop])
+        norm(pair, dim=2, out=norms[0:2, start:stop])
+        norm(pair[1].sub_(pair[0]), dim=1, out=norms[2, start:stop])
     norms = norms.double()
     return RowNorms(norms[0], norms[1], norms[2])
 
