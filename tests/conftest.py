@@ -18,6 +18,10 @@ from wadi_analysis.examples import planted_student, tiny_sd15_config
 
 SMALLEST_FP16_NORMAL = 2.0 ** -14
 
+# pytest-xdist runs one process per core: more torch threads than that only contend (and OpenMP
+# barriers stall badly on a loaded machine). Tests measure results, never speed.
+torch.set_num_threads(1)
+
 
 def representable_in_half(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}

@@ -1,0 +1,18 @@
+"""LoRaD: low-rank rotation of weight direction (WaDi §2).
+
+``rotation``  the math (one short file); ``model`` the surgery (named adapters on one frozen base,
+switch, merge/unmerge); ``targets`` where adapters go; ``io`` adapter files.
+"""
+
+from .io import AdapterFileError, base_fingerprint, load_adapter, read_adapter, save_adapter
+from .model import (add_adapter, adapter_names, adapter_parameters, adapter_state_dict, disable_adapters, merge,
+                    merge_and_unload, set_adapter, unmerge)
+from .rotation import PairRotation, RotationAdapter, rotate_rows
+from .targets import PRESETS, TargetSpec, check_targets, read_plan, resolve_preset, resolve_spec, write_plan
+
+__all__ = [
+    "AdapterFileError", "PRESETS", "PairRotation", "RotationAdapter", "TargetSpec", "add_adapter", "adapter_names",
+    "adapter_parameters", "adapter_state_dict", "base_fingerprint", "check_targets", "disable_adapters",
+    "load_adapter", "merge", "merge_and_unload", "read_adapter", "read_plan", "resolve_preset", "resolve_spec",
+    "rotate_rows", "save_adapter", "set_adapter", "unmerge", "write_plan",
+]

@@ -1,0 +1,100 @@
+"""LoRaD math: low-rank rotation of weight direction (WaDi §2).
+
+For a weight viewed as rows ``W`` of shape (out, in) — a Conv2d kernel (o, i, kh, kw) is flattened
+row-major to (o, i*kh*kw) — adjacent input columns (2k, 2k+1) of every row are rotated by an angle
+theta[i, k], with theta = A @ B (A: out x r, zero init; B: r x in//2, Xavier init)::
+
+    W'[:, 2k]   = W[:, 2k] cos(theta) - W[:, 2k+1] sin(theta)
+    W'[:, 2k+1] = W[:, 2k] sin(theta) + W[:, 2k+1] cos(theta)
+
+Every row norm (and every pair norm) is preserved exactly: only directions move. With an odd
+flattened width the last column has no partner and stays as it is.
+
+The rotation runs as a custom autograd function that saves only W and theta (not cos/sin or the
+rotated weight) and recomputes in backward: for loss L with G = dL/dW',
+
+    dL/dtheta = G[:, 2k+1] * W'[:, 2k] - G[:, 2k] * W'[:, 2k+1]
+    dL/dW     = G rotated by -theta
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _paired(weight_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(even columns, odd columns, unpaired last column or None) as views."""
+    pairs = weight_rows.shape[1] // 2
+    body = weight_rows[:, : 2 * pairs].unflatten(1, (pairs, 2))
+    tail = weight_rows[:, 2 * pairs:] if weight_rows.shape[1] % 2 else None
+    return body[..., 0], body[..., 1], tail
+
+
+def _rotate(weight_rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    even, odd, tail = _paired(weight_rows)
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(1)
+    return rotated if tail is None else torch.cat((rotated, tail), dim=1)
+
+
+class PairRotation(torch.autograd.Function):
+    """W (out, in), theta (out, in//2) -> W' in theta's dtype (float32, or float64 for checks)."""
+
+    @staticmethod
+    def forward(ctx, weight_rows: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight_rows, theta)
+        return _rotate(weight_rows.to(theta.dtype), torch.cos(theta), torch.sin(theta))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight_rows, theta = ctx.saved_tensors
+        cos, sin = torch.cos(theta), torch.sin(theta)
+        grad_weight = grad_theta = None
+        if ctx.needs_input_grad[1]:
+            rotated_even, rotated_odd, _ = _paired(_rotate(weight_rows.to(theta.dtype), cos, sin))
+            grad_even, grad_odd, _ = _paired(grad)
+            grad_theta = grad_odd * rotated_even - grad_even * rotated_odd
+        if ctx.needs_input_grad[0]:
+            grad_weight = _rotate(grad, cos, -sin).to(weight_rows.dtype)
+        return grad_weight, grad_theta
+
+
+def rotate_rows(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """``weight`` (Linear or Conv kernel) with each row's adjacent column pairs rotated by ``theta``.
+
+    The result has ``weight``'s shape and ``theta``'s dtype (compute in float32, cast once by the caller).
+    """
+    rows = weight.reshape(weight.shape[0], -1)
+    if theta.shape != (rows.shape[0], rows.shape[1] // 2):
+        raise ValueError(f"theta must be {(rows.shape[0], rows.shape[1] // 2)}, got {tuple(theta.shape)}")
+    return PairRotation.apply(rows, theta).reshape(weight.shape)
+
+
+def row_width(weight_shape: torch.Size | tuple[int, ...]) -> int:
+    """Flattened input width of a Linear (out, in) or Conv (out, in, *kernel) weight."""
+    return math.prod(weight_shape[1:])
+
+
+class RotationAdapter(nn.Module):
+    """One adapter's angle factors for one weight: theta = A @ B, kept in float32."""
+
+    def __init__(self, out_rows: int, width: int, rank: int, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ValueError("rank must be >= 1")
+        pairs = width // 2
+        if pairs < 1:
+            raise ValueError("a weight needs at least two input columns to rotate")
+        self.A = nn.Parameter(torch.zeros(out_rows, rank, dtype=torch.float32, device=device))
+        b = torch.empty(rank, pairs, dtype=torch.float32, device=device)
+        self.B = nn.Parameter(nn.init.xavier_uniform_(b, generator=generator))
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[1]
+
+    def theta(self) -> torch.Tensor:
+        return self.A @ self.B
