@@ -330,3 +330,36 @@ def test_full_fine_tuning_trains_exactly_the_targets():
     count = adapters.attach(model, "full", targets)
     modules = dict(model.named_modules())
     assert count == sum(p.numel() for n in targets for p in modules[n].parameters())
+
+
+# ----------------------------------------------------------------------------- command line
+def test_cli_merges_an_adapter_and_refuses_a_wrong_base(tmp_path):
+    from diffusers import UNet2DConditionModel
+    from typer.testing import CliRunner
+
+    from wadi_distill.cli import app
+
+    model = tiny_unet()
+    model.save_pretrained(tmp_path / "base")
+    lorad.add_adapter(model, "gen", lorad.resolve_preset(model, "sd-unet-generator", rank=4))
+    lorad.set_adapter(model, "gen")
+    randomize(model, "gen")
+    expected = run_unet(model)
+    lorad.save_adapter(model, "gen", tmp_path / "gen.safetensors")
+    runner = CliRunner()
+    info = runner.invoke(app, ["adapter-info", str(tmp_path / "gen.safetensors")])
+    assert info.exit_code == 0 and "'gen'" in info.output and "base_fingerprint" in info.output
+    result = runner.invoke(app, ["merge", str(tmp_path / "base"), str(tmp_path / "gen.safetensors"),
+                                 "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    merged = UNet2DConditionModel.from_pretrained(tmp_path / "merged").eval()
+    assert torch.allclose(run_unet(merged), expected, rtol=1e-5, atol=1e-6)
+    # The merged model is another base: the adapter must not be applied to it twice.
+    again = runner.invoke(app, ["merge", str(tmp_path / "merged"), str(tmp_path / "gen.safetensors"),
+                                "--out", str(tmp_path / "twice")])
+    assert again.exit_code == 2 and again.stderr.startswith("error: ") and "other base weights" in again.stderr
+    assert again.stderr.count("\n") == 1 and not (tmp_path / "twice").exists()
+    tiny_pixart().save_pretrained(tmp_path / "pixart")
+    wrong = runner.invoke(app, ["merge", str(tmp_path / "pixart"), str(tmp_path / "gen.safetensors"),
+                                "--out", str(tmp_path / "x")])
+    assert wrong.exit_code == 2 and wrong.stderr.startswith("error: ") and "wrong base model" in wrong.stderr

@@ -64,6 +64,20 @@ def _model_folder_file(folder: Path, variant: str | None) -> Path | None:
     return None
 
 
+def model_folder(path: str | os.PathLike, component: str | None = None) -> Path:
+    """The diffusers model folder (holding ``config.json``) of a model or pipeline folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a folder (a diffusers model or pipeline folder is needed)")
+    if (path / "model_index.json").is_file():
+        path = _pick_component(path, component)
+    elif component and (path / component).is_dir():
+        path = path / component
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: not a diffusers model folder")
+    return path
+
+
 def resolve_path(path: str | os.PathLike, component: str | None = None, variant: str | None = None) -> Path:
     """The file that holds the weights (a safetensors file, an index JSON or a torch pickle)."""
     path = Path(path)
