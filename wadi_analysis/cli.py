@@ -78,6 +78,11 @@ def print_summary(summary: dict, layers) -> None:
         f"missing in teacher {len(summary['missing_in_teacher'])}, missing in student "
         f"{len(summary['missing_in_student'])}, shape mismatches {len(summary['shape_mismatches'])}, "
         f"zero-norm rows {summary['zero_norm_rows']}")
+    if summary.get("residual_energy_top30_mean") is not None:
+        console.print(f"residual energy in the top 30 % of the rank: {summary['residual_energy_top30_mean']:.1f} % "
+                      f"(direction residual {_fmt(summary.get('direction_residual_energy_top30_mean'), 1)} %)")
+    if summary.get("lorad_fit_mean") is not None:
+        console.print(f"share of the change a pure pair rotation (LoRaD) expresses: {summary['lorad_fit_mean']:.1f} %")
     if summary.get("max_layer_direction_change_name"):
         console.print(f"largest mean direction change: {summary['max_layer_direction_change_mean']:.3f} % in "
                       f"{summary['max_layer_direction_change_name']}", markup=False)
@@ -98,6 +103,9 @@ def compare(
     variant: Annotated[Optional[str], typer.Option(help="diffusers weight variant to prefer, e.g. fp16.")] = None,
     ema: Annotated[Optional[EmaSide], typer.Option(help="Use the EMA copy (model_ema.*) of an LDM checkpoint.")] = None,
     precision: Annotated[Precision, typer.Option(help="Arithmetic for the statistics.")] = Precision.float32,
+    spectrum: Annotated[bool, typer.Option("--spectrum", help="Add residual spectra (energy in the top 30 % of the rank, rank for 90/93/95 %).")] = False,
+    spectrum_fraction: Annotated[Optional[list[float]], typer.Option(min=0.0, max=1.0, help="Rank fractions for --spectrum (repeatable; default 0.3).")] = None,
+    lorad_fit: Annotated[bool, typer.Option("--lorad-fit", help="Add the LoRaD fit: share of the change a pure pair rotation expresses.")] = False,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Layers measured in parallel (default: CPUs, at most 8).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout, nothing else.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -108,7 +116,8 @@ def compare(
     try:
         result = run_compare(teacher, student, include=include or (), exclude=exclude or (), kinds=kind or (),
                              component=component, variant=variant, ema=ema.value if ema else None,
-                             precision=precision.value, progress=not (quiet or as_json), workers=workers)
+                             precision=precision.value, progress=not (quiet or as_json), workers=workers,
+                             spectrum=spectrum, spectrum_fractions=tuple(spectrum_fraction or (0.3,)), fit=lorad_fit)
     except CheckpointError as exc:
         fail(str(exc))
     result.summary["command"] = command_line(ctx)

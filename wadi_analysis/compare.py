@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import CheckpointError, CheckpointSource, TensorDictSource
 from .decompose import layer_statistics, row_norms
+from .spectrum import lorad_fit, residual_spectra
 from .keymap import align
 from .layers import label
 from .locate import open_checkpoint
@@ -104,7 +105,9 @@ def _torch_threads(count: int):
 
 
 def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, selection: Selection | None = None,
-                    precision: str = "float32", progress: bool = False, workers: int | None = None) -> Comparison:
+                    precision: str = "float32", progress: bool = False, workers: int | None = None,
+                    spectrum: bool = False, spectrum_fractions: tuple[float, ...] = (0.3,),
+                    fit: bool = False) -> Comparison:
     """Compare two opened sources (see :func:`compare`)."""
     selection = selection or Selection()
     compute_dtype = PRECISIONS[precision]
@@ -131,10 +134,16 @@ def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, sel
 
     def measure(item):
         name, _ = item
-        norms = row_norms(teacher.tensor(name), student.tensor(name), compute_dtype)
+        teacher_weight, student_weight = teacher.tensor(name), student.tensor(name)
+        stats = layer_statistics(row_norms(teacher_weight, student_weight, compute_dtype))
+        if spectrum:
+            stats.update(residual_spectra(teacher_weight, student_weight, fractions=spectrum_fractions))
+        if fit:
+            stats.update(lorad_fit(teacher_weight, student_weight))
+        del teacher_weight, student_weight
         teacher.release(name)
         student.release(name)
-        return layer_statistics(norms)
+        return stats
 
     records = []
     workers = max(1, min(workers or min(os.cpu_count() or 1, 8), len(todo)))
@@ -180,7 +189,8 @@ CheckpointLike = str | os.PathLike | CheckpointSource | Mapping[str, torch.Tenso
 def compare(teacher: CheckpointLike, student: CheckpointLike, *,
             include: Iterable[str] = (), exclude: Iterable[str] = (), kinds: Iterable[str] = (),
             component: str | None = None, variant: str | None = None, ema: str | None = None,
-            precision: str = "float32", progress: bool = False, workers: int | None = None) -> Comparison:
+            precision: str = "float32", progress: bool = False, workers: int | None = None,
+            spectrum: bool = False, spectrum_fractions: Iterable[float] = (0.3,), fit: bool = False) -> Comparison:
     """Compare a teacher and a student checkpoint weight by weight.
 
     Args:
@@ -193,6 +203,9 @@ def compare(teacher: CheckpointLike, student: CheckpointLike, *,
         ema: ``teacher``, ``student`` or ``both``: read the EMA copy of an original LDM checkpoint.
         precision: ``float32`` (fast) or ``float64`` (exact to ~1e-12); inputs are never reduced in half precision.
         progress: show a rich progress bar on stderr.
+        spectrum: add residual-spectrum columns (energy in the top ``spectrum_fractions`` of the rank,
+            rank for 90/93/95 % energy) for the weight and the direction residual.
+        fit: add the LoRaD fit (share of the change a pure pair rotation expresses, angle-field rank).
         workers: layers measured in parallel (default: CPU count, at most 8); each uses one torch
             thread and holds one teacher and one student tensor.
 
@@ -212,7 +225,8 @@ def compare(teacher: CheckpointLike, student: CheckpointLike, *,
                 stack.callback(handle.close)
             opened.append(handle)
         return compare_sources(*opened, selection=selection, precision=precision, progress=progress,
-                               workers=workers)
+                               workers=workers, spectrum=spectrum, spectrum_fractions=tuple(spectrum_fractions),
+                               fit=fit)
 
 
 def _mean_or_none(values: pd.Series, weights: pd.Series | None = None) -> float | None:
@@ -249,6 +263,11 @@ def summarize(layers: pd.DataFrame) -> dict:
         worst = usable.loc[usable["direction_change_mean"].idxmax()] if usable["direction_change_mean"].notna().any() else None
         summary["max_layer_direction_change_mean"] = None if worst is None else float(worst["direction_change_mean"])
         summary["max_layer_direction_change_name"] = None if worst is None else str(worst["name"])
+    weights = usable["numel"].astype(float)
+    for column in [c for c in usable.columns if c.endswith(("_energy_top30", "_rank_rel_90")) or c == "lorad_fit"
+                   or (c.startswith(("residual_energy_top", "direction_residual_energy_top")))]:
+        summary[f"{column}_mean"] = _mean_or_none(usable[column])
+        summary[f"{column}_mean_weighted"] = _mean_or_none(usable[column], weights)
     summary["n_identical"] = int((layers["status"] == "identical").sum())
     summary["nonfinite_layers"] = layers.loc[layers["status"] == "nonfinite", "name"].tolist()
     summary["zero_norm_rows"] = int(layers["zero_norm_rows"].sum())
