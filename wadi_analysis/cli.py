@@ -134,6 +134,36 @@ def compare(
         console.print(f"wrote {out / 'layers.csv'} and {out / 'summary.json'}", markup=False)
 
 
+class Side(str, Enum):
+    teacher = "teacher"
+    student = "student"
+
+
+@app.command()
+def swap(
+    teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint, any supported format.")],
+    student: Annotated[Path, typer.Argument(help="Student checkpoint; the hybrid keeps its key layout and dtypes.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="A .safetensors file, or a folder (diffusers model folder).")],
+    norm_from: Annotated[Side, typer.Option(help="Which checkpoint gives the row norms.")] = Side.teacher,
+    direction_from: Annotated[Side, typer.Option(help="Which checkpoint gives the row directions.")] = Side.student,
+    component: Annotated[Optional[str], typer.Option(help="Pipeline component folder.")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="diffusers weight variant.")] = None,
+) -> None:
+    """Write a hybrid checkpoint: row norms from one side, row directions from the other (WaDi Fig 1c)."""
+    from .swap import swap as run_swap
+
+    created = not out.exists()
+    try:
+        result = run_swap(teacher, student, out, norm_from=norm_from.value, direction_from=direction_from.value,
+                          component=component, variant=variant)
+    except CheckpointError as exc:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        fail(str(exc))
+    console.print(f"wrote {result.path}: {result.hybrid_tensors} hybrid weights (norm from {norm_from.value}, "
+                  f"direction from {direction_from.value}), {result.copied_tensors} tensors copied", markup=False)
+
+
 @app.command()
 def info(
     checkpoint: Annotated[Path, typer.Argument(help="Any supported checkpoint.")],

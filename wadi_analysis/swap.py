@@ -1,0 +1,102 @@
+"""Swap hybrids (WaDi Fig 1c): rows built from the norm of one checkpoint and the direction of another.
+
+For every weight with >= 2 dims present in both checkpoints, row j of the hybrid is
+
+    w_j = n_j(norm source) * v_j(direction source),   v = w / ||w||
+
+("norm from teacher": n_t,j * v_s,j; "direction from teacher": n_s,j * v_t,j). Everything else is the
+student's tensor, unchanged. The file keeps the student's key layout and dtypes (an original LDM
+student stays LDM-keyed), is streamed one tensor at a time and written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, CheckpointSource, write_safetensors
+from .decompose import rows
+from .keymap import align
+from .locate import model_folder, open_checkpoint
+
+SIDES = ("teacher", "student")
+
+
+def hybrid_rows(norm_source: torch.Tensor, direction_source: torch.Tensor) -> torch.Tensor:
+    """Rows with the norms of ``norm_source`` and the directions of ``direction_source`` (float64 math,
+    returned in ``direction_source``'s dtype). A zero direction row has no direction: it is kept as is."""
+    norms = rows(norm_source).double().norm(dim=1, keepdim=True)
+    direction = rows(direction_source).double()
+    length = direction.norm(dim=1, keepdim=True)
+    hybrid = torch.where(length > 0, direction / length.clamp_min(1e-300) * norms, direction)
+    return hybrid.reshape(direction_source.shape).to(direction_source.dtype)
+
+
+@dataclass
+class SwapResult:
+    path: Path
+    hybrid_tensors: int
+    copied_tensors: int
+
+
+def swap_sources(teacher: CheckpointSource, student: CheckpointSource, out: str | os.PathLike, *,
+                 norm_from: str = "teacher", direction_from: str = "student") -> SwapResult:
+    """Write the hybrid of two opened sources to the safetensors file ``out``."""
+    if norm_from not in SIDES or direction_from not in SIDES:
+        raise ValueError("norm_from and direction_from must be 'teacher' or 'student'")
+    alignment = align(teacher, student)
+    swappable = {n for n in alignment.common if len(teacher.info(n).shape) >= 2
+                 and teacher.info(n).dtype.is_floating_point and student.info(n).dtype.is_floating_point}
+    if not swappable:
+        raise CheckpointError("no common weights with >= 2 dims: nothing to swap")
+    # Write in the student's own key layout: raw names, including keys outside the denoiser.
+    inner = getattr(student, "inner", student)
+    canonical = {raw: name for name, raw in getattr(student, "mapping").names.items()} \
+        if hasattr(student, "mapping") else {n: n for n in student.names()}
+    sides = {"teacher": teacher, "student": student}
+
+    def tensor_for(raw_name: str) -> torch.Tensor:
+        name = canonical.get(raw_name)
+        if name not in swappable:
+            return inner.tensor(raw_name)
+        norm_source = sides[norm_from].tensor(name).reshape(student.info(name).shape)
+        direction_source = sides[direction_from].tensor(name).reshape(student.info(name).shape)
+        hybrid = hybrid_rows(norm_source, direction_source).to(student.info(name).dtype)
+        teacher.release(name)
+        student.release(name)
+        return hybrid
+
+    infos = {raw: inner.info(raw) for raw in inner.names()}
+    metadata = {"wadi_swap": f"norm from {norm_from}, direction from {direction_from}", "format": "pt"}
+    path = write_safetensors(out, infos, tensor_for, metadata)
+    hybrids = sum(canonical.get(raw) in swappable for raw in infos)
+    return SwapResult(path, hybrids, len(infos) - hybrids)
+
+
+def swap(teacher, student, out: str | os.PathLike, *, norm_from: str = "teacher", direction_from: str = "student",
+         component: str | None = None, variant: str | None = None) -> SwapResult:
+    """Build a hybrid checkpoint. ``out`` ending in ``.safetensors`` gets a single file; any other path
+    becomes a diffusers model folder (the student's ``config.json`` + weights) that ``from_pretrained`` loads."""
+    out = Path(out)
+    folder_output = not out.name.endswith(".safetensors")
+    config = None
+    if folder_output:
+        try:
+            config = model_folder(student, component) / "config.json"
+        except CheckpointError:
+            raise CheckpointError(f"{student} is not a diffusers model folder: give --out a .safetensors file name") from None
+    with open_checkpoint(teacher, component=component, variant=variant) as t, \
+            open_checkpoint(student, component=component, variant=variant) as s:
+        if folder_output:
+            out.mkdir(parents=True, exist_ok=True)
+            result = swap_sources(t, s, out / "diffusion_pytorch_model.safetensors",
+                                  norm_from=norm_from, direction_from=direction_from)
+            shutil.copyfile(config, out / "config.json")
+            result.path = out
+            return result
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return swap_sources(t, s, out, norm_from=norm_from, direction_from=direction_from)
