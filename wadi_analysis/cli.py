@@ -165,6 +165,32 @@ def swap(
 
 
 @app.command()
+def plan(
+    comparison: Annotated[Path, typer.Argument(help="Output folder of `compare` (layers.csv, summary.json); "
+                                                    "run compare with --spectrum --lorad-fit for the best plan.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Plan JSON to write.")],
+    budget: Annotated[float, typer.Option(min=0.0, help="Trainable parameters: a fraction of the model (0.1) or a count.")] = 0.1,
+    preset: Annotated[Optional[str], typer.Option(help="Write a published placement instead (sd-unet-generator, ...).")] = None,
+    max_rank: Annotated[int, typer.Option(min=1)] = 256,
+    rank_multiple: Annotated[int, typer.Option(min=1)] = 8,
+    kind: Annotated[Optional[list[str]], typer.Option("--kind", "-k", help="Module kinds to adapt (default linear and conv).")] = None,
+) -> None:
+    """Turn a comparison into LoRaD targets and per-layer ranks under a parameter budget."""
+    from .plan import make_plan
+
+    try:
+        result = make_plan(comparison, out, budget=budget, preset=preset, max_rank=max_rank,
+                           rank_multiple=rank_multiple, kinds=tuple(kind or ("linear", "conv")))
+    except FileNotFoundError as exc:
+        fail(f"{comparison} is not a comparison folder ({Path(exc.filename).name} missing)")
+    except (ValueError, KeyError) as exc:
+        fail(str(exc))
+    console.print(f"{result['method']}: {len(result['targets'])} modules, {result['trainable_params']:,} trainable "
+                  f"parameters (budget {result['budget_params']:,}; the findings plan uses "
+                  f"{result['findings_plan_params']:,}); wrote {out}", markup=False)
+
+
+@app.command()
 def info(
     checkpoint: Annotated[Path, typer.Argument(help="Any supported checkpoint.")],
     component: Annotated[Optional[str], typer.Option(help="Pipeline component folder.")] = None,

@@ -8,37 +8,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
+from wadi_analysis.plan import PLAN_FORMAT, PRESETS, write_plan  # noqa: F401  (re-exported)
+
 KINDS = {"linear": nn.Linear, "conv": nn.Conv2d}
-PLAN_FORMAT = "wadi-lorad-plan"
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A published placement: modules matching ``pattern`` (regex on names) of the given kinds."""
-
-    description: str
-    pattern: str
-    rank: int
-    kinds: tuple[str, ...] = ("linear",)
-    exclude: str | None = None
-
-
-PRESETS = {
-    "sd-unet-generator": Preset("SD U-Net generator: every Linear in down/mid/up blocks, rank 256",
-                                r"^(down_blocks|mid_block|up_blocks)\.", 256),
-    "sd-unet-fake": Preset("SD U-Net fake score: attention and feed-forward Linear layers, rank 32",
-                           r"^(down_blocks|mid_block|up_blocks)\..*\.(attn1|attn2|ff)\.", 32),
-    "pixart-generator": Preset("PixArt generator: every Linear except adaln_single, rank 128",
-                               r".", 128, exclude=r"^adaln_single\."),
-    "pixart-fake": Preset("PixArt fake score: Linear layers in transformer_blocks, rank 32",
-                          r"^transformer_blocks\.", 32),
-}
 
 
 @dataclass
@@ -72,12 +49,12 @@ def resolve_spec(model: nn.Module, spec: TargetSpec) -> dict[str, int]:
 
 
 def resolve_preset(model: nn.Module, preset: str, rank: int | None = None) -> dict[str, int]:
-    """The published placement ``preset`` (see ``PRESETS``), optionally at another rank."""
+    """The published placement ``preset`` (see ``wadi_analysis.plan.PRESETS``), optionally at another rank."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
-    return {name: rank or chosen.rank for name, _ in _modules_of_kinds(model, chosen.kinds)
-            if re.search(chosen.pattern, name) and not (chosen.exclude and re.search(chosen.exclude, name))}
+    return {name: rank or chosen.rank for name, module in _modules_of_kinds(model, tuple(KINDS))
+            if chosen.matches(name, next(k for k, cls in KINDS.items() if isinstance(module, cls)))}
 
 
 def read_plan(path: str | os.PathLike) -> dict[str, int]:
@@ -96,10 +73,6 @@ def read_plan(path: str | os.PathLike) -> dict[str, int]:
     if not isinstance(targets, dict) or not all(isinstance(r, int) and r > 0 for r in targets.values()):
         raise ValueError(f"plan {path} must map module names to positive integer ranks")
     return {str(k): int(v) for k, v in targets.items()}
-
-
-def write_plan(path: str | os.PathLike, targets: dict[str, int], **info) -> None:
-    Path(path).write_text(json.dumps({"format": PLAN_FORMAT, "version": 1, **info, "targets": targets}, indent=2))
 
 
 def check_targets(model: nn.Module, targets: dict[str, int]) -> dict[str, int]:

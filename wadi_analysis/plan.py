@@ -1,0 +1,147 @@
+"""From findings to a LoRaD placement plan: which modules to adapt and at which rank, under a budget.
+
+A plan is JSON: ``{"format": "wadi-lorad-plan", "version": 1, "targets": {module name: rank}, ...}``;
+``wadi_distill`` reads it (``--plan plan.json``).
+
+Planning rule (documented, deterministic). Every Linear/Conv weight of the per-layer table is a
+candidate. Its LoRaD cost per unit of rank is ``out + in/2``. The rank it *needs* is the rank of its
+angle field for 90 % energy (``compare --lorad-fit``), else of its residual (``--spectrum``), else 30 %
+of the largest possible rank. Its *importance* is how much it rotates — the sum over rows of
+``1 - cos`` (``direction_change_mean / 100 * rows``) — times the share of its change a rotation can
+express, when known. Layers are taken by importance per parameter at their needed rank (rounded up
+to a multiple of ``rank_multiple``, capped at ``max_rank``) until the budget is spent; the first
+layer that no longer fits gets the largest rank that does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+PLAN_FORMAT = "wadi-lorad-plan"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A published placement: modules matching ``pattern`` (regex on module names) of the given kinds."""
+
+    description: str
+    pattern: str
+    rank: int
+    kinds: tuple[str, ...] = ("linear",)
+    exclude: str | None = None
+
+    def matches(self, module_name: str, kind: str) -> bool:
+        return (kind in self.kinds and re.search(self.pattern, module_name) is not None
+                and not (self.exclude and re.search(self.exclude, module_name)))
+
+
+PRESETS = {
+    "sd-unet-generator": Preset("SD U-Net generator: every Linear in down/mid/up blocks, rank 256",
+                                r"^(down_blocks|mid_block|up_blocks)\.", 256),
+    "sd-unet-fake": Preset("SD U-Net fake score: attention and feed-forward Linear layers, rank 32",
+                           r"^(down_blocks|mid_block|up_blocks)\..*\.(attn1|attn2|ff)\.", 32),
+    "pixart-generator": Preset("PixArt generator: every Linear except adaln_single, rank 128",
+                               r".", 128, exclude=r"^adaln_single\."),
+    "pixart-fake": Preset("PixArt fake score: Linear layers in transformer_blocks, rank 32",
+                          r"^transformer_blocks\.", 32),
+}
+
+
+def _geometry(layers: pd.DataFrame) -> pd.DataFrame:
+    """Module name, rows and flattened width of each Linear/Conv weight in the table."""
+    frame = layers[layers["kind"].isin(["linear", "conv"]) & layers["name"].str.endswith(".weight")].copy()
+    shapes = frame["shape"].astype(str).str.split("x")
+    frame["module"] = frame["name"].str.removesuffix(".weight")
+    frame["out"] = shapes.map(lambda s: int(s[0]))
+    frame["width"] = shapes.map(lambda s: math.prod(int(d) for d in s[1:]))
+    frame = frame[frame["width"] >= 2]
+    frame["cost_per_rank"] = frame["out"] + frame["width"] // 2
+    return frame
+
+
+def preset_plan(layers: pd.DataFrame, preset: str, rank: int | None = None) -> dict[str, int]:
+    """The published placement ``preset`` on the modules of a per-layer table."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+    chosen = PRESETS[preset]
+    frame = _geometry(layers)
+    return {m: rank or chosen.rank for m, k in zip(frame["module"], frame["kind"]) if chosen.matches(m, k)}
+
+
+def plan_from_findings(layers: pd.DataFrame, budget_params: int, *, max_rank: int = 256, rank_multiple: int = 8,
+                       kinds: tuple[str, ...] = ("linear", "conv")) -> tuple[dict[str, int], pd.DataFrame]:
+    """Targets and ranks under ``budget_params`` trainable parameters (see the module docstring)."""
+    frame = _geometry(layers)
+    frame = frame[frame["kind"].isin(kinds) & (frame["status"] != "nonfinite")].copy()
+    full_rank = frame[["out"]].assign(pairs=frame["width"] // 2).min(axis=1)
+    for column in ("angle_field_rank_90", "residual_rank_90"):
+        if column in frame:
+            needed = frame[column]
+            break
+    else:
+        needed = pd.Series(float("nan"), index=frame.index)
+    needed = needed.fillna((0.3 * full_rank).apply(math.ceil)).clip(lower=1)
+    rounded = (needed / rank_multiple).apply(math.ceil) * rank_multiple
+    frame["needed_rank"] = pd.concat([rounded, full_rank, pd.Series(max_rank, index=frame.index)], axis=1).min(axis=1)
+    fit = frame["lorad_fit"].fillna(0).clip(lower=0) / 100 if "lorad_fit" in frame else 1.0
+    frame["importance"] = (frame["direction_change_mean"].fillna(0) / 100 * frame["rows"] * fit)
+    frame["density"] = frame["importance"] / (frame["needed_rank"] * frame["cost_per_rank"])
+    frame = frame.sort_values(["density", "module"], ascending=[False, True])
+    targets: dict[str, int] = {}
+    spent = 0
+    for row in frame.itertuples():
+        if row.importance <= 0:
+            break
+        rank = int(row.needed_rank)
+        if spent + rank * row.cost_per_rank > budget_params:
+            rank = (budget_params - spent) // row.cost_per_rank // rank_multiple * rank_multiple
+            if rank < 1:
+                break
+        targets[row.module] = rank
+        spent += rank * row.cost_per_rank
+    frame["planned_rank"] = frame["module"].map(targets).fillna(0).astype(int)
+    return targets, frame
+
+
+def plan_cost(layers: pd.DataFrame, targets: dict[str, int]) -> int:
+    """Trainable parameters of LoRaD at ``targets``: sum of rank * (out + in/2)."""
+    cost = _geometry(layers).set_index("module")["cost_per_rank"]
+    return int(sum(rank * cost[module] for module, rank in targets.items()))
+
+
+def write_plan(path: str | os.PathLike, targets: dict[str, int], **info) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps({"format": PLAN_FORMAT, "version": 1, **info, "targets": targets}, indent=2) + "\n")
+    return path
+
+
+def make_plan(comparison_dir: str | os.PathLike, out: str | os.PathLike, *, budget: float, preset: str | None = None,
+              max_rank: int = 256, rank_multiple: int = 8, kinds: tuple[str, ...] = ("linear", "conv")) -> dict:
+    """Read ``layers.csv``/``summary.json`` of a comparison and write a plan; returns the plan's content.
+
+    ``budget`` is a fraction of the model's parameters (e.g. 0.1) or, if > 1, a parameter count.
+    With ``preset``, the published placement is written instead (and the findings-based plan's cost
+    is reported beside it for comparison).
+    """
+    comparison_dir = Path(comparison_dir)
+    layers = pd.read_csv(comparison_dir / "layers.csv")
+    summary = json.loads((comparison_dir / "summary.json").read_text())
+    model_params = int(summary.get("teacher", {}).get("n_params") or layers["numel"].sum())
+    budget_params = int(budget * model_params) if budget <= 1 else int(budget)
+    findings, _ = plan_from_findings(layers, budget_params, max_rank=max_rank, rank_multiple=rank_multiple, kinds=kinds)
+    targets = preset_plan(layers, preset) if preset else findings
+    info = {
+        "method": f"preset {preset}" if preset else "findings (see wadi_analysis.plan)",
+        "source": str(comparison_dir), "model_params": model_params, "budget_params": budget_params,
+        "trainable_params": plan_cost(layers, targets), "findings_plan_params": plan_cost(layers, findings),
+        "used_columns": [c for c in ("angle_field_rank_90", "residual_rank_90", "lorad_fit") if c in layers],
+    }
+    write_plan(out, targets, **info)
+    return {**info, "targets": targets}
