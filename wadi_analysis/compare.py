@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from threadpoolctl import threadpool_limits
 
 from .checkpoint import CheckpointError, CheckpointSource, TensorDictSource
 from .decompose import layer_statistics, row_norms
@@ -147,10 +148,10 @@ def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, sel
 
     records = []
     workers = max(1, min(workers or min(os.cpu_count() or 1, 8), len(todo)))
-    with _progress_bar(progress) as bar, _torch_threads(1), ThreadPoolExecutor(workers) as pool:
+    with _progress_bar(progress) as bar, _torch_threads(1), threadpool_limits(1), ThreadPoolExecutor(workers) as pool:
         task = bar.add_task("compare", total=sum(teacher.info(n).numel for n, _ in todo), layer="") if bar else None
-        # Layers run in parallel, one torch thread each: no OpenMP barriers per small op, which stall
-        # badly on a busy machine, and at most `workers` layers are in memory at once.
+        # Layers run in parallel, one torch (and BLAS) thread each: no OpenMP barriers per small op,
+        # which stall badly on a busy machine, and at most `workers` layers are in memory at once.
         for (name, layer), stats in zip(todo, pool.map(measure, todo)):
             info, student_info = teacher.info(name), student.info(name)
             identical = stats.pop("identical")

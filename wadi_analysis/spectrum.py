@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
+from scipy.linalg import eigh
+from scipy.linalg.blas import dsyrk
 
 from .decompose import rows
 
@@ -26,10 +28,18 @@ ENERGY_LEVELS = (0.90, 0.93, 0.95)
 
 
 def gram_eigenvalues(matrix: torch.Tensor) -> torch.Tensor:
-    """Squared singular values of ``matrix`` (2-D), descending, from the smaller Gram matrix in float64."""
-    m = matrix.double()
-    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
-    return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
+    """Squared singular values of ``matrix`` (2-D), descending, from the smaller Gram matrix in float64.
+
+    BLAS ``dsyrk`` builds only one triangle of the Gram matrix (half the work of a matmul) and LAPACK's
+    divide-and-conquer ``syevd`` returns its eigenvalues: ~20x less work than an SVD, same energies.
+    """
+    values = matrix.detach().double().cpu().contiguous().numpy()
+    if values.size == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    # values.T is Fortran-ordered (no copy); trans=1 gives values @ values.T, trans=0 values.T @ values.
+    gram = dsyrk(1.0, values.T, trans=1 if values.shape[0] <= values.shape[1] else 0)
+    eigenvalues = eigh(gram, eigvals_only=True, lower=False, check_finite=False, overwrite_a=True, driver="evd")
+    return torch.from_numpy(eigenvalues[::-1].copy()).clamp_min(0.0)
 
 
 def numerical_rank(squared_singular_values: torch.Tensor, shape: tuple[int, int], storage_eps: float,
