@@ -1,0 +1,52 @@
+"""The VSD equations: conversions between parametrisations, loss values and gradients."""
+
+import pytest
+import torch
+
+from wadi_distill import vsd
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_parametrisations_round_trip(prediction_type):
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=generator, dtype=torch.float64)
+    noise = torch.randn(3, 4, 8, 8, generator=generator, dtype=torch.float64)
+    alpha_bar = torch.tensor([0.0047, 0.5, 0.99], dtype=torch.float64).view(3, 1, 1, 1)
+    noisy = vsd.add_noise(x0, noise, alpha_bar)
+    output = {"epsilon": noise, "sample": x0,
+              "v_prediction": alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0}[prediction_type]
+    assert torch.allclose(vsd.predicted_x0(output, noisy, alpha_bar, prediction_type), x0, atol=1e-10)
+    assert torch.allclose(vsd.predicted_epsilon(output, noisy, alpha_bar, prediction_type), noise, atol=1e-10)
+
+
+def test_generator_loss_gradient_is_the_weighted_score_difference():
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    eps_real = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64)
+    eps_fake = torch.randn(2, 4, 8, 8, generator=generator, dtype=torch.float64)
+    alpha_bar = torch.tensor([0.3, 0.8], dtype=torch.float64).view(2, 1, 1, 1)
+    vsd.generator_loss(x0, eps_real, eps_fake, alpha_bar).backward()
+    expected = (1 - alpha_bar) * (eps_real - eps_fake) / x0.numel()
+    assert torch.allclose(x0.grad.double(), expected, rtol=1e-6, atol=1e-12)
+
+
+def test_generator_loss_ignores_non_finite_scores():
+    x0 = torch.zeros(1, 2, requires_grad=True)
+    loss = vsd.generator_loss(x0, torch.tensor([[float("nan"), 1.0]]), torch.zeros(1, 2), torch.tensor([[0.5]]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x0.grad).all()
+
+
+def test_fake_score_loss_and_guidance():
+    noise = torch.ones(2, 3)
+    alpha_bar = torch.tensor([[0.25], [1.0]])
+    assert vsd.fake_score_loss(noise, noise, alpha_bar) == 0
+    assert vsd.fake_score_loss(torch.zeros(2, 3), noise, alpha_bar).item() == pytest.approx((0.25 + 1.0) / 2)
+    assert torch.equal(vsd.guided(torch.zeros(2), torch.ones(2), 1.5), torch.full((2,), 1.5))
+
+
+def test_prompt_dropout_rate():
+    embeddings = torch.ones(10_000, 3, 4)
+    dropped = vsd.drop_prompts(embeddings, torch.zeros(1, 3, 4), 0.1, torch.Generator().manual_seed(0))
+    rate = (dropped[:, 0, 0] == 0).float().mean().item()
+    assert 0.08 < rate < 0.12

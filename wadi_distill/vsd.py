@@ -1,0 +1,74 @@
+"""Variational Score Distillation, as in WaDi §3: plain functions over tensors, one per equation.
+
+Notation: ``alpha_bar`` is the teacher schedule's cumulative product a_t (a tensor broadcastable to
+the latents, e.g. shape (B, 1, 1, 1)); ``prediction_type`` is the network's parametrisation:
+"epsilon" (noise), "v_prediction" (v = sqrt(a) eps - sqrt(1 - a) x0) or "sample" (x0 itself).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+
+
+def predicted_x0(output: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """x0 from a network output at x_t:
+    epsilon: (x_t - sqrt(1 - a) eps) / sqrt(a);  v: sqrt(a) x_t - sqrt(1 - a) v;  sample: the output."""
+    if prediction_type == "epsilon":
+        return (noisy - (1 - alpha_bar).sqrt() * output) / alpha_bar.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * output
+    if prediction_type == "sample":
+        return output
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}")
+
+
+def predicted_epsilon(output: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.Tensor,
+                      prediction_type: str) -> torch.Tensor:
+    """eps from a network output at x_t:
+    epsilon: the output;  v: sqrt(a) v + sqrt(1 - a) x_t;  sample: (x_t - sqrt(a) x0) / sqrt(1 - a)."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * noisy
+    if prediction_type == "sample":
+        return (noisy - alpha_bar.sqrt() * output) / (1 - alpha_bar).sqrt()
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}")
+
+
+def guided(unconditional: torch.Tensor, conditional: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: e_uncond + scale (e_cond - e_uncond)."""
+    return unconditional + scale * (conditional - unconditional)
+
+
+def generator_loss(x0: torch.Tensor, eps_real: torch.Tensor, eps_fake: torch.Tensor,
+                   alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """VSD generator loss:  g = nan_to_num((1 - a_t)(e_real - e_fake));  L = 0.5 mse(x0, sg(x0 - g)).
+
+    Its gradient with respect to x0 is g / N (N = number of elements): the score difference pushes the
+    generator's samples from where the fake score says they are towards where the teacher says data is.
+    """
+    gradient = torch.nan_to_num((1 - alpha_bar_t) * (eps_real - eps_fake))
+    target = (x0 - gradient).detach()
+    return 0.5 * F.mse_loss(x0.float(), target.float())
+
+
+def fake_score_loss(eps_predicted: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """Fake-score denoising loss:  L = mse(sqrt(a_t) eps_fake(x_t), sqrt(a_t) eps)  (weights by a_t)."""
+    weight = alpha_bar_t.sqrt()
+    return F.mse_loss((weight * eps_predicted).float(), (weight * noise).float())
+
+
+def drop_prompts(embeddings: torch.Tensor, null_embedding: torch.Tensor, probability: float,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each sample's prompt embedding by the null (empty-caption) one with ``probability``."""
+    keep = torch.rand(embeddings.shape[0], generator=generator, device="cpu") >= probability
+    keep = keep.to(embeddings.device).view(-1, *([1] * (embeddings.ndim - 1)))
+    return torch.where(keep, embeddings, null_embedding.expand_as(embeddings))
