@@ -13,6 +13,11 @@ import torch.nn.functional as F
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+def _full_precision(tensor: torch.Tensor) -> torch.Tensor:
+    """Losses are reduced in float32 at least, even when the networks ran in fp16/bf16."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps."""
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
@@ -57,13 +62,13 @@ def generator_loss(x0: torch.Tensor, eps_real: torch.Tensor, eps_fake: torch.Ten
     """
     gradient = torch.nan_to_num((1 - alpha_bar_t) * (eps_real - eps_fake))
     target = (x0 - gradient).detach()
-    return 0.5 * F.mse_loss(x0.float(), target.float())
+    return 0.5 * F.mse_loss(_full_precision(x0), _full_precision(target))
 
 
 def fake_score_loss(eps_predicted: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
     """Fake-score denoising loss:  L = mse(sqrt(a_t) eps_fake(x_t), sqrt(a_t) eps)  (weights by a_t)."""
     weight = alpha_bar_t.sqrt()
-    return F.mse_loss((weight * eps_predicted).float(), (weight * noise).float())
+    return F.mse_loss(_full_precision(weight * eps_predicted), _full_precision(weight * noise))
 
 
 def drop_prompts(embeddings: torch.Tensor, null_embedding: torch.Tensor, probability: float,
