@@ -8,8 +8,9 @@ from .checkpoint import CheckpointError, CheckpointSource, TensorInfo
 from .compare import Comparison, compare, compare_sources, summarize
 from .layers import LayerLabel, label
 from .locate import open_checkpoint
+from .lora import LoraStudentSource, open_lora_student, read_lora
 
 __all__ = [
     "CheckpointError", "CheckpointSource", "Comparison", "LayerLabel", "TensorInfo", "compare",
-    "compare_sources", "label", "open_checkpoint", "summarize",
+    "compare_sources", "label", "LoraStudentSource", "open_checkpoint", "open_lora_student", "read_lora", "summarize",
 ]

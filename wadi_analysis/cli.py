@@ -94,8 +94,10 @@ def print_summary(summary: dict, layers) -> None:
 def compare(
     ctx: typer.Context,
     teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint: file, sharded index, diffusers model or pipeline folder.")],
-    student: Annotated[Path, typer.Argument(help="Student checkpoint, any supported format.")],
+    student: Annotated[Optional[Path], typer.Argument(help="Student checkpoint, any supported format (or use --student-lora).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write layers.csv and summary.json here.")] = None,
+    student_lora: Annotated[Optional[Path], typer.Option(help="Student = teacher + this LoRA (diffusers/peft or kohya), merged on the fly.")] = None,
+    lora_scale: Annotated[float, typer.Option(help="Scale of --student-lora.")] = 1.0,
     include: Annotated[Optional[list[str]], typer.Option("--include", "-i", help="Glob on weight names to keep (repeatable).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", "-x", help="Glob on weight names to drop (repeatable).")] = None,
     kind: Annotated[Optional[list[str]], typer.Option("--kind", "-k", help="Keep only linear / conv / embedding / param (repeatable).")] = None,
@@ -113,13 +115,23 @@ def compare(
     """Compare TEACHER and STUDENT weight by weight: per-row norm and direction change."""
     from .compare import compare as run_compare
 
+    if (student is None) == (student_lora is None):
+        fail("give either STUDENT or --student-lora FILE")
     try:
+        if student_lora is not None:
+            from .lora import open_lora_student
+
+            student = open_lora_student(teacher, student_lora, lora_scale, component=component, variant=variant,
+                                        ema=ema is not None and ema.value in ("teacher", "both"))
         result = run_compare(teacher, student, include=include or (), exclude=exclude or (), kinds=kind or (),
                              component=component, variant=variant, ema=ema.value if ema else None,
                              precision=precision.value, progress=not (quiet or as_json), workers=workers,
                              spectrum=spectrum, spectrum_fractions=tuple(spectrum_fraction or (0.3,)), fit=lorad_fit)
     except CheckpointError as exc:
         fail(str(exc))
+    finally:
+        if student_lora is not None and hasattr(student, "close"):
+            student.close()
     result.summary["command"] = command_line(ctx)
     if out is not None:
         try:
