@@ -66,17 +66,16 @@ def ldm_unet_mapping(names: list[str], ema: bool = False) -> KeyMapping:
         diffusers_logger.setLevel(previous_level)
     mapping = {new: old for new, old in converted.items() if isinstance(old, str)}
     used = set(mapping.values())
-    unet_full = [k for k in names if k.startswith(LDM_UNET_PREFIX)]
-    if ema:
-        # EMA copies live under flattened names (model_ema.diffusion_modelinput_blocks...).
-        unmapped = [k for k in unet_full if "model_ema.diffusion_model" + k[len(LDM_UNET_PREFIX):].replace(".", "") not in used]
-    else:
-        unmapped = [k for k in unet_full if k not in used]
-    ignored = [k for k in names if k not in used and not k.startswith(LDM_UNET_PREFIX)]
-    if ema and not used & {k for k in names if k.startswith(LDM_EMA_PREFIX)}:
+    if ema and not any(v.startswith(LDM_EMA_PREFIX) for v in used):
         raise ValueError("this checkpoint has no EMA copy of the U-Net (model_ema.*)")
-    return KeyMapping(mapping, layout="ldm" + (" (ema)" if ema else ""), ignored=ignored,
-                      unmapped=unmapped if not ema else [])
+
+    def source_of(unet_key: str) -> str:  # EMA copies live under flattened names: model_ema.diffusion_modelinput_blocks...
+        return "model_ema.diffusion_model" + unet_key[len(LDM_UNET_PREFIX):].replace(".", "") if ema else unet_key
+
+    unmapped = [k for k in names if k.startswith(LDM_UNET_PREFIX) and source_of(k) not in used]
+    left_out = used | set(unmapped)
+    ignored = [k for k in names if k not in left_out]  # other components (VAE, text encoders), the unused copy
+    return KeyMapping(mapping, layout="ldm" + (" (ema)" if ema else ""), ignored=ignored, unmapped=unmapped)
 
 
 def normalize_names(names: list[str], ema: bool = False) -> KeyMapping:
