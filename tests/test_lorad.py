@@ -1,6 +1,6 @@
 """LoRaD: exactness, norm preservation, gradients, merging, switching, files, presets."""
 
-import copy
+
 
 import pytest
 import torch

@@ -19,7 +19,6 @@ import mmap
 import os
 import pickle
 import struct
-import tempfile
 import warnings
 import zipfile
 from abc import ABC, abstractmethod
@@ -28,6 +27,8 @@ from math import prod
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_write
 
 
 class CheckpointError(Exception):
@@ -317,10 +318,8 @@ def write_safetensors(path: str | os.PathLike, infos: dict[str, TensorInfo], ten
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # keeps the data 8-byte aligned
-    path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as fh:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
             fh.write(struct.pack("<Q", len(blob)))
             fh.write(blob)
             for name, info in infos.items():
@@ -329,11 +328,8 @@ def write_safetensors(path: str | os.PathLike, infos: dict[str, TensorInfo], ten
                     raise ValueError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, header says {info}")
                 if info.numel:
                     fh.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+
+    return atomic_write(path, write)
 
 
 def open_file(path: Path) -> CheckpointSource:

@@ -109,6 +109,7 @@ def compare(
     spectrum_fraction: Annotated[Optional[list[float]], typer.Option(min=0.0, max=1.0, help="Rank fractions for --spectrum (repeatable; default 0.3).")] = None,
     lorad_fit: Annotated[bool, typer.Option("--lorad-fit", help="Add the LoRaD fit: share of the change a pure pair rotation expresses.")] = False,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Layers measured in parallel (default: CPUs, at most 8).")] = None,
+    report: Annotated[bool, typer.Option("--report", help="Also write report.html and report.pdf to --out.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout, nothing else.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -117,6 +118,8 @@ def compare(
 
     if (student is None) == (student_lora is None):
         fail("give either STUDENT or --student-lora FILE")
+    if report and out is None:
+        fail("--report needs --out DIR")
     try:
         if student_lora is not None:
             from .lora import open_lora_student
@@ -136,6 +139,10 @@ def compare(
     if out is not None:
         try:
             result.write(out)
+            if report:
+                from .report import write_report
+
+                write_report(out, result.layers, result.summary)
         except OSError as exc:
             fail(f"cannot write to {out}: {exc.strerror or exc}")
     if as_json:
@@ -143,7 +150,8 @@ def compare(
         return
     print_summary(result.summary, result.layers)
     if out is not None:
-        console.print(f"wrote {out / 'layers.csv'} and {out / 'summary.json'}", markup=False)
+        written = "layers.csv, summary.json" + (", report.html, report.pdf" if report else "")
+        console.print(f"wrote {written} to {out}", markup=False)
 
 
 class Side(str, Enum):
@@ -200,6 +208,30 @@ def plan(
     console.print(f"{result['method']}: {len(result['targets'])} modules, {result['trainable_params']:,} trainable "
                   f"parameters (budget {result['budget_params']:,}; the findings plan uses "
                   f"{result['findings_plan_params']:,}); wrote {out}", markup=False)
+
+
+@app.command("report")
+def report_command(
+    comparison: Annotated[Path, typer.Argument(help="Folder written by `compare --out` (layers.csv, summary.json).")],
+    swaps: Annotated[Optional[Path], typer.Option(help="CSV of swap results: a `hybrid` column and metric columns "
+                                                       "(default: COMPARISON/swaps.csv if present).")] = None,
+    html: Annotated[bool, typer.Option("--html/--no-html")] = True,
+    pdf: Annotated[bool, typer.Option("--pdf/--no-pdf")] = True,
+) -> None:
+    """Write report.html (self-contained, sortable/filterable table) and report.pdf from a comparison."""
+    import pandas as pd
+
+    from .report import write_report
+
+    try:
+        table = pd.read_csv(swaps) if swaps else None
+        paths = write_report(comparison, swaps=table, html=html, pdf=pdf)
+    except FileNotFoundError as exc:
+        fail(f"{comparison} is not a comparison folder ({Path(exc.filename or '?').name} missing)")
+    except (ValueError, KeyError, pd.errors.ParserError) as exc:
+        fail(f"cannot build the report from {comparison}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    for path in paths.values():
+        console.print(f"wrote {path}", markup=False)
 
 
 @app.command()

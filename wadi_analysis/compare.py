@@ -10,7 +10,6 @@ import fnmatch
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -21,6 +20,7 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
+from .atomic import atomic_write_text
 from .checkpoint import CheckpointError, CheckpointSource, TensorDictSource
 from .decompose import layer_statistics, row_norms
 from .spectrum import lorad_fit, residual_spectra
@@ -69,11 +69,7 @@ class Comparison:
         written = []
         for file_name, text in (("layers.csv", self.layers.to_csv(index=False)),
                                 ("summary.json", json.dumps(self.summary, indent=2) + "\n")):
-            handle, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{file_name}.", suffix=".tmp")
-            with os.fdopen(handle, "w") as fh:
-                fh.write(text)
-            os.replace(tmp, out_dir / file_name)
-            written.append(out_dir / file_name)
+            written.append(atomic_write_text(out_dir / file_name, text))
         return written
 
 

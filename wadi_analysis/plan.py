@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from .atomic import atomic_write_text
+
 PLAN_FORMAT = "wadi-lorad-plan"
 
 
@@ -117,9 +119,8 @@ def plan_cost(layers: pd.DataFrame, targets: dict[str, int]) -> int:
 
 
 def write_plan(path: str | os.PathLike, targets: dict[str, int], **info) -> Path:
-    path = Path(path)
-    path.write_text(json.dumps({"format": PLAN_FORMAT, "version": 1, **info, "targets": targets}, indent=2) + "\n")
-    return path
+    return atomic_write_text(path, json.dumps({"format": PLAN_FORMAT, "version": 1, **info, "targets": targets},
+                                              indent=2) + "\n")
 
 
 def make_plan(comparison_dir: str | os.PathLike, out: str | os.PathLike, *, budget: float, preset: str | None = None,

@@ -11,13 +11,14 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from wadi_analysis.atomic import atomic_write
 
 from .model import add_adapter, adapter_names, adapter_state_dict, base_weight, lorad_modules
 
@@ -65,15 +66,7 @@ def save_adapter(model: nn.Module, name: str, path: str | os.PathLike, **extra: 
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -13,7 +13,10 @@ from pathlib import Path
 
 from torch import nn
 
-from wadi_analysis.plan import PLAN_FORMAT, PRESETS, write_plan  # noqa: F401  (re-exported)
+from wadi_analysis.plan import PLAN_FORMAT, PRESETS, write_plan
+
+__all__ = ["PLAN_FORMAT", "PRESETS", "TargetSpec", "check_targets", "read_plan", "resolve_preset", "resolve_spec",
+           "write_plan"]
 
 KINDS = {"linear": nn.Linear, "conv": nn.Conv2d}
 

@@ -1,0 +1,62 @@
+"""The report layer: per-layer table (+ summary, + optional swap results) -> figures, HTML, PDF.
+
+Data flows one way: this package only reads the DataFrame/summary that :func:`wadi_analysis.compare`
+produces (or its ``layers.csv``/``summary.json``), never a checkpoint.
+
+    from wadi_analysis.report import write_report, make_figures
+    write_report("out/")                        # reads out/layers.csv, out/summary.json, out/swaps.csv
+    write_report("out/", result.layers, result.summary, swaps=swaps_frame, pdf=False)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from ..atomic import atomic_write
+from .figures import CAPTIONS, make_figures
+from .html import render_html
+from .pdf import page_count, write_pdf
+from .tables import read_layers
+
+__all__ = ["CAPTIONS", "make_figures", "page_count", "read_layers", "write_report"]
+
+
+def write_report(out_dir: str | os.PathLike, layers: pd.DataFrame | None = None, summary: dict | None = None,
+                 swaps: pd.DataFrame | None = None, html: bool = True, pdf: bool = True) -> dict[str, Path]:
+    """Write ``out_dir/report.html`` and/or ``out_dir/report.pdf`` (each atomically).
+
+    Args:
+        out_dir: output folder (created if needed); also where missing inputs are read from.
+        layers: the per-layer table; default ``out_dir/layers.csv``.
+        summary: the summary dict; default ``out_dir/summary.json``.
+        swaps: swap-experiment results (``hybrid`` + numeric metric columns such as ``fid``); default
+            ``out_dir/swaps.csv`` when it exists, else no swap figure.
+        html, pdf: which reports to write.
+
+    Returns:
+        ``{"html": path, "pdf": path}`` for the files written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if layers is None:
+        layers = read_layers(out_dir / "layers.csv")
+    if summary is None:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    if swaps is None and (out_dir / "swaps.csv").exists():
+        swaps = pd.read_csv(out_dir / "swaps.csv")
+    layers = layers.reset_index(drop=True)
+    figures = make_figures(layers, summary, swaps)
+    written = {}
+    if html:
+        text = render_html(layers, summary, figures)
+
+        def write_html(tmp):
+            Path(tmp).write_text(text, encoding="utf-8")
+        written["html"] = atomic_write(out_dir / "report.html", write_html)
+    if pdf:
+        written["pdf"] = atomic_write(out_dir / "report.pdf", lambda tmp: write_pdf(tmp, layers, summary, figures))
+    return written
