@@ -69,11 +69,3 @@ def fake_score_loss(eps_predicted: torch.Tensor, noise: torch.Tensor, alpha_bar_
     """Fake-score denoising loss:  L = mse(sqrt(a_t) eps_fake(x_t), sqrt(a_t) eps)  (weights by a_t)."""
     weight = alpha_bar_t.sqrt()
     return F.mse_loss(_full_precision(weight * eps_predicted), _full_precision(weight * noise))
-
-
-def drop_prompts(embeddings: torch.Tensor, null_embedding: torch.Tensor, probability: float,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each sample's prompt embedding by the null (empty-caption) one with ``probability``."""
-    keep = torch.rand(embeddings.shape[0], generator=generator, device="cpu") >= probability
-    keep = keep.to(embeddings.device).view(-1, *([1] * (embeddings.ndim - 1)))
-    return torch.where(keep, embeddings, null_embedding.expand_as(embeddings))

@@ -1,0 +1,266 @@
+"""Benchmark LoRaD training and inference cost against LoRA, DoRA, full fine-tuning and hook-style LoRaD.
+
+What is measured (CPU, float32, ``torch.set_num_threads(2)`` unless ``--threads``):
+
+1. One training step -- forward, MSE-to-zero loss, backward, ``AdamW.step()``, ``zero_grad()`` -- on
+   * ``unet``:  the whole tiny SD1.5-layout U-Net (``tiny_sd15_config()``), latents 8x4x16x16,
+     77 text tokens of dim 64; targets = preset ``sd-unet-generator`` at ``--unet-rank`` (default 16:
+     the tiny model's Linear layers are 32-256 wide, so rank 32 would give theta = A @ B full rank
+     for most of them);
+   * ``block``: one SD-sized ``BasicTransformerBlock(640, 8 heads x 80, cross 768, geglu)`` on
+     hidden states (2, 1024, 640) (requiring grad, as inside a deep network) and encoder states
+     (2, 77, 768); targets = all its Linear layers at ``--block-rank`` (default 256).
+
+   Variants: ``lorad`` (this project: a parametrization, ``weight`` is the rotated weight, one matmul),
+   ``lora`` (peft, ranks from ``lora_ranks_at_equal_budget``: same trainable parameter count),
+   ``dora`` (peft, LoRA's ranks), ``full`` (fine-tune the target modules' weights and biases) and
+   ``hook`` (the published WaDi code's style, written here as the baseline: a forward hook on each
+   target Linear recomputes the output with ``rotate_rows(weight, A @ B)`` after the base Linear
+   already ran -- two matmuls per layer). Every variant runs in a fresh subprocess, and the variants
+   run interleaved for ``--rounds`` rounds; the figure is the best round's median ms/step over the timed
+   steps after warm-up (a round hit by another process's load is discarded), and the peak RSS growth
+   during the steps
+   (``/proc/self/clear_refs`` <- 5 after the model, optimizer and inputs are built, then VmHWM minus
+   the VmRSS at that reset: activations, gradients, AdamW state, workspace).
+2. Inference (``torch.no_grad`` forward) of the tiny U-Net at batch 8: base model, LoRaD merged with
+   ``merge_and_unload``, LoRaD unmerged (adapter active), peft LoRA unmerged; timed interleaved in
+   one process, medians (best of the rounds), ratios to base.
+
+Targets from the issue: LoRaD <= 1.05x LoRA, >= 1.3x faster than hook style; merged LoRaD = 1.00x base.
+
+Run:  python benchmarks/bench_lorad.py [--quick] [--threads N] [--cases unet,block] [--profile]
+``--profile`` adds the top ops (torch.profiler, self CPU time) of one training step per case, LoRaD vs LoRA.
+On 2 cores, any other busy process makes every figure several times slower: check ``uptime`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ("lora", "lorad", "hook", "dora", "full")
+
+
+# ----------------------------------------------------------------------------- models
+def build(case: str, args):
+    """(model, inputs, loss function, LoRaD targets) for one case, seeded."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention import BasicTransformerBlock
+    from torch import nn
+    from wadi_analysis.examples import tiny_sd15_config
+    from wadi_distill import lorad
+
+    torch.manual_seed(0)
+    if case == "unet":
+        model = UNet2DConditionModel(**tiny_sd15_config())
+        inputs = (torch.randn(8, 4, 16, 16), torch.randint(0, 1000, (8,)), torch.randn(8, 77, 64))
+        targets = lorad.resolve_preset(model, "sd-unet-generator", rank=args.unet_rank)
+        return model, inputs, lambda m, x: m(*x).sample, targets
+    model = BasicTransformerBlock(dim=640, num_attention_heads=8, attention_head_dim=80, cross_attention_dim=768,
+                                  activation_fn="geglu")
+    inputs = (torch.randn(2, 1024, 640, requires_grad=True), torch.randn(2, 77, 768))
+    targets = {n: args.block_rank for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return model, inputs, lambda m, x: m(x[0], encoder_hidden_states=x[1]), targets
+
+
+def attach_hook_style(model, targets: dict[str, int], seed: int = 0) -> int:
+    """Hook-style LoRaD (the baseline): the base Linear runs, then a hook redoes it with the rotated weight."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from wadi_distill.lorad.rotation import rotate_rows
+
+    def rotated_output(module, inputs, output):  # noqa: ARG001 - the base output is thrown away
+        theta = module.hook_A @ module.hook_B
+        return F.linear(inputs[0], rotate_rows(module.weight, theta).to(module.weight.dtype), module.bias)
+
+    generator = torch.Generator().manual_seed(seed)
+    model.requires_grad_(False)
+    modules, count = dict(model.named_modules()), 0
+    for name, rank in targets.items():
+        module = modules[name]
+        out_features, pairs = module.weight.shape[0], module.weight.shape[1] // 2
+        module.hook_A = nn.Parameter(1e-3 * torch.randn(out_features, rank, generator=generator))
+        module.hook_B = nn.Parameter(nn.init.xavier_uniform_(torch.empty(rank, pairs), generator=generator))
+        module.register_forward_hook(rotated_output)
+        count += module.hook_A.numel() + module.hook_B.numel()
+    return count
+
+
+def prepare(case: str, method: str, args):
+    """Model with ``method`` attached; returns (model, inputs, forward, trainable count, LoRA ranks)."""
+    from wadi_distill import adapters
+
+    model, inputs, forward, targets = build(case, args)
+    lora_ranks = adapters.lora_ranks_at_equal_budget(model, targets)
+    if method == "hook":
+        count = attach_hook_style(model, targets)
+    else:
+        count = adapters.attach(model, method, lora_ranks if method in ("lora", "dora") else targets)
+    return model, inputs, forward, count, lora_ranks
+
+
+# ----------------------------------------------------------------------------- children
+def proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+def train_child(args) -> dict:
+    import torch
+
+    model, inputs, forward, count, lora_ranks = prepare(args.case, args.method, args)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        loss = forward(model, inputs).float().pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset VmHWM to the current RSS
+    rss_at_reset = proc_status_kb("VmRSS")
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.iters):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = proc_status_kb("VmHWM") - rss_at_reset
+    ranks = sorted(set(lora_ranks.values()))
+    return {"ms": 1e3 * statistics.median(times), "params": count, "peak_mb": peak / 1024,
+            "lora_ranks": f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])}
+
+
+def infer_child(args) -> dict:
+    import copy
+
+    import torch
+    from wadi_distill import adapters, lorad
+
+    base, inputs, forward, targets = build("unet", args)
+    base.eval()
+    models = {"base": base}
+    for label in ("merged", "lorad"):
+        model = copy.deepcopy(base)
+        adapters.attach(model, "lorad", targets)
+        generator = torch.Generator().manual_seed(1)  # same angles in both copies, non-zero: a real rotation
+        for param in lorad.adapter_parameters(model, "default"):
+            if not param.data.any():  # A (zero init)
+                param.data.normal_(0, 1e-2, generator=generator)
+        models[label] = lorad.merge_and_unload(model, "default") if label == "merged" else model
+    models["lora"] = copy.deepcopy(base)
+    adapters.attach(models["lora"], "lora", adapters.lora_ranks_at_equal_budget(base, targets))
+    times = {k: [] for k in models}
+    with torch.no_grad():
+        outputs = {k: forward(models[k], inputs) for k in ("base", "merged", "lorad")}
+        check = [(outputs["merged"] - outputs[k]).abs().max().item() for k in ("lorad", "base")]
+        for i in range(args.warmup + args.iters):
+            for label, model in models.items():
+                start = time.perf_counter()
+                forward(model, inputs)
+                if i >= args.warmup:
+                    times[label].append(time.perf_counter() - start)
+    return {"ms": {k: 1e3 * statistics.median(v) for k, v in times.items()}, "merge_check": check}
+
+
+def profile_child(args) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for method in ("lorad", "lora"):
+        model, inputs, forward, _, _ = prepare(args.case, method, args)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        for i in range(args.warmup + 1):
+            with profile(activities=[ProfilerActivity.CPU]) if i == args.warmup else contextlib.nullcontext() as prof:
+                forward(model, inputs).float().pow(2).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        tables[method] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return tables
+
+
+# ----------------------------------------------------------------------------- parent
+def run_child(kind: str, args, **extra) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--threads", str(args.threads),
+           "--iters", str(args.iters), "--warmup", str(args.warmup), "--unet-rank", str(args.unet_rank),
+           "--block-rank", str(args.block_rank)] + [f"--{k}={v}" for k, v in extra.items()]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cases", default="unet,block")
+    parser.add_argument("--unet-rank", type=int, default=16)
+    parser.add_argument("--block-rank", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds, best kept (default 3)")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--child", choices=("train", "infer", "profile"), help=argparse.SUPPRESS)
+    parser.add_argument("--case", default="unet", help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="lorad", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.iters = args.iters or (3 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps({"train": train_child, "infer": infer_child, "profile": profile_child}[args.child](args)))
+        return
+
+    import torch
+
+    print(f"torch {torch.__version__}, {args.threads} threads, {args.warmup} warm-up + {args.iters} timed steps, "
+          f"best of {args.rounds} rounds, load average {os.getloadavg()[0]:.2f}")
+    for case in args.cases.split(","):
+        rank = args.unet_rank if case == "unet" else args.block_rank
+        rows = {}
+        for _ in range(args.rounds):
+            for m in VARIANTS:
+                r = run_child("train", args, case=case, method=m)
+                rows[m] = r if m not in rows or r["ms"] < rows[m]["ms"] else rows[m]
+        lora, lorad_ms = rows["lora"]["ms"], rows["lorad"]["ms"]
+        print(f"\nTraining step, {case} (LoRaD rank {rank}, LoRA/DoRA ranks {rows['lora']['lora_ranks']})")
+        print(f"  {'variant':8} {'ms/step':>9} {'x LoRA':>7} {'x LoRaD':>8} {'trainable':>11} {'peak MB':>8}")
+        for method, r in rows.items():
+            print(f"  {method:8} {r['ms']:9.1f} {r['ms'] / lora:7.2f} {r['ms'] / lorad_ms:8.2f} "
+                  f"{r['params']:11,d} {r['peak_mb']:8.1f}")
+        print(f"  LoRaD / LoRA = {lorad_ms / lora:.2f} (target <= 1.05); "
+              f"hook / LoRaD = {rows['hook']['ms'] / lorad_ms:.2f} (target >= 1.3); load {os.getloadavg()[0]:.2f}")
+
+    results = [run_child("infer", args) for _ in range(args.rounds)]
+    ms = {k: min(r["ms"][k] for r in results) for k in results[0]["ms"]}
+    result = results[0]
+    print(f"\nInference, tiny U-Net batch 8, no_grad (LoRaD rank {args.unet_rank}; "
+          f"max |merged - unmerged| {result['merge_check'][0]:.1e}, |merged - base| {result['merge_check'][1]:.1e})")
+    for label, text in (("base", "base model"), ("merged", "LoRaD merged (merge_and_unload)"),
+                        ("lorad", "LoRaD unmerged"), ("lora", "LoRA unmerged")):
+        print(f"  {text:32} {ms[label]:8.1f} ms  {ms[label] / ms['base']:5.2f}x base")
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+    for case in args.cases.split(",") if args.profile else ():
+        for method, table in run_child("profile", args, case=case).items():
+            print(f"\nProfile of one {case} training step, {method} (self CPU time):\n{table}")
+
+
+if __name__ == "__main__":
+    main()
