@@ -103,7 +103,7 @@ def _torch_threads(count: int):
 
 def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, selection: Selection | None = None,
                     precision: str = "float32", progress: bool = False, workers: int | None = None,
-                    spectrum: bool = False, spectrum_fractions: tuple[float, ...] = (0.3,),
+                    spectrum: bool = False, spectrum_fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7),
                     fit: bool = False) -> Comparison:
     """Compare two opened sources (see :func:`compare`)."""
     selection = selection or Selection()
@@ -187,7 +187,8 @@ def compare(teacher: CheckpointLike, student: CheckpointLike, *,
             include: Iterable[str] = (), exclude: Iterable[str] = (), kinds: Iterable[str] = (),
             component: str | None = None, variant: str | None = None, ema: str | None = None,
             precision: str = "float32", progress: bool = False, workers: int | None = None,
-            spectrum: bool = False, spectrum_fractions: Iterable[float] = (0.3,), fit: bool = False) -> Comparison:
+            spectrum: bool = False, spectrum_fractions: Iterable[float] = (0.1, 0.2, 0.3, 0.5, 0.7),
+            fit: bool = False) -> Comparison:
     """Compare a teacher and a student checkpoint weight by weight.
 
     Args:
@@ -222,7 +223,8 @@ def compare(teacher: CheckpointLike, student: CheckpointLike, *,
                 stack.callback(handle.close)
             opened.append(handle)
         return compare_sources(*opened, selection=selection, precision=precision, progress=progress,
-                               workers=workers, spectrum=spectrum, spectrum_fractions=tuple(spectrum_fractions),
+                               workers=workers, spectrum=spectrum,
+                               spectrum_fractions=tuple(sorted({*spectrum_fractions, 0.3})),  # the paper's 30 %
                                fit=fit)
 
 
@@ -263,7 +265,7 @@ def summarize(layers: pd.DataFrame) -> dict:
     weights = usable["numel"].astype(float)
     for column in [c for c in usable.columns if c.endswith(("_energy_top30", "_rank_rel_90")) or c == "lorad_fit"
                    or (c.startswith(("residual_energy_top", "direction_residual_energy_top")))]:
-        summary[f"{column}_mean"] = _mean_or_none(usable[column])
+        summary[f"{column}_mean"] = _mean_or_none(usable[column])  # e.g. residual_energy_top30_mean
         summary[f"{column}_mean_weighted"] = _mean_or_none(usable[column], weights)
     summary["n_identical"] = int((layers["status"] == "identical").sum())
     summary["nonfinite_layers"] = layers.loc[layers["status"] == "nonfinite", "name"].tolist()

@@ -98,7 +98,9 @@ def fig_low_rank(layers: pd.DataFrame, summary: dict) -> Figure | None:
     direction_energy = values(layers, "direction_residual_energy_top30")
     if not (np.isfinite(energy).any() or np.isfinite(direction_energy).any()):
         return None
-    extra = [c for c in ("residual_rank_rel_90", "lorad_fit") if np.isfinite(values(layers, c)).any()]
+    curve = _energy_curve_columns(layers)
+    extra = (["energy_curve"] if len(curve) >= 3 else []) + \
+        [c for c in ("residual_rank_rel_90", "lorad_fit") if np.isfinite(values(layers, c)).any()]
     fig = Figure(figsize=(5.5 * (1 + len(extra)), 4.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, 1 + len(extra)))
     size = values(layers, "numel")
@@ -118,6 +120,9 @@ def fig_low_rank(layers: pd.DataFrame, summary: dict) -> Figure | None:
     ax.set_title("Residual energy at 30 % rank")
     ax.legend(fontsize=8, loc="lower left")
     for ax, column in zip(axes[1:], extra):
+        if column == "energy_curve":
+            _draw_energy_curves(ax, layers, curve)
+            continue
         other = values(layers, column)
         if column == "residual_rank_rel_90":
             keep = np.isfinite(other) & np.isfinite(energy)
@@ -132,6 +137,37 @@ def fig_low_rank(layers: pd.DataFrame, summary: dict) -> Figure | None:
             ax.set_ylabel("layers")
             ax.set_title("LoRaD fit per layer")
     return fig
+
+
+def _energy_curve_columns(layers: pd.DataFrame) -> dict[float, str]:
+    """{rank fraction: column} for every ``residual_energy_topNN`` column (``compare --spectrum-fraction``)."""
+    found = {}
+    for column in layers.columns:
+        digits = column.removeprefix("residual_energy_top")
+        if column.startswith("residual_energy_top") and digits.isdigit():
+            found[int(digits) / 100] = column
+    return dict(sorted(found.items()))
+
+
+def _draw_energy_curves(ax, layers: pd.DataFrame, curve: dict[float, str]) -> None:
+    """WaDi Fig 1b proper: energy captured vs rank fraction, one faint line per layer and the mean."""
+    fractions = np.array([0.0, *curve])
+    table = np.column_stack([np.zeros(len(layers))] + [values(layers, c) for c in curve.values()])
+    table = table[np.isfinite(table).all(axis=1)]
+    for row in table[:: max(1, len(table) // 300)]:
+        ax.plot(100 * fractions, row, color=NORM["color"], alpha=0.08, lw=0.8)
+    if len(table):
+        mean = table.mean(axis=0)
+        ax.plot(100 * fractions, mean, color=DIRECTION["color"], lw=2.5, marker="o", label="mean over layers")
+        if 0.3 in curve:
+            at30 = mean[list(curve).index(0.3) + 1]
+            ax.annotate(f"{fmt(at30, 3)} % at 30 % rank", (30, at30), textcoords="offset points", xytext=(8, -14))
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(0, 100 * fractions.max())
+    ax.set_ylim(0, 101)
+    ax.set_xlabel("top singular values kept (% of full rank)")
+    ax.set_ylabel("energy of W_s − W_t captured (%)")
+    ax.set_title("Residual energy vs rank")
 
 
 def _bins(v: np.ndarray, log: bool, count: int = 40) -> np.ndarray:
