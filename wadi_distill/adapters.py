@@ -91,3 +91,17 @@ def lora_ranks_at_equal_budget(model: nn.Module, targets: dict[str, int]) -> dic
         out_features, width = weight.shape[0], weight[0].numel()
         ranks[name] = max(1, round(rank * (out_features + width // 2) / (out_features + width)))
     return ranks
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The parameters of adapter ``name``, LoRaD or peft alike (peft names them ``...lora_A.<name>.weight``)."""
+    found = lorad.adapter_parameters(model, name)
+    if found:
+        return found
+    return [p for n, p in model.named_parameters() if f".{name}." in f".{n}." and "lora_" in n]
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, "torch.Tensor"]:
+    """``{parameter name: tensor}`` of adapter ``name`` (for exact checkpoints of any adapter kind)."""
+    ids = {id(p) for p in adapter_parameters(model, name)}
+    return {n: p.detach() for n, p in model.named_parameters() if id(p) in ids}

@@ -1,0 +1,67 @@
+"""The training loop on a tiny SD pipeline: outputs, exact resume, caching, bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines import tiny_sd_pipeline
+from wadi_distill.config import load_config
+from wadi_distill.train import TrainingError, train
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    (root / "prompts.txt").write_text("a photo of a sneaker\na photo of a bag\n\na photo of a shirt\n")
+    return tiny_sd_pipeline(root / "pipe"), root / "prompts.txt"
+
+
+def config_for(pipeline, out, **overrides):
+    folder, prompts = pipeline
+    values = dict(teacher=str(folder), prompts=str(prompts), out=str(out), steps=4, batch_size=2,
+                  cache_dir=str(prompts.parent / "embedding-cache"),
+                  generator_rank=4, fake_rank=2, checkpoint_every=2, validate_every=4, keep_checkpoints=5)
+    values.update(overrides)
+    return load_config(**values)
+
+
+def test_run_writes_everything(pipeline, tmp_path):
+    summary = train(config_for(pipeline, tmp_path / "run"))
+    run = tmp_path / "run"
+    assert summary["steps"] == 4 and summary["skipped"] == 0
+    assert json.loads((run / "config.json").read_text())["steps"] == 4
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,generator_loss") and len(rows) == 5
+    assert all(float(r.split(",")[1]) == float(r.split(",")[1]) for r in rows[1:])  # finite, not NaN
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    assert (run / "samples" / "step-0000004.png").stat().st_size > 0
+    assert (run / "generator_adapter.safetensors").is_file()
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(config_for(pipeline, tmp_path / "run"))
+    assert train(config_for(pipeline, tmp_path / "other", steps=1))["cache_hit"]  # embeddings computed once
+
+
+def test_resume_is_exact(pipeline, tmp_path):
+    train(config_for(pipeline, tmp_path / "straight"))
+    train(config_for(pipeline, tmp_path / "split", steps=2))
+    train(config_for(pipeline, tmp_path / "split"), resume="latest")
+    straight = load_file(tmp_path / "straight" / "checkpoints" / "step-0000004" / "generator.safetensors")
+    split = load_file(tmp_path / "split" / "checkpoints" / "step-0000004" / "generator.safetensors")
+    assert straight.keys() == split.keys()
+    for name in straight:
+        assert torch.equal(straight[name], split[name]), name
+    rows = (tmp_path / "split" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+
+
+def test_bad_config(pipeline, tmp_path):
+    with pytest.raises(ValueError, match="unknown option"):
+        load_config(nonsense=3)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        train(config_for(pipeline, tmp_path / "r", prompts=str(tmp_path / "empty.txt")))
+    (tmp_path / "plan.json").write_text('{"format": "wadi-lorad-plan", "targets": {"no.such.module": 4}}')
+    with pytest.raises(TrainingError, match="do not fit"):
+        train(config_for(pipeline, tmp_path / "r2", plan=str(tmp_path / "plan.json")))
