@@ -65,3 +65,57 @@ def test_bad_config(pipeline, tmp_path):
     (tmp_path / "plan.json").write_text('{"format": "wadi-lorad-plan", "targets": {"no.such.module": 4}}')
     with pytest.raises(TrainingError, match="do not fit"):
         train(config_for(pipeline, tmp_path / "r2", plan=str(tmp_path / "plan.json")))
+
+
+def test_export_loads_in_plain_diffusers_and_matches_the_run(pipeline, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from wadi_distill import lorad
+    from wadi_distill.backbones import load_teacher
+    from wadi_distill.distill import GENERATOR, one_step
+    from wadi_distill.export import export_run
+
+    config = config_for(pipeline, tmp_path / "run", steps=2, generator_lr=1e-2)
+    train(config)
+    paths = export_run(tmp_path / "run", tmp_path / "export")
+    exported = UNet2DConditionModel.from_pretrained(paths["model"]).eval()  # no project code involved
+    teacher = load_teacher(pipeline[0])
+    lorad.load_adapter(teacher.denoiser, tmp_path / "run" / "generator_adapter.safetensors")
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    conditioning = teacher.encode(["a photo of a bag", "x"])
+    with torch.no_grad():
+        unmerged = one_step(teacher, teacher.denoiser, noise, conditioning, config.vsd)
+        timestep = torch.full((2,), 999)
+        merged_eps = exported(noise, timestep, conditioning.hidden_states).sample
+    a = teacher.alpha_bar(timestep, noise)
+    merged = (noise - (1 - a).sqrt() * merged_eps) / a.sqrt()
+    assert torch.allclose(merged, unmerged, rtol=1e-5, atol=1e-5 * unmerged.abs().max().item())
+    teacher_only = load_teacher(pipeline[0]).denoiser
+    assert any(not torch.equal(a, b) for a, b in zip(exported.state_dict().values(), teacher_only.state_dict().values()))
+    assert set(load_file(paths["single_file"])) == set(exported.state_dict())
+    assert GENERATOR in lorad.read_adapter(paths["adapter"])[1]["adapter_name"]
+
+
+def test_cli_run_and_bad_input(pipeline, tmp_path):
+    from typer.testing import CliRunner
+
+    from wadi_distill.cli import app
+
+    folder, prompts = pipeline
+    (tmp_path / "run.toml").write_text(f'steps = 1\nbatch_size = 1\ngenerator_rank = 2\nfake_rank = 2\n'
+                                       f'cache_dir = "{tmp_path / "cache"}"\n[vsd]\nguidance_real = 2.0\n')
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", "--teacher", str(folder), "--prompts", str(prompts), "--out",
+                                 str(tmp_path / "r"), "--config", str(tmp_path / "run.toml")])
+    assert result.exit_code == 0, result.output
+    resolved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert resolved["steps"] == 1 and resolved["vsd"]["guidance_real"] == 2.0
+    exported = runner.invoke(app, ["export", str(tmp_path / "r"), "--out", str(tmp_path / "e")])
+    assert exported.exit_code == 0, exported.output
+    (tmp_path / "empty.txt").write_text("")
+    for args in (["--teacher", str(tmp_path), "--prompts", str(prompts)],
+                 ["--teacher", str(folder), "--prompts", str(tmp_path / "empty.txt")],
+                 ["--teacher", str(folder), "--prompts", str(prompts), "--adapter", "nope"]):
+        bad = runner.invoke(app, ["run", *args, "--out", str(tmp_path / "bad"), "--config", str(tmp_path / "run.toml")])
+        assert bad.exit_code == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.output
+        assert not (tmp_path / "bad").exists()

@@ -143,6 +143,12 @@ def load_teacher(path: str | os.PathLike, *, text: bool = True) -> Teacher:
     folder = os.fspath(path)
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise CheckpointError(f"{folder} is not a diffusers pipeline folder (model_index.json missing)")
+    from diffusers.utils import logging as diffusers_logging
+
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()  # stderr stays for our own one-line errors
+    transformers_logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

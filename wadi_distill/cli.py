@@ -61,6 +61,64 @@ def merge(
     console.print(f"merged adapter {name!r} into {out}", markup=False)
 
 
+@app.command()
+def run(
+    teacher: Annotated[Optional[str], typer.Option(help="diffusers pipeline folder of the teacher.")] = None,
+    prompts: Annotated[Optional[str], typer.Option(help="Prompt file: .txt (one a line), .jsonl or .csv.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder.")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
+    adapter: Annotated[Optional[str], typer.Option(help="lorad | lora | dora")] = None,
+    plan: Annotated[Optional[str], typer.Option(help="Generator placement plan JSON (wadi-analyze plan).")] = None,
+    generator_rank: Annotated[Optional[int], typer.Option(min=1)] = None,
+    fake_rank: Annotated[Optional[int], typer.Option(min=1)] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    config: Annotated[Optional[Path], typer.Option(help="TOML file with any of these options (and a [vsd] table).")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint folder.")] = None,
+) -> None:
+    """Distil a teacher into a one-step generator with WaDi (VSD + LoRaD on one shared frozen base)."""
+    from wadi_analysis.checkpoint import CheckpointError
+
+    from .config import load_config
+    from .lorad import AdapterFileError
+    from .train import TrainingError, train
+
+    try:
+        resolved = load_config(config, teacher=teacher, prompts=prompts, out=out, steps=steps, batch_size=batch_size,
+                               adapter=adapter, plan=plan, generator_rank=generator_rank, fake_rank=fake_rank,
+                               seed=seed)
+        if not resolved.teacher or not resolved.prompts:
+            fail("give --teacher PIPELINE_FOLDER and --prompts FILE (or set them in --config)")
+        summary = train(resolved, resume=resume)
+    except (ValueError, TrainingError, CheckpointError, AdapterFileError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{exc.filename or resolved.out}: {exc.strerror or exc}")
+    console.print(f"{summary['steps']} steps, trainable {summary['trainable']}, skipped {summary['skipped']}; "
+                  f"run in {summary['run_dir']}", markup=False)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged one-step model.")],
+) -> None:
+    """Write the merged one-step denoiser (diffusers folder + single .safetensors) and the adapter file."""
+    from wadi_analysis.checkpoint import CheckpointError
+
+    from .export import export_run
+    from .lorad import AdapterFileError
+
+    if not (run_dir / "config.json").is_file():
+        fail(f"{run_dir} is not a run folder (config.json missing)")
+    try:
+        paths = export_run(run_dir, out)
+    except (ValueError, CheckpointError, AdapterFileError) as exc:
+        fail(str(exc))
+    for label, path in paths.items():
+        console.print(f"{label}: {path}", markup=False)
+
+
 def main() -> None:
     app()
 

@@ -122,8 +122,8 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
     run_dir = Path(config.out)
     if _checkpoints(run_dir) and not resume:
         raise TrainingError(f"{run_dir} already holds a run; continue it with --resume latest or choose another --out")
+    prompts = read_prompts(config.prompts, config.prompt_column)  # cheap checks first
     teacher = load_teacher(config.teacher)
-    prompts = read_prompts(config.prompts, config.prompt_column)
     run_dir.mkdir(parents=True, exist_ok=True)
     config.write(run_dir / "config.json")
     counts = attach_roles(teacher, config)

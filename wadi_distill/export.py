@@ -1,0 +1,39 @@
+"""From a run to deployable files: the merged one-step denoiser as a plain diffusers folder, the same
+as one ``.safetensors`` file, and the adapter-only file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from wadi_analysis.atomic import atomic_write_text
+
+from . import lorad
+from .backbones import load_teacher
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Path]:
+    """Merge the run's generator adapter into its teacher's denoiser and write ``out`` (a diffusers model
+    folder) + ``out/one_step.safetensors`` (merged single file) + ``out/generator_adapter.safetensors``."""
+    run_dir, out = Path(run_dir), Path(out)
+    config = json.loads((run_dir / "config.json").read_text())
+    adapter_file = run_dir / "generator_adapter.safetensors"
+    if not adapter_file.is_file():
+        raise ValueError(f"{run_dir} has no generator_adapter.safetensors (unfinished run, or a non-LoRaD adapter)")
+    teacher = load_teacher(config["teacher"], text=False)
+    model = teacher.denoiser
+    name = lorad.load_adapter(model, adapter_file)
+    merged = lorad.merge_and_unload(model, name)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, out / "one_step.safetensors")
+    shutil.copyfile(adapter_file, out / "generator_adapter.safetensors")
+    one_step = {"prediction_type": teacher.prediction_type, "timestep": teacher.num_timesteps - 1,
+                "alpha_T": config["vsd"]["alpha_T"] if config["vsd"]["alpha_T"] is not None
+                else float(teacher.alphas_cumprod[-1]), "teacher": config["teacher"]}
+    atomic_write_text(out / "wadi_one_step.json", json.dumps(one_step, indent=2) + "\n")
+    return {"model": out, "single_file": out / "one_step.safetensors", "adapter": out / "generator_adapter.safetensors"}
