@@ -42,8 +42,10 @@ def tiny_sd_pipeline(folder: Path, prediction_type: str = "epsilon", seed: int =
 
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer(folder.parent / f".{folder.name}-tokenizer")
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
                         latent_channels=4, norm_num_groups=8, sample_size=32)

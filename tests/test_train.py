@@ -119,3 +119,67 @@ def test_cli_run_and_bad_input(pipeline, tmp_path):
         bad = runner.invoke(app, ["run", *args, "--out", str(tmp_path / "bad"), "--config", str(tmp_path / "run.toml")])
         assert bad.exit_code == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1, bad.output
         assert not (tmp_path / "bad").exists()
+
+
+def _single_threaded_env():
+    """Child processes: one torch thread each (tests share 2 cores; more threads only contend)."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _write_toml(path, **values):
+    lines = [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_resume_after_sigkill_is_exact(pipeline, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder, prompts = pipeline
+    toml = _write_toml(tmp_path / "run.toml", steps=6, batch_size=1, generator_rank=2, fake_rank=2,
+                       checkpoint_every=1, keep_checkpoints=10, validate_every=100,
+                       cache_dir=str(prompts.parent / "embedding-cache"))
+    base = [sys.executable, "-m", "wadi_distill.cli", "run", "--teacher", str(folder), "--prompts", str(prompts),
+            "--config", str(toml)]
+    env = _single_threaded_env()
+    subprocess.run(base + ["--out", str(tmp_path / "straight")], check=True, capture_output=True, env=env)
+    victim = subprocess.Popen(base + ["--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while not (tmp_path / "killed" / "checkpoints" / "step-0000003").exists():
+        assert victim.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    done = subprocess.run(base + ["--out", str(tmp_path / "killed"), "--resume", "latest"], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    for role in ("generator", "fake"):
+        straight = load_file(tmp_path / "straight" / "checkpoints" / "step-0000006" / f"{role}.safetensors")
+        resumed = load_file(tmp_path / "killed" / "checkpoints" / "step-0000006" / f"{role}.safetensors")
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), role
+
+
+def test_two_processes_keep_identical_adapters(pipeline, tmp_path):
+    import subprocess
+    import sys
+
+    folder, prompts = pipeline
+    toml = _write_toml(tmp_path / "run.toml", steps=3, batch_size=1, generator_rank=2, fake_rank=2,
+                       checkpoint_every=2, validate_every=100, record_digests=True,
+                       cache_dir=str(prompts.parent / "embedding-cache"))
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "wadi_distill.cli", "run", "--teacher", str(folder),
+         "--prompts", str(prompts), "--out", str(tmp_path / "run"), "--config", str(toml)],
+        capture_output=True, text=True, timeout=600, env=_single_threaded_env())
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    ranks = [(tmp_path / "run" / f"adapter-digests-rank{r}.txt").read_text().splitlines() for r in (0, 1)]
+    assert len(ranks[0]) == 3 and ranks[0] == ranks[1]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step-0000002").iterdir()) == [
+        "fake.safetensors", "generator.safetensors", "optimizers.pt", "rng-0.pt", "rng-1.pt", "state.json"]

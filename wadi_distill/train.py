@@ -52,24 +52,38 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizers: dict, rng: torch.Generator, keep: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizers: dict, rng: torch.Generator, keep: int,
+                    accelerator=None) -> Path:
+    """Rank 0 writes adapters, optimisers and state; every rank its own RNG state. Atomic rename at the end."""
     final = run_dir / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    rank = accelerator.process_index if accelerator else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if accelerator:
+        accelerator.wait_for_everyone()
+    torch.save({"rng": rng.get_state()}, tmp / f"rng-{rank}.pt")
+    if accelerator:
+        accelerator.wait_for_everyone()
+    if rank != 0:
+        if accelerator:
+            accelerator.wait_for_everyone()
+        return final
     for role in ROLES:
         save_file({k: v.contiguous().cpu() for k, v in adapters.adapter_tensors(model, role).items()},
                   tmp / f"{role}.safetensors")
     torch.save({role: opt.state_dict() for role, opt in optimizers.items()}, tmp / "optimizers.pt")
-    torch.save({"rng": rng.get_state()}, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     os.replace(tmp, final)
     for old in _checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    if accelerator:
+        accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(path: Path, model, optimizers: dict, rng: torch.Generator) -> int:
+def load_checkpoint(path: Path, model, optimizers: dict, rng: torch.Generator, rank: int = 0) -> int:
     named = dict(model.named_parameters())
     with torch.no_grad():
         for role in ROLES:
@@ -80,7 +94,10 @@ def load_checkpoint(path: Path, model, optimizers: dict, rng: torch.Generator) -
     states = torch.load(path / "optimizers.pt", weights_only=True)
     for role, optimizer in optimizers.items():
         optimizer.load_state_dict(states[role])
-    rng.set_state(torch.load(path / "rng.pt", weights_only=True)["rng"])
+    rng_file = path / f"rng-{rank}.pt"
+    if not rng_file.is_file():
+        raise TrainingError(f"checkpoint {path} was written by fewer processes (no {rng_file.name})")
+    rng.set_state(torch.load(rng_file, weights_only=True)["rng"])
     return json.loads((path / "state.json").read_text())["step"]
 
 
@@ -117,17 +134,46 @@ def save_validation_grid(teacher: Teacher, conditioning, config: RunConfig, path
     grid.save(path)
 
 
+def _average_gradients(accelerator, parameters) -> None:
+    """Data parallelism by hand: mean of the adapter gradients over processes (what DDP would do).
+    The adapters alternate roles on one module, which DDP's single-backward bookkeeping cannot follow."""
+    if accelerator.num_processes > 1:
+        for parameter in parameters:
+            if parameter.grad is not None:
+                parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+
+
+def _digest(model, role: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(adapters.adapter_tensors(model, role).items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def train(config: RunConfig, resume: str | None = None, progress: bool = False) -> dict:
-    """Distil ``config.teacher`` into a one-step generator; returns a summary of the run."""
+    """Distil ``config.teacher`` into a one-step generator; returns a summary of the run.
+
+    Runs on one process or many (``accelerate launch``): every process draws its own noise and
+    prompts, adapter gradients are averaged across processes, and rank 0 writes the outputs.
+    """
+    from accelerate import Accelerator
+
+    # Without a GPU, processes started by `accelerate launch --multi_gpu` / torchrun train on the CPU (gloo).
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    main = accelerator.is_main_process
     run_dir = Path(config.out)
     if _checkpoints(run_dir) and not resume:
         raise TrainingError(f"{run_dir} already holds a run; continue it with --resume latest or choose another --out")
     prompts = read_prompts(config.prompts, config.prompt_column)  # cheap checks first
     teacher = load_teacher(config.teacher)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.write(run_dir / "config.json")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.write(run_dir / "config.json")
     counts = attach_roles(teacher, config)
-    model = teacher.denoiser
+    model = teacher.denoiser.to(accelerator.device)
     everything, null, cache_hit = cached_embeddings(teacher, prompts, config.embedding_cache())
     validation = config.validation_prompts or prompts[:4]
     validation_conditioning = teacher.encode(validation)
@@ -137,26 +183,33 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
         FAKE: torch.optim.AdamW(adapters.adapter_parameters(model, FAKE), lr=config.fake_lr,
                                 weight_decay=config.weight_decay),
     }
-    rng = torch.Generator().manual_seed(config.seed)
+    rng = torch.Generator().manual_seed(config.seed + 1000 * accelerator.process_index)
     step = 0
     checkpoint = resolve_resume(run_dir, resume)
     if checkpoint is not None:
-        step = load_checkpoint(checkpoint, model, optimizers, rng)
+        step = load_checkpoint(checkpoint, model, optimizers, rng, accelerator.process_index)
+    everything, null = everything.to(accelerator.device), null.to(accelerator.device)
     metrics_path = run_dir / "metrics.csv"
-    _truncate_metrics(metrics_path, step)
+    if main:
+        _truncate_metrics(metrics_path, step)
+    accelerator.wait_for_everyone()
     nonfinite_in_a_row = skipped = 0
-    with open(metrics_path, "a", newline="") as handle:
+    digests = open(run_dir / f"adapter-digests-rank{accelerator.process_index}.txt", "a") if config.record_digests else None
+    with open(metrics_path if main else os.devnull, "a", newline="") as handle:
         writer = csv.writer(handle)
-        if handle.tell() == 0:
+        if main and handle.tell() == 0:
             writer.writerow(["step", "generator_loss", "fake_loss", "seconds", "skipped"])
         while step < config.steps:
             started = time.perf_counter()
             batch = torch.randint(0, len(everything), (config.batch_size,), generator=rng)
             conditioning = everything.select(batch)
-            loss, x0 = generator_step(teacher, model, conditioning, null, config.vsd, rng)
+            with accelerator.autocast():
+                loss, x0 = generator_step(teacher, model, conditioning, null, config.vsd, rng)
             optimizers[GENERATOR].zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
+            loss_ok = accelerator.reduce(torch.isfinite(loss).float().to(accelerator.device), "min").item() > 0
+            if loss_ok:  # every process skips together, so the adapters stay identical
                 loss.backward()
+                _average_gradients(accelerator, adapters.adapter_parameters(model, GENERATOR))
                 torch.nn.utils.clip_grad_norm_(adapters.adapter_parameters(model, GENERATOR), config.grad_clip)
                 optimizers[GENERATOR].step()
                 nonfinite_in_a_row = 0
@@ -168,10 +221,12 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
                                         "the last good checkpoint is kept")
             fake_losses = []
             for _ in range(config.fake_steps_per_generator_step):
-                fake_loss = fake_step(teacher, model, x0, conditioning, null, config.vsd, rng)
+                with accelerator.autocast():
+                    fake_loss = fake_step(teacher, model, x0, conditioning, null, config.vsd, rng)
                 optimizers[FAKE].zero_grad(set_to_none=True)
-                if torch.isfinite(fake_loss):
+                if accelerator.reduce(torch.isfinite(fake_loss).float().to(accelerator.device), "min").item() > 0:
                     fake_loss.backward()
+                    _average_gradients(accelerator, adapters.adapter_parameters(model, FAKE))
                     torch.nn.utils.clip_grad_norm_(adapters.adapter_parameters(model, FAKE), config.grad_clip)
                     optimizers[FAKE].step()
                 fake_losses.append(fake_loss.item())
@@ -179,13 +234,20 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
             writer.writerow([step, loss.item(), sum(fake_losses) / len(fake_losses),
                              round(time.perf_counter() - started, 4), skipped])
             handle.flush()
+            if digests:
+                digests.write(f"{step} {_digest(model, GENERATOR)} {_digest(model, FAKE)}\n")
+                digests.flush()
             if step % config.checkpoint_every == 0 or step == config.steps:
-                save_checkpoint(run_dir, step, model, optimizers, rng, config.keep_checkpoints)
-            if step % config.validate_every == 0 or step == config.steps:
-                save_validation_grid(teacher, validation_conditioning, config, run_dir / "samples" / f"step-{step:07d}.png")
+                save_checkpoint(run_dir, step, model, optimizers, rng, config.keep_checkpoints, accelerator)
+            if main and (step % config.validate_every == 0 or step == config.steps):
+                save_validation_grid(teacher, validation_conditioning.to(accelerator.device), config,
+                                     run_dir / "samples" / f"step-{step:07d}.png")
+    if digests:
+        digests.close()
     adapters.activate(model, GENERATOR)
-    if config.adapter == "lorad":
+    if main and config.adapter == "lorad":
         lorad.save_adapter(model, GENERATOR, run_dir / "generator_adapter.safetensors")
+    accelerator.wait_for_everyone()
     return {"steps": step, "trainable": counts, "skipped": skipped, "cache_hit": cache_hit, "run_dir": str(run_dir)}
 
 
