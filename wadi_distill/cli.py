@@ -119,6 +119,27 @@ def export(
         console.print(f"{label}: {path}", markup=False)
 
 
+@app.command("sample")
+def sample_command(
+    source: Annotated[Path, typer.Argument(help="A run folder or an exported one-step model folder.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG files and grid.png.")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 4,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """One-step images (PNG files + grid) from a run or an exported model."""
+    from wadi_analysis.checkpoint import CheckpointError
+
+    from .lorad import AdapterFileError
+    from .sample import sample
+
+    try:
+        paths = sample(source, prompt, n, out, seed=seed)
+    except (ValueError, CheckpointError, AdapterFileError) as exc:
+        fail(str(exc))
+    console.print(f"wrote {len(paths) - 1} images and {paths[-1]}", markup=False)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,62 @@
+"""One-step images from a run folder or an exported one-step model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from . import lorad
+from .backbones import load_denoiser, load_teacher
+from .distill import GENERATOR, VSDConfig, one_step
+
+
+def load_one_step(source: str | os.PathLike):
+    """(teacher bundle whose denoiser is the one-step generator, VSD settings) from a run or an export."""
+    source = Path(source)
+    is_run = all((source / part).exists() for part in ("config.json", "generator_adapter.safetensors", "checkpoints"))
+    if is_run:
+        config = json.loads((source / "config.json").read_text())
+        teacher = load_teacher(config["teacher"])
+        lorad.load_adapter(teacher.denoiser, source / "generator_adapter.safetensors")
+        lorad.set_adapter(teacher.denoiser, GENERATOR)
+        return teacher, VSDConfig(**config["vsd"])
+    info_file = source / "wadi_one_step.json"
+    if not info_file.is_file():
+        raise ValueError(f"{source} is neither a run folder nor an exported one-step model (wadi_one_step.json)")
+    info = json.loads(info_file.read_text())
+    teacher = load_teacher(info["teacher"])
+    teacher.denoiser = load_denoiser(source)
+    return teacher, VSDConfig(alpha_T=info["alpha_T"])
+
+
+@torch.no_grad()
+def sample(source: str | os.PathLike, prompts: list[str], count: int, out: str | os.PathLike, seed: int = 0) -> list[Path]:
+    """``count`` one-step images per prompt, as PNG files plus ``grid.png`` in ``out``."""
+    from PIL import Image
+
+    teacher, vsd = load_one_step(source)
+    model = teacher.denoiser.eval()
+    all_prompts = [p for p in prompts for _ in range(count)]
+    conditioning = teacher.encode(all_prompts)
+    generator = torch.Generator().manual_seed(seed)
+    shape = (len(all_prompts), teacher.latent_channels, teacher.sample_size, teacher.sample_size)
+    latents = one_step(teacher, model, torch.randn(shape, generator=generator), conditioning, vsd)
+    vae = teacher.pipeline.vae
+    images = vae.decode(latents / vae.config.scaling_factor).sample
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, pixel in enumerate(pixels):
+        path = out / f"{index // count:03d}-{index % count:02d}.png"
+        Image.fromarray(pixel).save(path)
+        paths.append(path)
+    height, width = pixels.shape[1:3]
+    grid = Image.new("RGB", (count * width, len(prompts) * height))
+    for index, pixel in enumerate(pixels):
+        grid.paste(Image.fromarray(pixel), ((index % count) * width, (index // count) * height))
+    grid.save(out / "grid.png")
+    return paths + [out / "grid.png"]
