@@ -205,3 +205,11 @@ def test_sample_from_run_and_from_export_agree(pipeline, tmp_path):
     assert np.abs(grids[0] - grids[1]).max() <= 1  # merged vs unmerged: equal up to rounding
     bad = runner.invoke(app, ["sample", str(tmp_path), "-p", "x", "--out", str(tmp_path / "no")])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("options", [dict(mixed_precision="bf16"), dict(gradient_checkpointing=True)])
+def test_precision_and_checkpointing_options(pipeline, tmp_path, options):
+    summary = train(config_for(pipeline, tmp_path / "run", steps=2, **options), progress=True)
+    assert summary["steps"] == 2 and summary["skipped"] == 0
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
+    assert all(float(r.split(",")[1]) == float(r.split(",")[1]) for r in rows)

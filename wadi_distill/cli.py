@@ -75,6 +75,9 @@ def run(
     seed: Annotated[Optional[int], typer.Option()] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file with any of these options (and a [vsd] table).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint folder.")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="no | fp16 | bf16")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Distil a teacher into a one-step generator with WaDi (VSD + LoRaD on one shared frozen base)."""
     from wadi_analysis.checkpoint import CheckpointError
@@ -86,10 +89,10 @@ def run(
     try:
         resolved = load_config(config, teacher=teacher, prompts=prompts, out=out, steps=steps, batch_size=batch_size,
                                adapter=adapter, plan=plan, generator_rank=generator_rank, fake_rank=fake_rank,
-                               seed=seed)
+                               seed=seed, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing)
         if not resolved.teacher or not resolved.prompts:
             fail("give --teacher PIPELINE_FOLDER and --prompts FILE (or set them in --config)")
-        summary = train(resolved, resume=resume)
+        summary = train(resolved, resume=resume, progress=not quiet)
     except (ValueError, TrainingError, CheckpointError, AdapterFileError) as exc:
         fail(str(exc))
     except OSError as exc:

@@ -38,6 +38,7 @@ class RunConfig:
     grad_clip: float = 1.0
     fake_steps_per_generator_step: int = 1
     mixed_precision: str = "no"             # no | fp16 | bf16
+    gradient_checkpointing: bool = False
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     validate_every: int = 50

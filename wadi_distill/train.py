@@ -160,7 +160,11 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
     prompts, adapter gradients are averaged across processes, and rank 0 writes the outputs.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # One process: a previous run in this interpreter may have fixed another precision; start afresh.
+        AcceleratorState._reset_state(reset_partial_state=True)
     # Without a GPU, processes started by `accelerate launch --multi_gpu` / torchrun train on the CPU (gloo).
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
@@ -174,6 +178,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
         config.write(run_dir / "config.json")
     counts = attach_roles(teacher, config)
     model = teacher.denoiser.to(accelerator.device)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+        model.train()  # diffusers checkpoints activations only in training mode
     everything, null, cache_hit = cached_embeddings(teacher, prompts, config.embedding_cache())
     validation = config.validation_prompts or prompts[:4]
     validation_conditioning = teacher.encode(validation)
@@ -195,7 +202,8 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
     accelerator.wait_for_everyone()
     nonfinite_in_a_row = skipped = 0
     digests = open(run_dir / f"adapter-digests-rank{accelerator.process_index}.txt", "a") if config.record_digests else None
-    with open(metrics_path if main else os.devnull, "a", newline="") as handle:
+    bar = _progress(progress and main, config.steps, step)
+    with bar, open(metrics_path if main else os.devnull, "a", newline="") as handle:
         writer = csv.writer(handle)
         if main and handle.tell() == 0:
             writer.writerow(["step", "generator_loss", "fake_loss", "seconds", "skipped"])
@@ -234,6 +242,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
             writer.writerow([step, loss.item(), sum(fake_losses) / len(fake_losses),
                              round(time.perf_counter() - started, 4), skipped])
             handle.flush()
+            if progress and main:
+                bar.update(bar.task_ids[0], completed=step, generator=loss.item(), fake=fake_losses[-1],
+                           seconds=time.perf_counter() - started)
             if digests:
                 digests.write(f"{step} {_digest(model, GENERATOR)} {_digest(model, FAKE)}\n")
                 digests.flush()
@@ -249,6 +260,22 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
         lorad.save_adapter(model, GENERATOR, run_dir / "generator_adapter.safetensors")
     accelerator.wait_for_everyone()
     return {"steps": step, "trainable": counts, "skipped": skipped, "cache_hit": cache_hit, "run_dir": str(run_dir)}
+
+
+def _progress(enabled: bool, total: int, done: int):
+    """A rich progress bar on stderr with the latest losses and step time (or nothing)."""
+    from contextlib import nullcontext
+
+    if not enabled:
+        return nullcontext()
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]distilling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("G {task.fields[generator]:.3g}  fake {task.fields[fake]:.3g}  {task.fields[seconds]:.2f} s/step"),
+                   console=Console(stderr=True))
+    bar.add_task("train", total=total, completed=done, generator=float("nan"), fake=float("nan"), seconds=0.0)
+    return bar
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
