@@ -56,3 +56,36 @@ def tiny_sd_pipeline(folder: Path, prediction_type: str = "epsilon", seed: int =
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return folder
+
+
+def tiny_sdxl_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A StableDiffusionXLPipeline folder: SDXL-layout U-Net (text_time conditioning), two CLIP encoders."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(folder.parent / f".{folder.name}-tokenizer")
+
+    def encoder_config(hidden):
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                              projection_dim=hidden, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, norm_num_groups=8, cross_attention_dim=64,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=8, use_linear_projection=True,
+        transformer_layers_per_block=(1, 2), addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=4, norm_num_groups=8, sample_size=32)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(encoder_config(32)),
+                                     text_encoder_2=CLIPTextModelWithProjection(encoder_config(32)),
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(folder)
+    return folder

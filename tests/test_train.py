@@ -213,3 +213,19 @@ def test_precision_and_checkpointing_options(pipeline, tmp_path, options):
     assert summary["steps"] == 2 and summary["skipped"] == 0
     rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1:]
     assert all(float(r.split(",")[1]) == float(r.split(",")[1]) for r in rows)
+
+
+def test_sdxl_teacher_trains(tmp_path):
+    from pipelines import tiny_sdxl_pipeline
+    from wadi_distill.backbones import load_teacher
+
+    folder = tiny_sdxl_pipeline(tmp_path / "sdxl")
+    teacher = load_teacher(folder)
+    conditioning = teacher.encode(["a photo of a bag", ""])
+    assert teacher.family == "sdxl" and conditioning.hidden_states.shape == (2, 77, 64)
+    assert conditioning.extra["added_cond_kwargs"]["time_ids"].shape == (2, 6)
+    (tmp_path / "prompts.txt").write_text("a photo of a bag\na photo of a shirt\n")
+    config = load_config(teacher=str(folder), prompts=str(tmp_path / "prompts.txt"), out=str(tmp_path / "run"),
+                         steps=2, batch_size=2, generator_rank=2, fake_rank=2, cache_dir=str(tmp_path / "cache"))
+    summary = train(config)
+    assert summary["steps"] == 2 and summary["skipped"] == 0
