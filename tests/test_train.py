@@ -229,3 +229,21 @@ def test_sdxl_teacher_trains(tmp_path):
                          steps=2, batch_size=2, generator_rank=2, fake_rank=2, cache_dir=str(tmp_path / "cache"))
     summary = train(config)
     assert summary["steps"] == 2 and summary["skipped"] == 0
+
+
+def test_pixart_teacher_trains(tmp_path):
+    from pipelines import tiny_pixart_pipeline
+    from wadi_distill.backbones import load_teacher
+
+    folder = tiny_pixart_pipeline(tmp_path / "pixart")
+    teacher = load_teacher(folder)
+    conditioning = teacher.encode(["a photo of a bag", ""])
+    assert teacher.family == "pixart" and conditioning.hidden_states.shape[-1] == 32
+    assert "encoder_attention_mask" in conditioning.extra
+    (tmp_path / "prompts.txt").write_text("a photo of a bag\na photo of a shirt\n")
+    config = load_config(teacher=str(folder), prompts=str(tmp_path / "prompts.txt"), out=str(tmp_path / "run"),
+                         steps=2, batch_size=2, generator_rank=2, fake_rank=2, cache_dir=str(tmp_path / "cache"),
+                         generator_preset="pixart-generator", fake_preset="pixart-fake")
+    summary = train(config)
+    assert summary["steps"] == 2 and summary["skipped"] == 0
+    assert summary["trainable"]["generator"] > summary["trainable"]["fake"] > 0

@@ -115,12 +115,21 @@ class Teacher:
         embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
         return Conditioning(embeds)
 
-    def epsilon(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+    def forward(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: Conditioning) -> torch.Tensor:
-        """The network's noise prediction at x_t (learned-sigma outputs: the epsilon half)."""
-        output = model(noisy, timesteps, conditioning.hidden_states, **conditioning.extra, return_dict=False)[0]
+        """The raw network output at x_t (U-Nets and transformers name their inputs differently);
+        learned-sigma outputs (PixArt) keep their prediction half."""
+        sample = "hidden_states" if self.family == "pixart" else "sample"
+        output = model(**{sample: noisy}, timestep=timesteps, encoder_hidden_states=conditioning.hidden_states,
+                       **conditioning.extra, return_dict=False)[0]
         if output.shape[1] == 2 * noisy.shape[1]:
             output = output[:, : noisy.shape[1]]
+        return output
+
+    def epsilon(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: Conditioning) -> torch.Tensor:
+        """The network's noise prediction at x_t, whatever its parametrisation."""
+        output = self.forward(model, noisy, timesteps, conditioning)
         return predicted_epsilon(output, noisy, self.alpha_bar(timesteps, noisy).to(output.dtype),
                                  self.prediction_type)
 

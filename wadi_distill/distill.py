@@ -48,9 +48,7 @@ def one_step(teacher: Teacher, model: nn.Module, noise: torch.Tensor, conditioni
     last = torch.full((noise.shape[0],), teacher.num_timesteps - 1, dtype=torch.long, device=noise.device)
     alpha_T = teacher.alpha_bar(last, noise) if config.alpha_T is None else torch.full_like(
         teacher.alpha_bar(last, noise), config.alpha_T)
-    output = model(noise, last, conditioning.hidden_states, **conditioning.extra, return_dict=False)[0]
-    if output.shape[1] == 2 * noise.shape[1]:  # learned sigma (PixArt): keep the prediction half
-        output = output[:, : noise.shape[1]]
+    output = teacher.forward(model, noise, last, conditioning)
     return predicted_x0(output, noise, alpha_T.to(output.dtype), teacher.prediction_type)
 
 
