@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
+from wadi_analysis.cli import fail
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="LoRaD adapters and one-step VSD distillation (WaDi, CVPR 2026).")
 console = Console()
-
-
-def fail(message: str) -> None:
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise typer.Exit(2)
 
 
 @app.command("adapter-info")

@@ -33,6 +33,26 @@ def load_one_step(source: str | os.PathLike):
 
 
 @torch.no_grad()
+def decode(teacher, latents: torch.Tensor):
+    """Latents -> uint8 images (N, H, W, 3) with the teacher's VAE."""
+    vae = teacher.pipeline.vae
+    images = vae.decode(latents / vae.config.scaling_factor).sample
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(pixels, columns: int):
+    """A PIL image with the images of ``pixels`` in rows of ``columns``."""
+    from PIL import Image
+
+    height, width = pixels.shape[1:3]
+    rows = -(-len(pixels) // columns)
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for index, pixel in enumerate(pixels):
+        grid.paste(Image.fromarray(pixel), ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+@torch.no_grad()
 def sample(source: str | os.PathLike, prompts: list[str], count: int, out: str | os.PathLike, seed: int = 0) -> list[Path]:
     """``count`` one-step images per prompt, as PNG files plus ``grid.png`` in ``out``."""
     from PIL import Image
@@ -43,10 +63,7 @@ def sample(source: str | os.PathLike, prompts: list[str], count: int, out: str |
     conditioning = teacher.encode(all_prompts)
     generator = torch.Generator().manual_seed(seed)
     shape = (len(all_prompts), teacher.latent_channels, teacher.sample_size, teacher.sample_size)
-    latents = one_step(teacher, model, torch.randn(shape, generator=generator), conditioning, vsd)
-    vae = teacher.pipeline.vae
-    images = vae.decode(latents / vae.config.scaling_factor).sample
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = decode(teacher, one_step(teacher, model, torch.randn(shape, generator=generator), conditioning, vsd))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -54,9 +71,5 @@ def sample(source: str | os.PathLike, prompts: list[str], count: int, out: str |
         path = out / f"{index // count:03d}-{index % count:02d}.png"
         Image.fromarray(pixel).save(path)
         paths.append(path)
-    height, width = pixels.shape[1:3]
-    grid = Image.new("RGB", (count * width, len(prompts) * height))
-    for index, pixel in enumerate(pixels):
-        grid.paste(Image.fromarray(pixel), ((index % count) * width, (index // count) * height))
-    grid.save(out / "grid.png")
+    image_grid(pixels, count).save(out / "grid.png")
     return paths + [out / "grid.png"]

@@ -116,22 +116,13 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
 @torch.no_grad()
 def save_validation_grid(teacher: Teacher, conditioning, config: RunConfig, path: Path) -> None:
     """One-step samples for the fixed validation prompts and seed, decoded by the VAE, as a PNG grid."""
-    from PIL import Image
+    from .sample import decode, image_grid
 
     generator = torch.Generator().manual_seed(config.validation_seed)
     shape = (len(conditioning), teacher.latent_channels, teacher.sample_size, teacher.sample_size)
     latents = one_step(teacher, teacher.denoiser, torch.randn(shape, generator=generator), conditioning, config.vsd)
-    vae = teacher.pipeline.vae
-    images = vae.decode(latents / vae.config.scaling_factor).sample
-    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    height, width = images.shape[1:3]
-    columns = min(4, len(images))
-    rows = -(-len(images) // columns)
-    grid = Image.new("RGB", (columns * width, rows * height))
-    for index, image in enumerate(images):
-        grid.paste(Image.fromarray(image), ((index % columns) * width, (index // columns) * height))
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    image_grid(decode(teacher, latents), min(4, len(conditioning))).save(path)
 
 
 def _average_gradients(accelerator, parameters) -> None:
