@@ -247,3 +247,20 @@ def test_pixart_teacher_trains(tmp_path):
     summary = train(config)
     assert summary["steps"] == 2 and summary["skipped"] == 0
     assert summary["trainable"]["generator"] > summary["trainable"]["fake"] > 0
+
+
+def test_ema_of_the_generator_adapter(pipeline, tmp_path):
+    from wadi_distill.export import export_run
+
+    train(config_for(pipeline, tmp_path / "straight", ema_decay=0.5, generator_lr=1e-2))
+    train(config_for(pipeline, tmp_path / "split", steps=2, ema_decay=0.5, generator_lr=1e-2))
+    train(config_for(pipeline, tmp_path / "split", ema_decay=0.5, generator_lr=1e-2), resume="latest")
+    for run in ("straight", "split"):
+        assert (tmp_path / run / "checkpoints" / "step-0000004" / "generator_ema.safetensors").is_file()
+    straight = load_file(tmp_path / "straight" / "checkpoints" / "step-0000004" / "generator_ema.safetensors")
+    split = load_file(tmp_path / "split" / "checkpoints" / "step-0000004" / "generator_ema.safetensors")
+    assert all(torch.equal(straight[k], split[k]) for k in straight)  # EMA resumes exactly too
+    raw = load_file(tmp_path / "straight" / "generator_adapter.safetensors")
+    averaged = load_file(tmp_path / "straight" / "generator_adapter_ema.safetensors")
+    assert any(not torch.equal(raw[k], averaged[k]) for k in raw)
+    assert export_run(tmp_path / "straight", tmp_path / "export", ema=True)["model"].is_dir()

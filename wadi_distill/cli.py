@@ -101,6 +101,7 @@ def run(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged one-step model.")],
+    ema: Annotated[bool, typer.Option("--ema", help="Export the EMA of the generator adapter (runs with ema_decay).")] = False,
 ) -> None:
     """Write the merged one-step denoiser (diffusers folder + single .safetensors) and the adapter file."""
     from wadi_analysis.checkpoint import CheckpointError
@@ -111,7 +112,7 @@ def export(
     if not (run_dir / "config.json").is_file():
         fail(f"{run_dir} is not a run folder (config.json missing)")
     try:
-        paths = export_run(run_dir, out)
+        paths = export_run(run_dir, out, ema=ema)
     except (ValueError, CheckpointError, AdapterFileError) as exc:
         fail(str(exc))
     for label, path in paths.items():

@@ -39,6 +39,7 @@ class RunConfig:
     fake_steps_per_generator_step: int = 1
     mixed_precision: str = "no"             # no | fp16 | bf16
     gradient_checkpointing: bool = False
+    ema_decay: float | None = None          # EMA of the generator adapter (e.g. 0.999); export --ema uses it
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     validate_every: int = 50

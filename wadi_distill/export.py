@@ -16,14 +16,14 @@ from . import lorad
 from .backbones import load_teacher
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike) -> dict[str, Path]:
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, ema: bool = False) -> dict[str, Path]:
     """Merge the run's generator adapter into its teacher's denoiser and write ``out`` (a diffusers model
     folder) + ``out/one_step.safetensors`` (merged single file) + ``out/generator_adapter.safetensors``."""
     run_dir, out = Path(run_dir), Path(out)
     config = json.loads((run_dir / "config.json").read_text())
-    adapter_file = run_dir / "generator_adapter.safetensors"
+    adapter_file = run_dir / ("generator_adapter_ema.safetensors" if ema else "generator_adapter.safetensors")
     if not adapter_file.is_file():
-        raise ValueError(f"{run_dir} has no generator_adapter.safetensors (unfinished run, or a non-LoRaD adapter)")
+        raise ValueError(f"{run_dir} has no {adapter_file.name} (unfinished run, a non-LoRaD adapter, or no EMA)")
     teacher = load_teacher(config["teacher"], text=False)
     model = teacher.denoiser
     name = lorad.load_adapter(model, adapter_file)

@@ -23,6 +23,7 @@ from .backbones import Teacher, load_teacher
 from .config import RunConfig
 from .data import cached_embeddings, read_prompts
 from .distill import FAKE, GENERATOR, fake_step, generator_step, one_step
+from .ema import AdapterEMA
 
 ROLES = (GENERATOR, FAKE)
 
@@ -53,7 +54,7 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizers: dict, rng: torch.Generator, keep: int,
-                    accelerator=None) -> Path:
+                    accelerator=None, ema=None) -> Path:
     """Rank 0 writes adapters, optimisers and state; every rank its own RNG state. Atomic rename at the end."""
     final = run_dir / "checkpoints" / f"step-{step:07d}"
     tmp = final.with_name(f".{final.name}.tmp")
@@ -73,6 +74,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizers: dict, rng: torc
     for role in ROLES:
         save_file({k: v.contiguous().cpu() for k, v in adapters.adapter_tensors(model, role).items()},
                   tmp / f"{role}.safetensors")
+    if ema is not None:
+        save_file(ema.state_dict(), tmp / "generator_ema.safetensors")
     torch.save({role: opt.state_dict() for role, opt in optimizers.items()}, tmp / "optimizers.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     os.replace(tmp, final)
@@ -83,7 +86,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizers: dict, rng: torc
     return final
 
 
-def load_checkpoint(path: Path, model, optimizers: dict, rng: torch.Generator, rank: int = 0) -> int:
+def load_checkpoint(path: Path, model, optimizers: dict, rng: torch.Generator, rank: int = 0, ema=None) -> int:
     named = dict(model.named_parameters())
     with torch.no_grad():
         for role in ROLES:
@@ -91,6 +94,10 @@ def load_checkpoint(path: Path, model, optimizers: dict, rng: torch.Generator, r
                 if name not in named:
                     raise TrainingError(f"checkpoint {path} does not match this run's adapters ({name})")
                 named[name].copy_(tensor)
+    if ema is not None:
+        if not (path / "generator_ema.safetensors").is_file():
+            raise TrainingError(f"checkpoint {path} has no EMA weights but this run uses ema_decay")
+        ema.load_state_dict(load_file(path / "generator_ema.safetensors"))
     states = torch.load(path / "optimizers.pt", weights_only=True)
     for role, optimizer in optimizers.items():
         optimizer.load_state_dict(states[role])
@@ -182,10 +189,14 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
                                 weight_decay=config.weight_decay),
     }
     rng = torch.Generator().manual_seed(config.seed + 1000 * accelerator.process_index)
+    ema = None
+    if config.ema_decay is not None:
+        ids = {id(p) for p in adapters.adapter_parameters(model, GENERATOR)}
+        ema = AdapterEMA({n: p for n, p in model.named_parameters() if id(p) in ids}, config.ema_decay)
     step = 0
     checkpoint = resolve_resume(run_dir, resume)
     if checkpoint is not None:
-        step = load_checkpoint(checkpoint, model, optimizers, rng, accelerator.process_index)
+        step = load_checkpoint(checkpoint, model, optimizers, rng, accelerator.process_index, ema)
     everything, null = everything.to(accelerator.device), null.to(accelerator.device)
     metrics_path = run_dir / "metrics.csv"
     if main:
@@ -211,6 +222,8 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
                 _average_gradients(accelerator, adapters.adapter_parameters(model, GENERATOR))
                 torch.nn.utils.clip_grad_norm_(adapters.adapter_parameters(model, GENERATOR), config.grad_clip)
                 optimizers[GENERATOR].step()
+                if ema is not None:
+                    ema.update()
                 nonfinite_in_a_row = 0
             else:
                 skipped += 1
@@ -240,7 +253,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
                 digests.write(f"{step} {_digest(model, GENERATOR)} {_digest(model, FAKE)}\n")
                 digests.flush()
             if step % config.checkpoint_every == 0 or step == config.steps:
-                save_checkpoint(run_dir, step, model, optimizers, rng, config.keep_checkpoints, accelerator)
+                save_checkpoint(run_dir, step, model, optimizers, rng, config.keep_checkpoints, accelerator, ema)
             if main and (step % config.validate_every == 0 or step == config.steps):
                 save_validation_grid(teacher, validation_conditioning.to(accelerator.device), config,
                                      run_dir / "samples" / f"step-{step:07d}.png")
@@ -249,6 +262,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
     adapters.activate(model, GENERATOR)
     if main and config.adapter == "lorad":
         lorad.save_adapter(model, GENERATOR, run_dir / "generator_adapter.safetensors")
+        if ema is not None:
+            with ema.applied():
+                lorad.save_adapter(model, GENERATOR, run_dir / "generator_adapter_ema.safetensors")
     accelerator.wait_for_everyone()
     return {"steps": step, "trainable": counts, "skipped": skipped, "cache_hit": cache_hit, "run_dir": str(run_dir)}
 
