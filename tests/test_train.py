@@ -264,3 +264,14 @@ def test_ema_of_the_generator_adapter(pipeline, tmp_path):
     averaged = load_file(tmp_path / "straight" / "generator_adapter_ema.safetensors")
     assert any(not torch.equal(raw[k], averaged[k]) for k in raw)
     assert export_run(tmp_path / "straight", tmp_path / "export", ema=True)["model"].is_dir()
+
+
+def test_eight_bit_adamw_needs_bitsandbytes(pipeline, tmp_path):
+    import importlib.util
+
+    config = config_for(pipeline, tmp_path / "run", steps=1, optimizer="adamw8bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(TrainingError, match="bitsandbytes"):
+            train(config)
+    else:
+        assert train(config)["steps"] == 1

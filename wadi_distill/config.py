@@ -32,6 +32,7 @@ class RunConfig:
     generator_rank: int | None = None       # None: the preset's rank
     fake_rank: int | None = None
     plan: str | None = None                 # placement plan JSON for the generator (wadi-analyze plan)
+    optimizer: str = "adamw"                # adamw | adamw8bit (needs bitsandbytes)
     generator_lr: float = 1e-4
     fake_lr: float = 1e-2
     weight_decay: float = 0.0
@@ -91,6 +92,8 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> RunConfig
     _apply(config, {k: v for k, v in overrides.items() if v is not None}, "command line")
     if config.adapter not in ("lorad", "lora", "dora"):
         raise ValueError(f"adapter must be lorad, lora or dora (got {config.adapter!r})")
+    if config.optimizer not in ("adamw", "adamw8bit"):
+        raise ValueError("optimizer must be adamw or adamw8bit")
     if config.mixed_precision not in ("no", "fp16", "bf16"):
         raise ValueError("mixed_precision must be no, fp16 or bf16")
     if config.steps < 1 or config.batch_size < 1:

@@ -182,12 +182,14 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
     everything, null, cache_hit = cached_embeddings(teacher, prompts, config.embedding_cache())
     validation = config.validation_prompts or prompts[:4]
     validation_conditioning = teacher.encode(validation)
+    optimizer_class = _optimizer_class(config.optimizer)
     optimizers = {
-        GENERATOR: torch.optim.AdamW(adapters.adapter_parameters(model, GENERATOR), lr=config.generator_lr,
-                                     weight_decay=config.weight_decay),
-        FAKE: torch.optim.AdamW(adapters.adapter_parameters(model, FAKE), lr=config.fake_lr,
-                                weight_decay=config.weight_decay),
+        GENERATOR: optimizer_class(adapters.adapter_parameters(model, GENERATOR), lr=config.generator_lr,
+                                   weight_decay=config.weight_decay),
+        FAKE: optimizer_class(adapters.adapter_parameters(model, FAKE), lr=config.fake_lr,
+                              weight_decay=config.weight_decay),
     }
+    board = _tensorboard(run_dir) if main else None
     rng = torch.Generator().manual_seed(config.seed + 1000 * accelerator.process_index)
     ema = None
     if config.ema_decay is not None:
@@ -246,6 +248,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
             writer.writerow([step, loss.item(), sum(fake_losses) / len(fake_losses),
                              round(time.perf_counter() - started, 4), skipped])
             handle.flush()
+            if board is not None:
+                board.add_scalar("loss/generator", loss.item(), step)
+                board.add_scalar("loss/fake", fake_losses[-1], step)
             if progress and main:
                 bar.update(bar.task_ids[0], completed=step, generator=loss.item(), fake=fake_losses[-1],
                            seconds=time.perf_counter() - started)
@@ -259,6 +264,8 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
                                      run_dir / "samples" / f"step-{step:07d}.png")
     if digests:
         digests.close()
+    if board is not None:
+        board.close()
     adapters.activate(model, GENERATOR)
     if main and config.adapter == "lorad":
         lorad.save_adapter(model, GENERATOR, run_dir / "generator_adapter.safetensors")
@@ -267,6 +274,25 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
                 lorad.save_adapter(model, GENERATOR, run_dir / "generator_adapter_ema.safetensors")
     accelerator.wait_for_everyone()
     return {"steps": step, "trainable": counts, "skipped": skipped, "cache_hit": cache_hit, "run_dir": str(run_dir)}
+
+
+def _optimizer_class(name: str):
+    if name == "adamw":
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise TrainingError("optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
+    return bitsandbytes.optim.AdamW8bit
+
+
+def _tensorboard(run_dir: Path):
+    """A TensorBoard writer in RUN_DIR/tensorboard when tensorboard is installed (metrics.csv always)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def _progress(enabled: bool, total: int, done: int):
