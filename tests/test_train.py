@@ -275,3 +275,23 @@ def test_eight_bit_adamw_needs_bitsandbytes(pipeline, tmp_path):
             train(config)
     else:
         assert train(config)["steps"] == 1
+
+
+def test_full_fine_tuning_has_its_own_generator_copy(pipeline, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from wadi_distill.backbones import load_teacher
+    from wadi_distill.export import export_run
+
+    teacher_weights = load_teacher(pipeline[0]).denoiser.state_dict()
+    summary = train(config_for(pipeline, tmp_path / "full", steps=2, adapter="full", generator_lr=1e-3))
+    assert summary["trainable"]["generator"] == sum(v.numel() for v in teacher_weights.values())
+    train(config_for(pipeline, tmp_path / "split", steps=1, adapter="full", generator_lr=1e-3))
+    train(config_for(pipeline, tmp_path / "split", steps=2, adapter="full", generator_lr=1e-3), resume="latest")
+    straight = load_file(tmp_path / "full" / "checkpoints" / "step-0000002" / "generator.safetensors")
+    resumed = load_file(tmp_path / "split" / "checkpoints" / "step-0000002" / "generator.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    exported = UNet2DConditionModel.from_pretrained(export_run(tmp_path / "full", tmp_path / "export")["model"])
+    changed = [k for k, v in exported.state_dict().items() if not torch.equal(v, teacher_weights[k])]
+    assert changed  # the generator trained; the teacher files on disk are untouched
+    assert all(torch.equal(v, teacher_weights[k]) for k, v in load_teacher(pipeline[0]).denoiser.state_dict().items())

@@ -26,7 +26,7 @@ class RunConfig:
     steps: int = 100
     batch_size: int = 4
     seed: int = 0
-    adapter: str = "lorad"                  # lorad | lora | dora (one shared frozen base)
+    adapter: str = "lorad"                  # lorad | lora | dora (one shared frozen base) | full (own copy)
     generator_preset: str = "sd-unet-generator"
     fake_preset: str = "sd-unet-fake"
     generator_rank: int | None = None       # None: the preset's rank
@@ -90,8 +90,8 @@ def load_config(path: str | os.PathLike | None = None, **overrides) -> RunConfig
             raise ValueError(f"config {path} is not valid TOML ({exc})") from None
         _apply(config, values, str(path))
     _apply(config, {k: v for k, v in overrides.items() if v is not None}, "command line")
-    if config.adapter not in ("lorad", "lora", "dora"):
-        raise ValueError(f"adapter must be lorad, lora or dora (got {config.adapter!r})")
+    if config.adapter not in ("lorad", "lora", "dora", "full"):
+        raise ValueError(f"adapter must be lorad, lora, dora or full (got {config.adapter!r})")
     if config.optimizer not in ("adamw", "adamw8bit"):
         raise ValueError("optimizer must be adamw or adamw8bit")
     if config.mixed_precision not in ("no", "fp16", "bf16"):

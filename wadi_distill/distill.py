@@ -62,12 +62,14 @@ def _guided_epsilon(teacher: Teacher, model: nn.Module, adapter: str | None, noi
 
 
 def generator_step(teacher: Teacher, model: nn.Module, conditioning: Conditioning, null: Conditioning,
-                   config: VSDConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(generator VSD loss, x0). Gradients reach only the generator adapter."""
+                   config: VSDConfig, generator: torch.Generator,
+                   generator_model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generator VSD loss, x0). Gradients reach only the generator: the ``generator`` adapter of the
+    shared ``model``, or ``generator_model`` when the generator is a separate copy (full fine-tuning)."""
     device = conditioning.hidden_states.device
     shape = (len(conditioning), teacher.latent_channels, teacher.sample_size, teacher.sample_size)
     noise = torch.randn(shape, generator=generator).to(device)
-    x0 = one_step(teacher, model, noise, conditioning, config)
+    x0 = one_step(teacher, generator_model if generator_model is not None else model, noise, conditioning, config)
     timesteps = torch.randint(config.t_min, config.t_max + 1, (shape[0],), generator=generator).to(device)
     eps = torch.randn(shape, generator=generator).to(device)
     alpha_t = teacher.alpha_bar(timesteps, x0)

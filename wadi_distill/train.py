@@ -8,14 +8,17 @@ Metrics go to ``RUN_DIR/metrics.csv``; one-step validation grids (fixed prompts 
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 from . import adapters, lorad
@@ -32,28 +35,60 @@ class TrainingError(Exception):
     """A run that cannot go on; one line for the user."""
 
 
-def attach_roles(teacher: Teacher, config: RunConfig) -> dict[str, int]:
-    """Generator and fake-score adapters on the teacher's own denoiser; returns their parameter counts."""
+@dataclass
+class Roles:
+    """The shared frozen base (teacher, and the fake score's adapter) and the generator: an adapter of
+    the same base, or — full fine-tuning — its own copy of the denoiser."""
+
+    base: nn.Module
+    generator: nn.Module
+
+    @property
+    def separate_generator(self) -> bool:
+        return self.generator is not self.base
+
+    def parameters(self, role: str) -> list[nn.Parameter]:
+        if role == GENERATOR and self.separate_generator:
+            return list(self.generator.parameters())
+        return adapters.adapter_parameters(self.base, role)
+
+    def named_parameters(self, role: str) -> dict[str, nn.Parameter]:
+        if role == GENERATOR and self.separate_generator:
+            return dict(self.generator.named_parameters())
+        ids = {id(p) for p in self.parameters(role)}
+        return {n: p for n, p in self.base.named_parameters() if id(p) in ids}
+
+
+def attach_roles(teacher: Teacher, config: RunConfig) -> tuple[Roles, dict[str, int]]:
+    """Generator and fake-score adapters on the teacher's own denoiser (full fine-tuning: a generator
+    copy, the fake score still a LoRaD adapter of the base); returns them and their parameter counts."""
     model = teacher.denoiser
     generator_targets = lorad.read_plan(config.plan) if config.plan else lorad.resolve_preset(
         model, config.generator_preset, config.generator_rank)
     fake_targets = lorad.resolve_preset(model, config.fake_preset, config.fake_rank)
+    roles = Roles(model, model)
     counts = {}
+    if config.adapter == "full":
+        roles.generator = copy.deepcopy(model).requires_grad_(True)
+        counts[GENERATOR] = sum(p.numel() for p in roles.generator.parameters())
     for role, targets, seed in ((GENERATOR, generator_targets, config.seed), (FAKE, fake_targets, config.seed + 1)):
-        if config.adapter != "lorad":
+        if role == GENERATOR and roles.separate_generator:
+            continue
+        method = "lorad" if config.adapter == "full" else config.adapter
+        if method != "lorad":
             targets = adapters.lora_ranks_at_equal_budget(model, targets)
         try:
-            counts[role] = adapters.attach(model, config.adapter, targets, role, seed=seed)
+            counts[role] = adapters.attach(model, method, targets, role, seed=seed)
         except ValueError as exc:
             raise TrainingError(f"{role} targets do not fit this teacher: {exc}") from None
-    return counts
+    return roles, counts
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizers: dict, rng: torch.Generator, keep: int,
+def save_checkpoint(run_dir: Path, step: int, roles: Roles, optimizers: dict, rng: torch.Generator, keep: int,
                     accelerator=None, ema=None) -> Path:
     """Rank 0 writes adapters, optimisers and state; every rank its own RNG state. Atomic rename at the end."""
     final = run_dir / "checkpoints" / f"step-{step:07d}"
@@ -72,7 +107,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizers: dict, rng: torc
             accelerator.wait_for_everyone()
         return final
     for role in ROLES:
-        save_file({k: v.contiguous().cpu() for k, v in adapters.adapter_tensors(model, role).items()},
+        save_file({k: v.detach().contiguous().cpu() for k, v in roles.named_parameters(role).items()},
                   tmp / f"{role}.safetensors")
     if ema is not None:
         save_file(ema.state_dict(), tmp / "generator_ema.safetensors")
@@ -86,10 +121,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizers: dict, rng: torc
     return final
 
 
-def load_checkpoint(path: Path, model, optimizers: dict, rng: torch.Generator, rank: int = 0, ema=None) -> int:
-    named = dict(model.named_parameters())
+def load_checkpoint(path: Path, roles: Roles, optimizers: dict, rng: torch.Generator, rank: int = 0,
+                    ema=None) -> int:
     with torch.no_grad():
         for role in ROLES:
+            named = roles.named_parameters(role)
             for name, tensor in load_file(path / f"{role}.safetensors").items():
                 if name not in named:
                     raise TrainingError(f"checkpoint {path} does not match this run's adapters ({name})")
@@ -121,13 +157,13 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
 
 
 @torch.no_grad()
-def save_validation_grid(teacher: Teacher, conditioning, config: RunConfig, path: Path) -> None:
+def save_validation_grid(teacher: Teacher, generator_model, conditioning, config: RunConfig, path: Path) -> None:
     """One-step samples for the fixed validation prompts and seed, decoded by the VAE, as a PNG grid."""
     from .sample import decode, image_grid
 
     generator = torch.Generator().manual_seed(config.validation_seed)
     shape = (len(conditioning), teacher.latent_channels, teacher.sample_size, teacher.sample_size)
-    latents = one_step(teacher, teacher.denoiser, torch.randn(shape, generator=generator), conditioning, config.vsd)
+    latents = one_step(teacher, generator_model, torch.randn(shape, generator=generator), conditioning, config.vsd)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(decode(teacher, latents), min(4, len(conditioning))).save(path)
 
@@ -141,11 +177,11 @@ def _average_gradients(accelerator, parameters) -> None:
                 parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
 
 
-def _digest(model, role: str) -> str:
+def _digest(roles: Roles, role: str) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for name, tensor in sorted(adapters.adapter_tensors(model, role).items()):
+    for name, tensor in sorted(roles.named_parameters(role).items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -174,31 +210,31 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.write(run_dir / "config.json")
-    counts = attach_roles(teacher, config)
+    roles, counts = attach_roles(teacher, config)
     model = teacher.denoiser.to(accelerator.device)
+    roles.generator.to(accelerator.device)
     if config.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-        model.train()  # diffusers checkpoints activations only in training mode
+        for network in {id(m): m for m in (model, roles.generator)}.values():
+            network.enable_gradient_checkpointing()
+            network.train()  # diffusers checkpoints activations only in training mode
+    separate = roles.generator if roles.separate_generator else None
     everything, null, cache_hit = cached_embeddings(teacher, prompts, config.embedding_cache())
     validation = config.validation_prompts or prompts[:4]
     validation_conditioning = teacher.encode(validation)
     optimizer_class = _optimizer_class(config.optimizer)
     optimizers = {
-        GENERATOR: optimizer_class(adapters.adapter_parameters(model, GENERATOR), lr=config.generator_lr,
-                                   weight_decay=config.weight_decay),
-        FAKE: optimizer_class(adapters.adapter_parameters(model, FAKE), lr=config.fake_lr,
-                              weight_decay=config.weight_decay),
+        GENERATOR: optimizer_class(roles.parameters(GENERATOR), lr=config.generator_lr, weight_decay=config.weight_decay),
+        FAKE: optimizer_class(roles.parameters(FAKE), lr=config.fake_lr, weight_decay=config.weight_decay),
     }
     board = _tensorboard(run_dir) if main else None
     rng = torch.Generator().manual_seed(config.seed + 1000 * accelerator.process_index)
     ema = None
     if config.ema_decay is not None:
-        ids = {id(p) for p in adapters.adapter_parameters(model, GENERATOR)}
-        ema = AdapterEMA({n: p for n, p in model.named_parameters() if id(p) in ids}, config.ema_decay)
+        ema = AdapterEMA(roles.named_parameters(GENERATOR), config.ema_decay)
     step = 0
     checkpoint = resolve_resume(run_dir, resume)
     if checkpoint is not None:
-        step = load_checkpoint(checkpoint, model, optimizers, rng, accelerator.process_index, ema)
+        step = load_checkpoint(checkpoint, roles, optimizers, rng, accelerator.process_index, ema)
     everything, null = everything.to(accelerator.device), null.to(accelerator.device)
     metrics_path = run_dir / "metrics.csv"
     if main:
@@ -216,13 +252,13 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
             batch = torch.randint(0, len(everything), (config.batch_size,), generator=rng)
             conditioning = everything.select(batch)
             with accelerator.autocast():
-                loss, x0 = generator_step(teacher, model, conditioning, null, config.vsd, rng)
+                loss, x0 = generator_step(teacher, model, conditioning, null, config.vsd, rng, separate)
             optimizers[GENERATOR].zero_grad(set_to_none=True)
             loss_ok = accelerator.reduce(torch.isfinite(loss).float().to(accelerator.device), "min").item() > 0
             if loss_ok:  # every process skips together, so the adapters stay identical
                 loss.backward()
-                _average_gradients(accelerator, adapters.adapter_parameters(model, GENERATOR))
-                torch.nn.utils.clip_grad_norm_(adapters.adapter_parameters(model, GENERATOR), config.grad_clip)
+                _average_gradients(accelerator, roles.parameters(GENERATOR))
+                torch.nn.utils.clip_grad_norm_(roles.parameters(GENERATOR), config.grad_clip)
                 optimizers[GENERATOR].step()
                 if ema is not None:
                     ema.update()
@@ -240,8 +276,8 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
                 optimizers[FAKE].zero_grad(set_to_none=True)
                 if accelerator.reduce(torch.isfinite(fake_loss).float().to(accelerator.device), "min").item() > 0:
                     fake_loss.backward()
-                    _average_gradients(accelerator, adapters.adapter_parameters(model, FAKE))
-                    torch.nn.utils.clip_grad_norm_(adapters.adapter_parameters(model, FAKE), config.grad_clip)
+                    _average_gradients(accelerator, roles.parameters(FAKE))
+                    torch.nn.utils.clip_grad_norm_(roles.parameters(FAKE), config.grad_clip)
                     optimizers[FAKE].step()
                 fake_losses.append(fake_loss.item())
             step += 1
@@ -255,12 +291,12 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
                 bar.update(bar.task_ids[0], completed=step, generator=loss.item(), fake=fake_losses[-1],
                            seconds=time.perf_counter() - started)
             if digests:
-                digests.write(f"{step} {_digest(model, GENERATOR)} {_digest(model, FAKE)}\n")
+                digests.write(f"{step} {_digest(roles, GENERATOR)} {_digest(roles, FAKE)}\n")
                 digests.flush()
             if step % config.checkpoint_every == 0 or step == config.steps:
-                save_checkpoint(run_dir, step, model, optimizers, rng, config.keep_checkpoints, accelerator, ema)
+                save_checkpoint(run_dir, step, roles, optimizers, rng, config.keep_checkpoints, accelerator, ema)
             if main and (step % config.validate_every == 0 or step == config.steps):
-                save_validation_grid(teacher, validation_conditioning.to(accelerator.device), config,
+                save_validation_grid(teacher, roles.generator, validation_conditioning.to(accelerator.device), config,
                                      run_dir / "samples" / f"step-{step:07d}.png")
     if digests:
         digests.close()
@@ -272,6 +308,11 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
         if ema is not None:
             with ema.applied():
                 lorad.save_adapter(model, GENERATOR, run_dir / "generator_adapter_ema.safetensors")
+    if main and roles.separate_generator:  # full fine-tuning: the generator is a whole model
+        roles.generator.save_pretrained(run_dir / "generator_model")
+        if ema is not None:
+            with ema.applied():
+                roles.generator.save_pretrained(run_dir / "generator_model_ema")
     accelerator.wait_for_everyone()
     return {"steps": step, "trainable": counts, "skipped": skipped, "cache_hit": cache_hit, "run_dir": str(run_dir)}
 
