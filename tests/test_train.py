@@ -295,3 +295,10 @@ def test_full_fine_tuning_has_its_own_generator_copy(pipeline, tmp_path):
     changed = [k for k, v in exported.state_dict().items() if not torch.equal(v, teacher_weights[k])]
     assert changed  # the generator trained; the teacher files on disk are untouched
     assert all(torch.equal(v, teacher_weights[k]) for k, v in load_teacher(pipeline[0]).denoiser.state_dict().items())
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora"])
+def test_peft_baselines_train_on_the_shared_base(pipeline, tmp_path, adapter):
+    summary = train(config_for(pipeline, tmp_path / adapter, steps=2, adapter=adapter))
+    assert summary["steps"] == 2 and summary["skipped"] == 0
+    assert summary["trainable"]["generator"] > summary["trainable"]["fake"] > 0

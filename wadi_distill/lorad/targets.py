@@ -79,14 +79,16 @@ def read_plan(path: str | os.PathLike) -> dict[str, int]:
 
 
 def check_targets(model: nn.Module, targets: dict[str, int]) -> dict[str, int]:
-    """Validate a target mapping against ``model``: names exist, modules are Linear/Conv2d, ranks fit."""
+    """Validate a target mapping against ``model``: names exist, modules are Linear/Conv2d (also when an
+    earlier adapter wrapped them, as peft does), ranks fit."""
     modules = dict(model.named_modules())
     for name, rank in targets.items():
         module = modules.get(name)
         if module is None:
             raise ValueError(f"the model has no module {name!r}")
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            raise ValueError(f"{name} is a {type(module).__name__}; only Linear and Conv2d can be adapted")
+        base = getattr(module, "base_layer", module)
+        if not isinstance(base, (nn.Linear, nn.Conv2d)):
+            raise ValueError(f"{name} is a {type(base).__name__}; only Linear and Conv2d can be adapted")
         if rank < 1:
             raise ValueError(f"rank for {name} must be >= 1")
     if not targets:
