@@ -34,9 +34,15 @@ def _paired(weight_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 def _rotate(weight_rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the column pairs, writing straight into the strided halves of the output (no stack/cat)."""
+    out = torch.empty_like(weight_rows)
     even, odd, tail = _paired(weight_rows)
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(1)
-    return rotated if tail is None else torch.cat((rotated, tail), dim=1)
+    out_even, out_odd, out_tail = _paired(out)
+    torch.mul(even, cos, out=out_even).addcmul_(odd, sin, value=-1)
+    torch.mul(even, sin, out=out_odd).addcmul_(odd, cos)
+    if tail is not None:
+        out_tail.copy_(tail)
+    return out
 
 
 class PairRotation(torch.autograd.Function):
@@ -53,9 +59,12 @@ class PairRotation(torch.autograd.Function):
         cos, sin = torch.cos(theta), torch.sin(theta)
         grad_weight = grad_theta = None
         if ctx.needs_input_grad[1]:
-            rotated_even, rotated_odd, _ = _paired(_rotate(weight_rows.to(theta.dtype), cos, sin))
+            # dL/dtheta = g_odd * W'_even - g_even * W'_odd, with W' recomputed pair by pair.
+            even, odd, _ = _paired(weight_rows.to(theta.dtype))
             grad_even, grad_odd, _ = _paired(grad)
-            grad_theta = grad_odd * rotated_even - grad_even * rotated_odd
+            rotated_even = (even * cos).addcmul_(odd, sin, value=-1)
+            rotated_odd = (even * sin).addcmul_(odd, cos)
+            grad_theta = (grad_odd * rotated_even).addcmul_(grad_even, rotated_odd, value=-1)
         if ctx.needs_input_grad[0]:
             grad_weight = _rotate(grad, cos, -sin).to(weight_rows.dtype)
         return grad_weight, grad_theta
