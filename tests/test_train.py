@@ -302,3 +302,24 @@ def test_peft_baselines_train_on_the_shared_base(pipeline, tmp_path, adapter):
     summary = train(config_for(pipeline, tmp_path / adapter, steps=2, adapter=adapter))
     assert summary["steps"] == 2 and summary["skipped"] == 0
     assert summary["trainable"]["generator"] > summary["trainable"]["fake"] > 0
+
+
+def test_cli_missing_teacher_parts_and_unwritable_output(pipeline, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from wadi_distill.cli import app
+
+    folder, prompts = pipeline
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    shutil.rmtree(broken / "text_encoder")
+    (tmp_path / "blocker").write_text("a file where the run folder should go")
+    runner = CliRunner()
+    for teacher, out in ((broken, tmp_path / "r1"), (folder, tmp_path / "blocker" / "run")):
+        result = runner.invoke(app, ["run", "--teacher", str(teacher), "--prompts", str(prompts), "--out", str(out),
+                                     "--steps", "1", "--quiet"])
+        assert result.exit_code == 2 and result.stderr.startswith("error: "), result.output
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "r1").exists()

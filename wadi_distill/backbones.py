@@ -147,19 +147,26 @@ def _family(denoiser: nn.Module) -> str:
 
 def load_teacher(path: str | os.PathLike, *, text: bool = True) -> Teacher:
     """A teacher from a diffusers pipeline folder (denoiser, scheduler, VAE, text encoders, tokenizers)."""
-    from diffusers import DDPMScheduler, DiffusionPipeline
-
-    folder = os.fspath(path)
-    if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        raise CheckpointError(f"{folder} is not a diffusers pipeline folder (model_index.json missing)")
-    from diffusers.utils import logging as diffusers_logging
+    import warnings
 
     from transformers.utils import logging as transformers_logging
 
-    diffusers_logging.disable_progress_bar()  # stderr stays for our own one-line errors
+    # Library chatter (progress bars, "requires torchvision" notices, config deprecations) would bury
+    # our own one-line errors on stderr; loading stays quiet unless it fails.
+    transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+    from diffusers import DDPMScheduler, DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    folder = os.fspath(path)
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise CheckpointError(f"{folder} is not a diffusers pipeline folder (model_index.json missing)")
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"cannot load the pipeline {folder}: {str(exc).splitlines()[0][:200]}") from None
