@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
 from . import lorad
@@ -101,8 +100,3 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
         return found
     return [p for n, p in model.named_parameters() if f".{name}." in f".{n}." and "lora_" in n]
 
-
-def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """``{parameter name: tensor}`` of adapter ``name`` (for exact checkpoints of any adapter kind)."""
-    ids = {id(p) for p in adapter_parameters(model, name)}
-    return {n: p.detach() for n, p in model.named_parameters() if id(p) in ids}
