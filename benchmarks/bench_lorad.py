@@ -28,7 +28,17 @@ What is measured (CPU, float32, ``torch.set_num_threads(2)`` unless ``--threads`
 
 Targets from the issue: LoRaD <= 1.05x LoRA, >= 1.3x faster than hook style; merged LoRaD = 1.00x base.
 
+GPU mode (``--gpu``, run by ``benchmarks/gpu_run.sh``): the ``block`` case's training step on
+``--device`` (default cuda) at batches ``--gpu-batches`` (default 2 and 8), variants ``lora,lorad,hook``
+in ONE process: the block is cast to bf16 before the adapters are attached, trainable parameters are
+float32, the forward runs under ``torch.autocast(bf16)`` (as in ``bench_distill --gpu``); each variant
+is warmed up (its CUDA memory peak over those steps, AdamW state included, minus what was allocated
+before it), then the variants are timed in ``--rounds`` interleaved rounds of ``--iters`` steps with one
+``torch.cuda.synchronize`` per round; the figure is the best round's mean ms/step. ``--device cpu``
+checks the code path here.
+
 Run:  python benchmarks/bench_lorad.py [--quick] [--threads N] [--cases unet,block] [--profile]
+      python benchmarks/bench_lorad.py --gpu [--json PATH]
 ``--profile`` adds the top ops (torch.profiler, self CPU time) of one training step per case, LoRaD vs LoRA.
 On 2 cores, any other busy process makes every figure several times slower: check ``uptime`` first.
 """
@@ -65,7 +75,8 @@ def build(case: str, args):
         return model, inputs, lambda m, x: m(*x).sample, targets
     model = BasicTransformerBlock(dim=640, num_attention_heads=8, attention_head_dim=80, cross_attention_dim=768,
                                   activation_fn="geglu")
-    inputs = (torch.randn(2, 1024, 640, requires_grad=True), torch.randn(2, 77, 768))
+    batch = getattr(args, "block_batch", 2)
+    inputs = (torch.randn(batch, 1024, 640, requires_grad=True), torch.randn(batch, 77, 768))
     targets = {n: args.block_rank for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     return model, inputs, lambda m, x: m(x[0], encoder_hidden_states=x[1]), targets
 
@@ -94,16 +105,31 @@ def attach_hook_style(model, targets: dict[str, int], seed: int = 0) -> int:
     return count
 
 
-def prepare(case: str, method: str, args):
-    """Model with ``method`` attached; returns (model, inputs, forward, trainable count, LoRA ranks)."""
+def prepare(case: str, method: str, args, device=None, dtype=None):
+    """Model with ``method`` attached; returns (model, inputs, forward, trainable count, LoRA ranks).
+
+    With ``device``/``dtype`` (the --gpu mode) the frozen model is cast before anything is attached, the
+    trainable parameters are float32 (LoRaD's and the hook's are made so; peft's are cast, as
+    ``get_peft_model`` does by default), and the floating inputs take ``dtype``.
+    """
+    import torch
     from wadi_distill import adapters
 
     model, inputs, forward, targets = build(case, args)
+    if device is not None:
+        model.to(device=device, dtype=dtype)
     lora_ranks = adapters.lora_ranks_at_equal_budget(model, targets)
     if method == "hook":
         count = attach_hook_style(model, targets)
     else:
         count = adapters.attach(model, method, lora_ranks if method in ("lora", "dora") else targets)
+    if device is not None:
+        model.to(device)  # the hook's factors are made on the CPU; .to(device) keeps their float32
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
+        inputs = tuple(t.detach().to(device, dtype if t.is_floating_point() else None).requires_grad_(t.requires_grad)
+                       for t in inputs)
     return model, inputs, forward, count, lora_ranks
 
 
@@ -192,11 +218,107 @@ def profile_child(args) -> dict:
     return tables
 
 
+# ----------------------------------------------------------------------------- --gpu
+def gpu_main(args) -> int:
+    """Training step of the SD-sized block on ``args.device`` in one process: every variant built, warmed
+    up (the memory peak of those steps measured per variant), then timed in interleaved rounds."""
+    import torch
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    variants = [v for v in args.variants.split(",") if v]
+    report = {"mode": "gpu", "case": "block", "device": args.device, "dtype": args.dtype, "rank": args.block_rank,
+              "warmup": args.warmup, "iters": args.iters, "rounds": args.rounds, "torch": torch.__version__,
+              "batches": {}}
+    if cuda:
+        report["device_name"] = torch.cuda.get_device_name(device)
+    print(f"bench_lorad --gpu: {report.get('device_name', args.device)}, torch {torch.__version__}; SD-sized "
+          f"BasicTransformerBlock(640, cross 768), hidden (B, 1024, 640), LoRaD rank {args.block_rank}, base "
+          f"{args.dtype}{' + autocast' if dtype != torch.float32 else ''}, trainable fp32; {args.warmup} warm-up, "
+          f"best of {args.rounds} interleaved rounds of {args.iters} steps (one synchronize per round)", flush=True)
+
+    def make_step(model, inputs, forward, optimizer):
+        amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype != torch.float32 else contextlib.nullcontext
+
+        def step():
+            with amp():
+                loss = forward(model, inputs).float().pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    status = 0
+    for batch in [int(b) for b in args.gpu_batches.split(",")]:
+        args.block_batch = batch
+        rows, steps = {}, {}
+        for method in variants:
+            try:
+                model, inputs, forward, count, lora_ranks = prepare("block", method, args, device, dtype)
+                model.train()
+                optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                step = make_step(model, inputs, forward, optimizer)
+                sync()
+                if cuda:
+                    before = torch.cuda.memory_allocated(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                for _ in range(args.warmup):  # AdamW's state is made here: the peak includes it
+                    step()
+                sync()
+                ranks = sorted(set(lora_ranks.values()))
+                rows[method] = {"params": count, "error": None, "times_ms": [],
+                                "lora_ranks": f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0]),
+                                "peak_mb": (torch.cuda.max_memory_allocated(device) - before) / 2**20 if cuda else None}
+                steps[method] = step
+            except Exception as exc:  # recorded; the other variants go on
+                message = str(exc).strip().splitlines()
+                rows[method] = {"error": f"{type(exc).__name__}: {message[0][:300] if message else ''}"}
+        for _ in range(args.rounds):
+            for method, step in list(steps.items()):
+                try:
+                    sync()
+                    start = time.perf_counter()
+                    for _ in range(args.iters):
+                        step()
+                    sync()
+                    rows[method]["times_ms"].append(1e3 * (time.perf_counter() - start) / args.iters)
+                except Exception as exc:
+                    rows[method]["error"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+                    del steps[method]
+        for row in rows.values():
+            row["ms"] = min(row["times_ms"]) if row.get("times_ms") else None
+        report["batches"][str(batch)] = rows
+        ms = {m: r["ms"] for m, r in rows.items() if r.get("ms")}
+        print(f"\nTraining step, block, batch {batch} (LoRaD rank {args.block_rank}, LoRA ranks "
+              f"{next((r['lora_ranks'] for r in rows.values() if r.get('lora_ranks')), '-')})")
+        print(f"  {'variant':8} {'ms/step':>9} {'x LoRA':>7} {'x LoRaD':>8} {'trainable':>11} {'peak MB':>8}  rounds ms")
+        for method, r in rows.items():
+            if r.get("error"):
+                status = 1
+                print(f"  {method:8} ERROR {r['error']}")
+                continue
+            lora_x = f"{r['ms'] / ms['lora']:7.2f}" if "lora" in ms else f"{'-':>7}"
+            lorad_x = f"{r['ms'] / ms['lorad']:8.2f}" if "lorad" in ms else f"{'-':>8}"
+            peak = f"{r['peak_mb']:8.1f}" if r["peak_mb"] is not None else f"{'-':>8}"
+            print(f"  {method:8} {r['ms']:9.2f} {lora_x} {lorad_x} {r['params']:11,d} {peak}  "
+                  + " ".join(f"{t:.2f}" for t in r["times_ms"]))
+        if {"lora", "lorad", "hook"} <= set(ms):
+            print(f"  LoRaD / LoRA = {ms['lorad'] / ms['lora']:.2f} (target <= 1.05); "
+                  f"hook / LoRaD = {ms['hook'] / ms['lorad']:.2f} (target >= 1.3)", flush=True)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(report, fh, indent=1)
+    return status
+
+
 # ----------------------------------------------------------------------------- parent
 def run_child(kind: str, args, **extra) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--threads", str(args.threads),
            "--iters", str(args.iters), "--warmup", str(args.warmup), "--unet-rank", str(args.unet_rank),
-           "--block-rank", str(args.block_rank)] + [f"--{k}={v}" for k, v in extra.items()]
+           "--block-rank", str(args.block_rank), "--block-batch", str(args.block_batch)] + \
+        [f"--{k}={v}" for k, v in extra.items()]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -212,10 +334,23 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--block-batch", type=int, default=2, help="batch of the block case")
+    gpu = parser.add_argument_group("--gpu mode (the block case only, one process, interleaved)")
+    gpu.add_argument("--gpu", action="store_true", help="the block's training step on --device, bf16")
+    gpu.add_argument("--device", default="cuda", help="--gpu: device (cpu: a check of the GPU code path)")
+    gpu.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    gpu.add_argument("--gpu-batches", default="2,8", help="--gpu: block batches to measure")
+    gpu.add_argument("--variants", default="lora,lorad,hook", help="--gpu: of " + ",".join(VARIANTS))
+    gpu.add_argument("--json", default=None, help="--gpu: write the results here")
     parser.add_argument("--child", choices=("train", "infer", "profile"), help=argparse.SUPPRESS)
     parser.add_argument("--case", default="unet", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="lorad", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.gpu:
+        args.iters = args.iters or 20
+        args.warmup = args.warmup if args.warmup is not None else 5
+        args.rounds = args.rounds or 3
+        sys.exit(gpu_main(args))
     args.iters = args.iters or (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     args.rounds = args.rounds or (1 if args.quick else 3)

@@ -102,3 +102,64 @@ def to_ldm_state_dict(unet_state_dict: dict, layers_per_block: int, num_levels: 
     """Same tensors under LDM names (prefixed with 'model.diffusion_model.')."""
     mapping = diffusers_to_ldm_unet_names(unet_state_dict, layers_per_block, num_levels)
     return {mapping[k]: v for k, v in unet_state_dict.items()}
+
+
+# --- VAE (AutoencoderKL -> LDM ``first_stage_model.*``) and CLIP text encoder -----------------------
+# Written out by hand as above (the layout of ``ldm.modules.diffusionmodules.model.Encoder/Decoder``),
+# nothing taken from diffusers' converters.
+
+LDM_VAE_PREFIX = "first_stage_model."
+LDM_CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_VAE_TOP_LEVEL = {"conv_norm_out": "norm_out"}
+
+
+def _vae_name(name: str, num_levels: int) -> tuple[str, bool]:
+    """(LDM name, is a mid-block attention projection) of one diffusers AutoencoderKL key."""
+    part, _, rest = name.partition(".")
+    if part in ("quant_conv", "post_quant_conv"):
+        return name, False
+    pieces = rest.split(".")
+    if pieces[0] == "down_blocks":
+        level, kind = pieces[1], pieces[2]
+        if kind == "downsamplers":  # down_blocks.i.downsamplers.0.conv.P
+            return f"{part}.down.{level}.downsample.{'.'.join(pieces[4:])}", False
+        module, param = pieces[4], ".".join(pieces[5:])
+        return f"{part}.down.{level}.block.{pieces[3]}.{_VAE_RESNET[module]}.{param}", False
+    if pieces[0] == "up_blocks":
+        level, kind = num_levels - 1 - int(pieces[1]), pieces[2]  # LDM counts up levels from the bottom
+        if kind == "upsamplers":
+            return f"{part}.up.{level}.upsample.{'.'.join(pieces[4:])}", False
+        module, param = pieces[4], ".".join(pieces[5:])
+        return f"{part}.up.{level}.block.{pieces[3]}.{_VAE_RESNET[module]}.{param}", False
+    if pieces[0] == "mid_block":
+        if pieces[1] == "resnets":
+            return f"{part}.mid.block_{int(pieces[2]) + 1}.{_VAE_RESNET[pieces[3]]}.{'.'.join(pieces[4:])}", False
+        inner = ".".join(pieces[3:])
+        for diffusers_name, ldm_name in _VAE_ATTENTION.items():
+            if inner.startswith(diffusers_name + "."):
+                param = inner[len(diffusers_name) + 1:]
+                return f"{part}.mid.attn_1.{ldm_name}.{param}", diffusers_name != "group_norm"
+        raise KeyError(f"unknown VAE attention key {name!r}")
+    module, param = pieces[0], ".".join(pieces[1:])
+    return f"{part}.{_VAE_TOP_LEVEL.get(module, module)}.{param}", False
+
+
+def vae_to_ldm_state_dict(vae_state_dict: dict, num_levels: int) -> dict:
+    """An AutoencoderKL state dict under LDM names; the mid-block attention projections become 1x1
+    convolutions, as the original VAE stores them."""
+    out = {}
+    for name, tensor in vae_state_dict.items():
+        ldm, is_projection = _vae_name(name, num_levels)
+        out[LDM_VAE_PREFIX + ldm] = tensor[:, :, None, None] if is_projection and tensor.ndim == 2 else tensor
+    if len(out) != len(vae_state_dict):
+        raise ValueError("diffusers -> LDM VAE key mapping is not one-to-one")
+    return out
+
+
+def clip_to_ldm_state_dict(text_encoder_state_dict: dict) -> dict:
+    """A CLIPTextModel state dict under the original SD names (``cond_stage_model.transformer.text_model.*``);
+    accepts both the nested (``text_model.*``) and the flattened key layout of transformers."""
+    return {LDM_CLIP_PREFIX + k.removeprefix("text_model."): v for k, v in text_encoder_state_dict.items()}

@@ -8,19 +8,7 @@ from pathlib import Path
 import torch
 
 from wadi_analysis.examples import tiny_sd15_config
-
-
-def byte_characters() -> list[str]:
-    """GPT-2/CLIP's reversible byte -> printable character table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    characters, extra = [], 0
-    for byte in range(256):
-        if byte in printable:
-            characters.append(chr(byte))
-        else:
-            characters.append(chr(256 + extra))
-            extra += 1
-    return characters
+from wadi_distill.tokenizer import byte_characters
 
 
 def tiny_clip_tokenizer(folder: Path):

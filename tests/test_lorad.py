@@ -363,3 +363,16 @@ def test_cli_merges_an_adapter_and_refuses_a_wrong_base(tmp_path):
     wrong = runner.invoke(app, ["merge", str(tmp_path / "pixart"), str(tmp_path / "gen.safetensors"),
                                 "--out", str(tmp_path / "x")])
     assert wrong.exit_code == 2 and wrong.stderr.startswith("error: ") and "wrong base model" in wrong.stderr
+
+
+def test_angles_stay_float32_under_autocast():
+    """Autocast would run theta = A @ B in bf16; the angles are the adapter, so they stay float32."""
+    from wadi_distill.lorad.rotation import RotationAdapter
+
+    adapter = RotationAdapter(8, 16, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapter.A.normal_(generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theta = adapter.theta()
+    assert theta.dtype == torch.float32
+    torch.testing.assert_close(theta, adapter.A @ adapter.B)

@@ -6,25 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines import tiny_sd_pipeline
+from runs import config_for, sd_teacher_with_prompts
 from wadi_distill.config import load_config
 from wadi_distill.train import TrainingError, train
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    (root / "prompts.txt").write_text("a photo of a sneaker\na photo of a bag\n\na photo of a shirt\n")
-    return tiny_sd_pipeline(root / "pipe"), root / "prompts.txt"
-
-
-def config_for(pipeline, out, **overrides):
-    folder, prompts = pipeline
-    values = dict(teacher=str(folder), prompts=str(prompts), out=str(out), steps=4, batch_size=2,
-                  cache_dir=str(prompts.parent / "embedding-cache"),
-                  generator_rank=4, fake_rank=2, checkpoint_every=2, validate_every=4, keep_checkpoints=5)
-    values.update(overrides)
-    return load_config(**values)
+    return sd_teacher_with_prompts(tmp_path_factory.mktemp("train"))
 
 
 def test_run_writes_everything(pipeline, tmp_path):
@@ -65,35 +54,6 @@ def test_bad_config(pipeline, tmp_path):
     (tmp_path / "plan.json").write_text('{"format": "wadi-lorad-plan", "targets": {"no.such.module": 4}}')
     with pytest.raises(TrainingError, match="do not fit"):
         train(config_for(pipeline, tmp_path / "r2", plan=str(tmp_path / "plan.json")))
-
-
-def test_export_loads_in_plain_diffusers_and_matches_the_run(pipeline, tmp_path):
-    from diffusers import UNet2DConditionModel
-
-    from wadi_distill import lorad
-    from wadi_distill.backbones import load_teacher
-    from wadi_distill.distill import GENERATOR, one_step
-    from wadi_distill.export import export_run
-
-    config = config_for(pipeline, tmp_path / "run", steps=2, generator_lr=1e-2)
-    train(config)
-    paths = export_run(tmp_path / "run", tmp_path / "export")
-    exported = UNet2DConditionModel.from_pretrained(paths["model"]).eval()  # no project code involved
-    teacher = load_teacher(pipeline[0])
-    lorad.load_adapter(teacher.denoiser, tmp_path / "run" / "generator_adapter.safetensors")
-    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    conditioning = teacher.encode(["a photo of a bag", "x"])
-    with torch.no_grad():
-        unmerged = one_step(teacher, teacher.denoiser, noise, conditioning, config.vsd)
-        timestep = torch.full((2,), 999)
-        merged_eps = exported(noise, timestep, conditioning.hidden_states).sample
-    a = teacher.alpha_bar(timestep, noise)
-    merged = (noise - (1 - a).sqrt() * merged_eps) / a.sqrt()
-    assert torch.allclose(merged, unmerged, rtol=1e-5, atol=1e-5 * unmerged.abs().max().item())
-    teacher_only = load_teacher(pipeline[0]).denoiser
-    assert any(not torch.equal(a, b) for a, b in zip(exported.state_dict().values(), teacher_only.state_dict().values()))
-    assert set(load_file(paths["single_file"])) == set(exported.state_dict())
-    assert GENERATOR in lorad.read_adapter(paths["adapter"])[1]["adapter_name"]
 
 
 def test_cli_run_and_bad_input(pipeline, tmp_path):
@@ -183,28 +143,6 @@ def test_two_processes_keep_identical_adapters(pipeline, tmp_path):
     assert len(ranks[0]) == 3 and ranks[0] == ranks[1]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "step-0000002").iterdir()) == [
         "fake.safetensors", "generator.safetensors", "optimizers.pt", "rng-0.pt", "rng-1.pt", "state.json"]
-
-
-def test_sample_from_run_and_from_export_agree(pipeline, tmp_path):
-    import numpy as np
-    from PIL import Image
-    from typer.testing import CliRunner
-
-    from wadi_distill.cli import app
-    from wadi_distill.export import export_run
-
-    train(config_for(pipeline, tmp_path / "run", steps=2, generator_lr=1e-2))
-    export_run(tmp_path / "run", tmp_path / "export")
-    runner = CliRunner()
-    for source in ("run", "export"):
-        result = runner.invoke(app, ["sample", str(tmp_path / source), "-p", "a photo of a bag", "-p", "a shirt",
-                                     "--n", "2", "--out", str(tmp_path / f"images-{source}")])
-        assert result.exit_code == 0, result.output
-    grids = [np.asarray(Image.open(tmp_path / f"images-{s}" / "grid.png")).astype(int) for s in ("run", "export")]
-    assert grids[0].shape == (2 * 32, 2 * 32, 3)
-    assert np.abs(grids[0] - grids[1]).max() <= 1  # merged vs unmerged: equal up to rounding
-    bad = runner.invoke(app, ["sample", str(tmp_path), "-p", "x", "--out", str(tmp_path / "no")])
-    assert bad.exit_code == 2 and bad.stderr.startswith("error: ")
 
 
 @pytest.mark.parametrize("options", [dict(mixed_precision="bf16"), dict(gradient_checkpointing=True)])

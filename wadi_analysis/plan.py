@@ -47,6 +47,9 @@ class Preset:
 PRESETS = {
     "sd-unet-generator": Preset("SD U-Net generator: every Linear in down/mid/up blocks, rank 256",
                                 r"^(down_blocks|mid_block|up_blocks)\.", 256),
+    "sd-unet-generator-conv": Preset("SD U-Net generator with convolutions: every Linear and Conv2d in "
+                                     "down/mid/up blocks, rank 256", r"^(down_blocks|mid_block|up_blocks)\.", 256,
+                                     kinds=("linear", "conv")),
     "sd-unet-fake": Preset("SD U-Net fake score: attention and feed-forward Linear layers, rank 32",
                            r"^(down_blocks|mid_block|up_blocks)\..*\.(attn1|attn2|ff)\.", 32),
     "pixart-generator": Preset("PixArt generator: every Linear except adaln_single, rank 128",

@@ -2,15 +2,27 @@
 and full fine-tuning (the baselines of WaDi's adapter ablation).
 
 Targets are always ``{module name: rank}`` (see :mod:`wadi_distill.lorad.targets`).
+
+Adapter files: LoRaD adapters are written by :mod:`wadi_distill.lorad.io`; LoRA/DoRA adapters as peft
+state dicts in diffusers' LoRA file layout (keys and the ``lora_adapter_metadata`` LoraConfig prefixed
+with the pipeline component, ``unet.`` or ``transformer.``), so ``pipe.load_lora_weights(file)`` reads
+them too, plus this project's metadata (adapter name, method, base-weight fingerprint).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from pathlib import Path
 
+import torch
 from torch import nn
 
 from . import lorad
+from .lorad import AdapterFileError
+
+PEFT_ADAPTER_FORMAT = "wadi-peft-adapter"
 
 METHODS = ("lorad", "lora", "dora", "full")
 
@@ -43,7 +55,7 @@ def attach(model: nn.Module, method: str, targets: dict[str, int], name: str = "
             for parameter in modules[target].parameters():
                 parameter.requires_grad_(True)
         return trainable_parameters(model)
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig
 
     first_rank = next(iter(targets.values()))
     config = LoraConfig(
@@ -55,9 +67,20 @@ def attach(model: nn.Module, method: str, targets: dict[str, int], name: str = "
     before = {id(p) for p in model.parameters()}
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    inject_adapter_in_model(config, model, adapter_name=name)
+    _inject(config, model, name)
     activate(model, name)
     return sum(p.numel() for p in model.parameters() if id(p) not in before)
+
+
+def _inject(config, model: nn.Module, name: str) -> None:
+    """peft's injection, without its warning that the model already has an adapter (several is the point)."""
+    import warnings
+
+    from peft import inject_adapter_in_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter_name=name)
 
 
 def activate(model: nn.Module, name: str | None) -> None:
@@ -100,3 +123,111 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
         return found
     return [p for n, p in model.named_parameters() if f".{name}." in f".{n}." and "lora_" in n]
 
+
+
+def _peft_targets(model: nn.Module, name: str) -> list[str]:
+    """The modules adapter ``name`` (a peft one) adapts."""
+    layers = {id(m) for m in _peft_layers(model)}
+    return sorted(n for n, m in model.named_modules() if id(m) in layers and name in m.lora_A)
+
+
+def save_adapter(model: nn.Module, name: str, path: str | os.PathLike, component: str = "unet") -> Path:
+    """Write adapter ``name`` of ``model`` to ``path`` (atomically), whatever its method.
+
+    ``component`` is the denoiser's name in its pipeline (``unet`` or ``transformer``): the prefix of a
+    LoRA/DoRA file's keys, as diffusers' ``load_lora_weights`` expects them.
+    """
+    if name in lorad.adapter_names(model):
+        return lorad.save_adapter(model, name, path)
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from wadi_analysis.atomic import atomic_write
+
+    if name not in getattr(model, "peft_config", {}):
+        raise ValueError(f"no adapter named {name!r}")
+    config = model.peft_config[name]
+    state = {f"{component}.{k}": v.detach().float().cpu().contiguous()
+             for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    lora_config = {f"{component}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    targets = _peft_targets(model, name)
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(lora_config, sort_keys=True),
+                "wadi_format": PEFT_ADAPTER_FORMAT, "adapter_name": name, "component": component,
+                "method": "dora" if config.use_dora else "lora", "targets": json.dumps(targets),
+                "base_fingerprint": lorad.base_fingerprint(model, targets)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata() or {}
+    except FileNotFoundError:
+        raise AdapterFileError(f"{path} does not exist") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFileError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, strict_base: bool = True) -> str:
+    """Attach the adapter stored at ``path`` (LoRaD, or LoRA/DoRA written by :func:`save_adapter`) to
+    ``model`` under ``name`` or its saved name; returns the name. It is not activated (see :func:`activate`).
+
+    With ``strict_base`` the base weights must be the ones the adapter was trained on.
+    """
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    path = Path(path)
+    tensors, metadata = _read_safetensors(path)
+    if metadata.get("wadi_format") != PEFT_ADAPTER_FORMAT:
+        return lorad.load_adapter(model, path, name, strict_base=strict_base)
+    name = name or metadata["adapter_name"]
+    prefix = metadata["component"] + "."
+    values = {k.removeprefix(prefix): v for k, v in json.loads(metadata["lora_adapter_metadata"]).items()}
+    config = LoraConfig(**values)
+    targets = json.loads(metadata["targets"])
+    modules = dict(model.named_modules())
+    missing = [t for t in targets if t not in modules]
+    if missing:
+        raise AdapterFileError(f"{path} targets {missing[0]!r}, which this model does not have "
+                               f"({len(missing)} of {len(targets)} targets missing): wrong base model")
+    if strict_base and lorad.base_fingerprint(model, targets) != metadata.get("base_fingerprint"):
+        raise AdapterFileError(f"{path} was trained on other base weights (fingerprint mismatch)")
+    _inject(config, model, name)
+    if _peft_targets(model, name) != targets:
+        raise AdapterFileError(f"{path}: its LoRA config selects other modules in this model: wrong base model")
+    try:
+        result = set_peft_model_state_dict(model, {k.removeprefix(prefix): v for k, v in tensors.items()},
+                                           adapter_name=name)
+    except RuntimeError as exc:  # size mismatches
+        raise AdapterFileError(f"{path} does not fit this model: {str(exc).strip().splitlines()[-1][:200]}") from None
+    if result.unexpected_keys:
+        raise AdapterFileError(f"{path}: {result.unexpected_keys[0]} has no place in this model")
+    absent = [k for k in result.missing_keys if "lora_" in k and f".{name}" in k]
+    if absent:
+        raise AdapterFileError(f"{path} lacks {len(absent)} of the adapter's tensors (e.g. {absent[0]})")
+    return name
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, name: str) -> nn.Module:
+    """Bake adapter ``name`` into the base weights and remove every adapter (LoRaD and peft alike); the
+    result is the plain model class (a diffusers model ``save_pretrained``/``from_pretrained`` accept)."""
+    if name not in lorad.adapter_names(model) and name not in getattr(model, "peft_config", {}):
+        raise ValueError(f"no adapter named {name!r}")
+    if lorad.adapter_names(model):
+        lorad.merge_and_unload(model, name if name in lorad.adapter_names(model) else None)
+    modules = dict(model.named_modules())
+    layers = {id(m) for m in _peft_layers(model)}
+    for module_name, layer in list(modules.items()):
+        if id(layer) in layers:
+            if name in layer.lora_A:
+                layer.merge(safe_merge=True, adapter_names=[name])
+            parent, _, child = module_name.rpartition(".")
+            setattr(modules[parent] if parent else model, child, layer.get_base_layer())
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    return model

@@ -1,6 +1,8 @@
 """The teacher a distillation works on: its denoiser, noise schedule, parametrisation and text conditioning.
 
-Everything is local: diffusers model and pipeline folders are read with ``local_files_only``. The
+Everything is local: diffusers model and pipeline folders are read with ``local_files_only``; an original
+single-file SD checkpoint is read with diffusers' ``from_single_file`` against a local pipeline folder that
+provides the configs, tokenizers and scheduler (``--teacher-config``). The
 pipeline's own ``encode_prompt`` produces the conditioning, so SD, SDXL (pooled text embeddings and
 time ids) and PixArt (T5 with attention masks) are encoded exactly as their pipelines do.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +21,8 @@ from wadi_analysis.checkpoint import CheckpointError
 from wadi_analysis.locate import model_folder
 
 from .vsd import predicted_epsilon
+
+LDM_UNET_PREFIX = "model.diffusion_model."  # the U-Net of an original single-file SD checkpoint
 
 
 def load_denoiser(path: str | os.PathLike, component: str | None = None) -> nn.Module:
@@ -87,6 +92,11 @@ class Teacher:
     sample_size: int = 64
 
     @property
+    def component(self) -> str:
+        """The denoiser's name in its pipeline (and the prefix of LoRA files for it)."""
+        return "transformer" if self.family == "pixart" else "unet"
+
+    @property
     def num_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
 
@@ -145,34 +155,113 @@ def _family(denoiser: nn.Module) -> str:
     raise CheckpointError(f"unsupported denoiser {name}: WaDi distils UNet2DConditionModel and PixArt transformers")
 
 
-def load_teacher(path: str | os.PathLike, *, text: bool = True) -> Teacher:
-    """A teacher from a diffusers pipeline folder (denoiser, scheduler, VAE, text encoders, tokenizers)."""
-    import warnings
-
+def _quiet_libraries() -> None:
+    """Library chatter (progress bars, "requires torchvision" notices, config deprecations) would bury
+    our own one-line errors on stderr; loading stays quiet unless it fails."""
+    from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    # Library chatter (progress bars, "requires torchvision" notices, config deprecations) would bury
-    # our own one-line errors on stderr; loading stays quiet unless it fails.
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    from diffusers import DDPMScheduler, DiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
+    for logging in (transformers_logging, diffusers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
 
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    folder = os.fspath(path)
+
+def _require_pipeline_folder(folder: str, given_as: str = "") -> None:
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
-        raise CheckpointError(f"{folder} is not a diffusers pipeline folder (model_index.json missing)")
+        raise CheckpointError(f"{folder}{given_as} is not a diffusers pipeline folder (model_index.json missing)")
+
+
+def _single_file_pipeline_class(config: str):
+    """The pipeline class named by the config folder's ``model_index.json``, if it loads single files."""
+    import diffusers
+    from diffusers.loaders import FromSingleFileMixin
+
+    try:
+        name = json.loads(Path(config, "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        raise CheckpointError(f"{config}/model_index.json is not readable JSON") from None
+    pipeline_class = getattr(diffusers, str(name), None)
+    if not isinstance(pipeline_class, type) or not issubclass(pipeline_class, FromSingleFileMixin):
+        raise CheckpointError(f"--teacher-config {config} names {name!r}, which cannot load single-file checkpoints")
+    return pipeline_class
+
+
+def _check_single_file(path: str) -> None:
+    """Refuse, from the tensor names alone, a file that is not an original (LDM-layout) SD checkpoint."""
+    from wadi_analysis.checkpoint import open_file
+
+    with open_file(Path(path)) as source:
+        names = source.names()
+    if not any(name.startswith(LDM_UNET_PREFIX) for name in names):
+        raise CheckpointError(f"{path} is not an original single-file Stable Diffusion checkpoint (no "
+                              f"{LDM_UNET_PREFIX}* weights); give a diffusers pipeline folder or such a file")
+
+
+def _load_single_file(path: str, config: str | None):
+    """A pipeline from an original single-file SD checkpoint, with every config, the tokenizer(s) and the
+    scheduler from the local diffusers pipeline folder ``config``; nothing is downloaded."""
+    _check_single_file(path)
+    if config is None:
+        raise CheckpointError(f"{path} is a single-file checkpoint: give --teacher-config, a local diffusers pipeline "
+                              "folder of its architecture (configs, tokenizer, scheduler; its weights are not used)")
+    _require_pipeline_folder(config, " (--teacher-config)")
+    pipeline_class = _single_file_pipeline_class(config)
+    return pipeline_class.from_single_file(path, config=config, local_files_only=True, safety_checker=None)
+
+
+def _absent_components(folder: str) -> dict[str, None]:
+    """Components a pipeline folder declares absent (``[null, null]`` in ``model_index.json``, e.g. the VAE
+    of a pixel-space teacher), passed as None: diffusers would otherwise refuse the folder."""
+    try:
+        index = json.loads(Path(folder, "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: None for name, value in index.items() if not name.startswith("_") and value == [None, None]}
+
+
+def load_teacher(path: str | os.PathLike, *, config: str | os.PathLike | None = None, text: bool = True) -> Teacher:
+    """A teacher from a diffusers pipeline folder (denoiser, scheduler, VAE, text encoders, tokenizers), or
+    from an original single-file SD checkpoint (``.safetensors``/``.ckpt``) read with diffusers'
+    ``from_single_file`` against the local pipeline folder ``config`` (configs, tokenizers, scheduler)."""
+    import warnings
+
+    from diffusers import DDPMScheduler, DiffusionPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    _quiet_libraries()
+    source = os.fspath(path)
+    config = None if config is None else os.fspath(config)
+    single = os.path.isfile(source)
+    if not single:
+        if config is not None:
+            raise CheckpointError(f"--teacher-config is for single-file teachers; {source} is not a file")
+        _require_pipeline_folder(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
+            if single:
+                pipe = _load_single_file(source, config)
+            else:
+                pipe = DiffusionPipeline.from_pretrained(source, local_files_only=True,
+                                                         **{"safety_checker": None, **_absent_components(source)})
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"cannot load the pipeline {folder}: {str(exc).splitlines()[0][:200]}") from None
+    except (OSError, ValueError, RuntimeError, TypeError, AttributeError, KeyError, NotImplementedError,
+            SingleFileComponentError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, KeyError):
+            first = f"no tensor {exc.args[0]!r}" if exc.args else "a tensor is missing"
+        if single:  # diffusers' converters fail in many ways on a file that does not fit the configs
+            raise CheckpointError(f"cannot load the single-file teacher {source} with the configs of {config} "
+                                  f"(an incomplete checkpoint, or another architecture): {first}") from None
+        raise CheckpointError(f"cannot load the pipeline {source}: {first}") from None
+    return _teacher_from_pipeline(pipe, scheduler, source, text)
+
+
+def _teacher_from_pipeline(pipe, scheduler, source: str, text: bool) -> Teacher:
+    """Freeze the pipeline's networks and collect what distillation needs from it."""
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     if denoiser is None:
-        raise CheckpointError(f"pipeline {folder} has no unet or transformer")
+        raise CheckpointError(f"pipeline {source} has no unet or transformer")
     denoiser.requires_grad_(False)
     for part in ("text_encoder", "text_encoder_2", "vae"):
         if getattr(pipe, part, None) is not None:

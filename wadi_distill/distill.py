@@ -52,7 +52,7 @@ def one_step(teacher: Teacher, model: nn.Module, noise: torch.Tensor, conditioni
     return predicted_x0(output, noise, alpha_T.to(output.dtype), teacher.prediction_type)
 
 
-def _guided_epsilon(teacher: Teacher, model: nn.Module, adapter: str | None, noisy: torch.Tensor,
+def guided_epsilon(teacher: Teacher, model: nn.Module, adapter: str | None, noisy: torch.Tensor,
                     timesteps: torch.Tensor, conditioning: Conditioning, null: Conditioning, scale: float):
     activate(model, adapter)
     both = Conditioning.cat([null.repeat_to(len(conditioning)), conditioning])
@@ -75,8 +75,8 @@ def generator_step(teacher: Teacher, model: nn.Module, conditioning: Conditionin
     alpha_t = teacher.alpha_bar(timesteps, x0)
     with torch.no_grad():
         noisy = add_noise(x0.detach(), eps, alpha_t).to(x0.dtype)
-        eps_real = _guided_epsilon(teacher, model, None, noisy, timesteps, conditioning, null, config.guidance_real)
-        eps_fake = _guided_epsilon(teacher, model, FAKE, noisy, timesteps, conditioning, null, config.guidance_fake)
+        eps_real = guided_epsilon(teacher, model, None, noisy, timesteps, conditioning, null, config.guidance_real)
+        eps_fake = guided_epsilon(teacher, model, FAKE, noisy, timesteps, conditioning, null, config.guidance_fake)
     activate(model, GENERATOR)
     return generator_loss(x0, eps_real, eps_fake, alpha_t), x0
 

@@ -8,35 +8,37 @@ from pathlib import Path
 
 import torch
 
-from . import lorad
-from .backbones import load_denoiser, load_teacher
-from .distill import GENERATOR, VSDConfig, one_step
+from .backbones import load_denoiser
+from .distill import VSDConfig, one_step
+from .export import ONE_STEP_INFO, load_run_generator, run_teacher
 
 
 def load_one_step(source: str | os.PathLike):
-    """(teacher bundle whose denoiser is the one-step generator, VSD settings) from a run or an export."""
+    """(teacher bundle whose denoiser is the one-step generator, VSD settings) from a run (LoRaD, LoRA,
+    DoRA: the adapter unmerged; full fine-tuning: the trained copy) or from an export (merged)."""
     source = Path(source)
-    is_run = all((source / part).exists() for part in ("config.json", "generator_adapter.safetensors", "checkpoints"))
-    if is_run:
-        config = json.loads((source / "config.json").read_text())
-        teacher = load_teacher(config["teacher"])
-        lorad.load_adapter(teacher.denoiser, source / "generator_adapter.safetensors")
-        lorad.set_adapter(teacher.denoiser, GENERATOR)
-        return teacher, VSDConfig(**config["vsd"])
-    info_file = source / "wadi_one_step.json"
+    if (source / "config.json").is_file() and (source / "checkpoints").is_dir():
+        generator = load_run_generator(source)
+        generator.teacher.denoiser = generator.model
+        return generator.teacher, VSDConfig(**generator.config["vsd"])
+    info_file = source / ONE_STEP_INFO
     if not info_file.is_file():
-        raise ValueError(f"{source} is neither a run folder nor an exported one-step model (wadi_one_step.json)")
+        raise ValueError(f"{source} is neither a run folder nor an exported one-step model ({ONE_STEP_INFO})")
     info = json.loads(info_file.read_text())
-    teacher = load_teacher(info["teacher"])
+    teacher = run_teacher(info)
     teacher.denoiser = load_denoiser(source)
     return teacher, VSDConfig(alpha_T=info["alpha_T"])
 
 
 @torch.no_grad()
 def decode(teacher, latents: torch.Tensor):
-    """Latents -> uint8 images (N, H, W, 3) with the teacher's VAE."""
+    """Latents -> uint8 images (N, H, W, 3) with the teacher's VAE; a pixel-space teacher (no VAE, e.g.
+    the embedded one) has its images as latents (grey ones are repeated to RGB)."""
     vae = teacher.pipeline.vae
-    images = vae.decode(latents / vae.config.scaling_factor).sample
+    if vae is None:
+        images = latents.float().expand(-1, 3, -1, -1) if latents.shape[1] == 1 else latents.float()
+    else:
+        images = vae.decode(latents / vae.config.scaling_factor).sample
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

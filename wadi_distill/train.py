@@ -27,6 +27,7 @@ from .config import RunConfig
 from .data import cached_embeddings, read_prompts
 from .distill import FAKE, GENERATOR, fake_step, generator_step, one_step
 from .ema import AdapterEMA
+from .export import generator_path
 
 ROLES = (GENERATOR, FAKE)
 
@@ -206,7 +207,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
     if _checkpoints(run_dir) and not resume:
         raise TrainingError(f"{run_dir} already holds a run; continue it with --resume latest or choose another --out")
     prompts = read_prompts(config.prompts, config.prompt_column)  # cheap checks first
-    teacher = load_teacher(config.teacher)
+    teacher = load_teacher(config.teacher, config=config.teacher_config)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.write(run_dir / "config.json")
@@ -302,19 +303,29 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
         digests.close()
     if board is not None:
         board.close()
-    adapters.activate(model, GENERATOR)
-    if main and config.adapter == "lorad":
-        lorad.save_adapter(model, GENERATOR, run_dir / "generator_adapter.safetensors")
-        if ema is not None:
-            with ema.applied():
-                lorad.save_adapter(model, GENERATOR, run_dir / "generator_adapter_ema.safetensors")
-    if main and roles.separate_generator:  # full fine-tuning: the generator is a whole model
-        roles.generator.save_pretrained(run_dir / "generator_model")
-        if ema is not None:
-            with ema.applied():
-                roles.generator.save_pretrained(run_dir / "generator_model_ema")
+    if main:
+        save_generator(teacher, roles, run_dir, ema)
     accelerator.wait_for_everyone()
     return {"steps": step, "trainable": counts, "skipped": skipped, "cache_hit": cache_hit, "run_dir": str(run_dir)}
+
+
+def save_generator(teacher: Teacher, roles: Roles, run_dir: Path, ema: AdapterEMA | None = None) -> Path:
+    """The trained generator where ``export`` and ``sample`` find it (:func:`export.generator_path`): the
+    adapter file (LoRaD, or LoRA/DoRA in diffusers' LoRA layout) or, for full fine-tuning, a diffusers
+    model folder; with EMA, the averaged weights beside it."""
+    def write(ema_copy: bool) -> Path:
+        path = generator_path(run_dir, roles.separate_generator, ema_copy)
+        if roles.separate_generator:
+            roles.generator.save_pretrained(path)
+        else:
+            adapters.save_adapter(roles.base, GENERATOR, path, component=teacher.component)
+        return path
+
+    path = write(False)
+    if ema is not None:
+        with ema.applied():
+            write(True)
+    return path
 
 
 def _optimizer_class(name: str):

@@ -106,4 +106,6 @@ class RotationAdapter(nn.Module):
         return self.A.shape[1]
 
     def theta(self) -> torch.Tensor:
-        return self.A @ self.B
+        # float32 even inside autocast, which would otherwise run this matmul in bf16/fp16
+        with torch.autocast(self.A.device.type, enabled=False):
+            return self.A @ self.B

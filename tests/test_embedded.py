@@ -1,0 +1,150 @@
+"""The embedded default: CLIP BPE tokenizer, Fashion-MNIST captions, the shipped teacher and classifier,
+`wadi-distill teacher`, `evaluate` and `embedded`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from wadi_distill import datasets, embedded
+from wadi_distill.classifier import embed, load_classifier
+
+
+def cli(*args, timeout=600):
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    import os
+
+    env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-m", "wadi_distill.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_clip_tokenizer_gives_stable_diffusion_ids(tmp_path):
+    """Ids of the released SD (openai/clip-vit-large-patch14) tokenizer for these prompts."""
+    from wadi_distill.tokenizer import write_clip_tokenizer
+
+    tokenizer = write_clip_tokenizer(tmp_path / "tokenizer", max_length=77)
+    assert len(tokenizer) == 49408
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tokenizer("a photo of a sneaker").input_ids == [49406, 320, 1125, 539, 320, 24781, 49407]
+    assert not (tmp_path / "tokenizer" / "tokenizer.json").exists()  # vocab + merges only
+
+
+def test_fashion_mnist_reader_and_captions():
+    test = datasets.fashion_mnist("test", size=16)
+    assert test.images.shape == (10000, 1, 16, 16) and test.labels.bincount().tolist() == [1000] * 10
+    assert -1.0 <= test.images.min() < -0.99 and 0.9 < test.images.max() <= 1.0
+    balanced = test.balanced(7, seed=3)
+    assert balanced.labels.bincount().tolist() == [7] * 10
+    for label, name in enumerate(datasets.FASHION_CLASSES):
+        for template in range(len(datasets.TEMPLATES)):
+            assert datasets.class_of_prompt(datasets.caption(datasets.FASHION_CLASSES, label, template),
+                                            datasets.FASHION_CLASSES) == label, name
+    assert datasets.class_of_prompt("a photo of a t-shirt", datasets.FASHION_CLASSES) == 0  # not "shirt"
+
+
+def test_shipped_classifier_accuracy():
+    classifier = load_classifier(embedded.classifier_path())
+    test = datasets.fashion_mnist("test", size=classifier.image_size)
+    features, predicted = embed(classifier, test.images)
+    assert (predicted == test.labels).float().mean() > 0.85
+    assert features.shape == (10000, 128) and 0.5 < features.pow(2).mean().sqrt() < 2.0  # unit-RMS scaling
+
+
+def test_embedded_teacher_quality(tmp_path):
+    """Committed teacher, fixed seed, 25 DDIM steps: FD within 2x the real-vs-real value, prompt accuracy >= 80 %."""
+    result = cli("evaluate", "--per-class", 50, "--steps", 25, "--json", tmp_path / "teacher.json")
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((tmp_path / "teacher.json").read_text())
+    assert scores["samples"] == 500 and scores["sampler"].startswith("DDIM 25 steps")
+    assert scores["scores"]["frechet_distance"] < 2 * scores["real_vs_real"]["frechet_distance"]
+    assert scores["scores"]["prompt_accuracy"] >= 0.8
+    assert "FD" in result.stdout and "(real" in result.stdout
+
+
+def test_embedded_teacher_layout():
+    from wadi_distill.backbones import load_teacher
+
+    teacher = load_teacher(embedded.teacher_path())
+    assert teacher.family == "unet" and teacher.prediction_type == "epsilon"
+    assert teacher.latent_channels == 1 and teacher.sample_size == 16 and teacher.pipeline.vae is None
+    assert teacher.alphas_cumprod[-1].item() == pytest.approx(0.0047, abs=1e-4)  # SD's scaled-linear schedule
+    provenance = json.loads((embedded.teacher_path() / "wadi_teacher.json").read_text())
+    assert provenance["command"].startswith("wadi-distill teacher") and provenance["config"]["seed"] == 0
+    prompts = embedded.prompts_path().read_text().splitlines()
+    assert len(prompts) == 80 and "a photo of a sneaker" in prompts
+
+
+def test_teacher_command_trains_a_loadable_pipeline(tmp_path):
+    from wadi_distill.backbones import load_teacher
+    from wadi_distill.sampling import ddim
+
+    out = tmp_path / "teacher"
+    result = cli("teacher", "--out", out, "--steps", 6, "--batch-size", 8, "--image-size", 8, "--channels", "16,32")
+    assert result.returncode == 0, result.stderr
+    teacher = load_teacher(out)
+    shipped = load_teacher(embedded.teacher_path()).pipeline.tokenizer
+    assert teacher.sample_size == 8 and teacher.pipeline.tokenizer("a bag").input_ids == shipped("a bag").input_ids
+    conditioning, null = teacher.encode(["a photo of a bag"]), teacher.encode([""])
+    sample = ddim(teacher, teacher.denoiser, torch.randn(1, 1, 8, 8), conditioning, null, steps=3)
+    assert sample.shape == (1, 1, 8, 8) and torch.isfinite(sample).all()
+    assert json.loads((out / "wadi_teacher.json").read_text())["step"] == 6
+
+
+def test_bad_input_gives_one_error_line(tmp_path):
+    for args in (("evaluate", tmp_path / "missing"), ("teacher", "--out", tmp_path / "t", "--channels", "a,b"),
+                 ("embedded", "--path", "vae")):
+        result = cli(*args)
+        assert result.returncode == 2 and result.stderr.startswith("error: "), (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "t").exists()
+
+
+def test_ddim_one_step_is_the_teacher_x0_prediction():
+    """ddim(steps=1) from x_T is the teacher's x0 estimate at the last timestep (the undistilled one-step)."""
+    from wadi_distill.backbones import load_teacher
+    from wadi_distill.distill import VSDConfig, one_step
+    from wadi_distill.sampling import ddim, trailing_timesteps
+
+    assert trailing_timesteps(1000, 1) == [999] and trailing_timesteps(1000, 4) == [999, 749, 499, 249]
+    teacher = load_teacher(embedded.teacher_path())
+    noise = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    conditioning, null = teacher.encode(["a bag", "a dress", "a coat"]), teacher.encode([""])
+    expected = one_step(teacher, teacher.denoiser, noise, conditioning, VSDConfig())
+    # ddim evaluates conditional and null prompts in one batch: equal up to float rounding
+    torch.testing.assert_close(ddim(teacher, teacher.denoiser, noise, conditioning, null, 1), expected,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_run_defaults_to_the_embedded_teacher(tmp_path):
+    from wadi_distill.config import load_config
+
+    default = load_config()
+    assert default.teacher == str(embedded.teacher_path()) and default.prompts == str(embedded.prompts_path())
+    assert (default.generator_rank, default.fake_rank, default.out) == (16, 4, "wadi-run")
+    assert len(default.validation_prompts) == 10
+    assert load_config(steps=7, out="elsewhere").steps == 7  # the command line still wins
+    other = tmp_path / "run.toml"
+    other.write_text('teacher = "some/pipeline"\nprompts = "p.txt"\n')
+    named = load_config(other)
+    assert named.teacher == "some/pipeline" and named.generator_rank is None and named.out == "run"
+
+
+def test_short_distillation_improves_the_one_step_fd(tmp_path):
+    """CI-sized WaDi run on the embedded teacher (400 steps, batch 8, LoRaD on Linear and Conv2d at
+    ~8.5 % of the U-Net): its one-step samples beat the undistilled teacher used as a one-step generator."""
+    from wadi_distill.config import load_config
+    from wadi_distill.evaluate import evaluate
+    from wadi_distill.train import train
+
+    config = load_config(out=str(tmp_path / "run"), steps=400, batch_size=8, generator_rank=8,
+                         generator_preset="sd-unet-generator-conv", generator_lr=2e-3, checkpoint_every=400,
+                         validate_every=400, cache_dir=str(tmp_path / "cache"))
+    train(config)
+    student = evaluate(tmp_path / "run", per_class=30)
+    teacher = evaluate(embedded.teacher_path(), per_class=30, steps=1, guidance_scale=1.0)
+    assert student["real_vs_real"] == teacher["real_vs_real"]  # same reference, same sample count
+    assert student["scores"]["frechet_distance"] < 0.9 * teacher["scores"]["frechet_distance"]
+    assert student["scores"]["recall"] > teacher["scores"]["recall"]

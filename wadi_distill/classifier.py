@@ -1,0 +1,105 @@
+"""The evaluation classifier: a small CNN trained on the dataset's training split, frozen and shipped.
+
+It stands in for Inception (its 128-d penultimate features carry the Fréchet distance, KID and
+precision/recall) and for CLIP (its agreement with the prompt's class is the prompt accuracy).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import datasets
+
+
+class Classifier(nn.Module):
+    """conv-conv-pool ×2 → 128-d features → class logits, for 1×S×S images in [-1, 1]."""
+
+    def __init__(self, num_classes: int = 10, image_size: int = 16, width: int = 32, features: int = 128):
+        super().__init__()
+        self.image_size = image_size
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.Conv2d(2 * width, 2 * width, 3, padding=1),
+            nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Linear(2 * width * (image_size // 4) ** 2, features),
+        )
+        self.head = nn.Linear(features, num_classes)
+        # features are rescaled to unit RMS on the training split, so KID's polynomial kernel
+        # (x·y/D + 1)³ sees O(1) inner products, as it does with Inception's pool features
+        self.register_buffer("feature_scale", torch.ones(()))
+        self.config = {"num_classes": num_classes, "image_size": image_size, "width": width, "features": features}
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (before the ReLU, so no dimension is dead), float32, rescaled."""
+        return self.body(images.float()) * self.feature_scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.body(images.float())))
+
+
+@torch.no_grad()
+def embed(classifier: Classifier, images: torch.Tensor, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, predicted class) of images (N, 1, S, S) in [-1, 1], resized to the classifier's size."""
+    classifier.eval()
+    images = datasets.resize(images.float().clamp(-1, 1), classifier.image_size)
+    features, predictions = [], []
+    for chunk in images.split(batch):
+        features.append(classifier.features(chunk))
+        predictions.append(classifier(chunk).argmax(1))
+    return torch.cat(features).double(), torch.cat(predictions)
+
+
+def train_classifier(dataset: str = "fashion-mnist", image_size: int = 16, epochs: int = 4, batch_size: int = 256,
+                     seed: int = 0, log=print) -> tuple[Classifier, float]:
+    """Train on the training split (random ±1-pixel shifts); returns it and its test-split accuracy."""
+    torch.manual_seed(seed)
+    train, test = datasets.load(dataset, "train", image_size), datasets.load(dataset, "test", image_size)
+    classifier = Classifier(len(train.classes), image_size)
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=2e-3, weight_decay=1e-4)
+    generator = torch.Generator().manual_seed(seed)
+    steps = epochs * (len(train) // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
+    for step in range(steps):
+        index = torch.randint(0, len(train), (batch_size,), generator=generator)
+        shift = torch.randint(-1, 2, (2,), generator=generator).tolist()
+        images = torch.roll(train.images[index], shifts=shift, dims=(2, 3))
+        loss = F.cross_entropy(classifier(images), train.labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % 200 == 0:
+            log(f"classifier step {step + 1}/{steps}  loss {loss.item():.3f}")
+    set_feature_scale(classifier, train.balanced(500, seed=seed).images)
+    accuracy = (embed(classifier, test.images)[1] == test.labels).float().mean().item()
+    return classifier, accuracy
+
+
+@torch.no_grad()
+def set_feature_scale(classifier: Classifier, images: torch.Tensor) -> None:
+    """Scale features to unit root-mean-square on ``images`` (training images)."""
+    classifier.feature_scale.fill_(1.0)
+    features, _ = embed(classifier, images)
+    classifier.feature_scale.fill_(1.0 / features.pow(2).mean().sqrt().item())
+
+
+def save_classifier(classifier: Classifier, path: str | Path, info: dict) -> None:
+    metadata = {"config": json.dumps(classifier.config), "info": json.dumps(info)}
+    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(path), metadata=metadata)
+
+
+def load_classifier(path: str | Path) -> Classifier:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        config = json.loads(handle.metadata()["config"])
+    classifier = Classifier(**config)
+    classifier.load_state_dict(load_file(str(path)))
+    return classifier.eval().requires_grad_(False)

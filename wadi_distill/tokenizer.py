@@ -1,0 +1,66 @@
+"""The real CLIP BPE tokenizer (Stable Diffusion's 49,408 tokens), rebuilt from the vocabulary file that
+ships in the ``open-clip-torch`` wheel.
+
+The file is located with ``importlib.util.find_spec`` and read; the ``open_clip`` package itself is
+never imported (its torchvision import fails beside a CPU-only torch). Install it with
+``pip install --no-deps open-clip-torch``. The vocabulary is laid out exactly as OpenAI's
+``SimpleTokenizer`` builds it, so transformers' ``CLIPTokenizer`` gives the released SD ids.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+MERGES = 49152 - 256 - 2  # merges the CLIP vocabulary uses (the file holds more)
+
+
+def byte_characters() -> list[str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    characters, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            characters.append(chr(byte))
+        else:
+            characters.append(chr(256 + extra))
+            extra += 1
+    return characters
+
+
+def open_clip_vocabulary() -> Path:
+    """Path of ``bpe_simple_vocab_16e6.txt.gz`` inside the installed open-clip-torch (not imported)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the CLIP BPE vocabulary needs open-clip-torch: pip install --no-deps open-clip-torch")
+    path = Path(next(iter(spec.submodule_search_locations))) / VOCAB_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed open-clip-torch")
+    return path
+
+
+def write_clip_tokenizer(folder: str | os.PathLike, max_length: int = 77, vocabulary: str | os.PathLike | None = None):
+    """Write ``vocab.json``/``merges.txt`` for the CLIP BPE tokenizer into ``folder`` and return the
+    ``transformers.CLIPTokenizer`` (prompts padded/truncated to ``max_length`` tokens)."""
+    from transformers import CLIPTokenizer
+
+    lines = gzip.open(vocabulary or open_clip_vocabulary()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1: MERGES + 1]]
+    # SimpleTokenizer's order: the printable bytes first, then the remapped ones
+    characters = sorted(byte_characters(), key=lambda c: (ord(c) >= 256, ord(c)))
+    tokens = characters + [c + "</w>" for c in characters] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
+                              pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(folder)
+    # vocab.json + merges.txt define it; the 3.6 MB fast-tokenizer cache is rebuilt on load
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+    return CLIPTokenizer.from_pretrained(folder)
