@@ -297,6 +297,22 @@ def reference_stats_command(
     console.print(f"{info['count']} images, {info['features']} features: {out}", markup=False)
 
 
+@app.command()
+def reproduce(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for CSVs, figures, report.html/pdf.")] = Path(
+        "reports/reproduction"),
+    quick: Annotated[bool, typer.Option(help="A minutes-long smoke version (few steps and samples, one seed).")] = False,
+) -> None:
+    """The paper's experiments on the embedded teacher: teacher steps, students at equal budget
+    (LoRaD published/plan, LoRA, DoRA, full), weight analysis, swaps, rank and Conv2d ablations."""
+    from .experiments import QUICK, Settings, reproduce as run_experiments
+
+    try:
+        run_experiments(out, QUICK if quick else Settings(), log=lambda line: console.print(line, markup=False))
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+
+
 def main() -> None:
     app()
 

@@ -42,22 +42,28 @@ def sample_noise(teacher, count: int, seed: int, start: int = 0) -> torch.Tensor
                         for i in range(count)])
 
 
-@torch.no_grad()
-def generate_batches(source: str | os.PathLike, prompts: list[str], seed: int = 0, steps: int = 25,
-                     guidance_scale: float = 1.5, batch: int = 250, decoded: bool = False):
-    """Batches of (samples, prompts): teachers with ``steps``-step DDIM at ``guidance_scale``, one-step
-    generators (runs, exports) in one step. Samples are model-space tensors (pixels in [-1, 1] for the
-    embedded teacher), or with ``decoded`` uint8 RGB images (N, 3, H, W) from the teacher's VAE."""
+def load_source(source: str | os.PathLike):
+    """(teacher whose denoiser is the model to sample, VSD settings or None for a multi-step teacher)."""
     from .backbones import load_teacher
-    from .distill import one_step
-    from .sample import decode, load_one_step
-    from .sampling import ddim
+    from .sample import load_one_step
 
     if is_teacher_folder(source):
-        teacher, vsd = load_teacher(source), None
-    else:
-        teacher, vsd = load_one_step(source)
-    model = teacher.denoiser.eval()
+        return load_teacher(source), None
+    return load_one_step(source)
+
+
+@torch.no_grad()
+def sample_model(teacher, model, prompts: list[str], vsd=None, seed: int = 0, steps: int = 25,
+                 guidance_scale: float = 1.5, batch: int = 250, decoded: bool = False):
+    """Batches of (samples, prompts) from ``model``: one step when ``vsd`` is given (a generator), else
+    ``steps``-step DDIM at ``guidance_scale`` (a teacher). Samples are model-space tensors (pixels in
+    [-1, 1] for the embedded teacher), or with ``decoded`` uint8 RGB images (N, 3, H, W) from the VAE."""
+    from .distill import one_step
+    from .sample import decode
+    from .sampling import ddim
+
+    was_training = model.training
+    model.eval()
     null = teacher.encode([""])
     for start in range(0, len(prompts), batch):
         chunk_prompts = prompts[start: start + batch]
@@ -70,13 +76,14 @@ def generate_batches(source: str | os.PathLike, prompts: list[str], seed: int = 
         if decoded:
             samples = torch.from_numpy(decode(teacher, samples)).permute(0, 3, 1, 2)
         yield samples, chunk_prompts
+    model.train(was_training)
 
 
-def generate(source: str | os.PathLike, prompts: list[str], seed: int = 0, steps: int = 25,
-             guidance_scale: float = 1.5, batch: int = 250) -> torch.Tensor:
-    """All samples (N, C, S, S) for ``prompts`` (see :func:`generate_batches`), float32."""
-    return torch.cat([samples.float() for samples, _ in generate_batches(source, prompts, seed, steps,
-                                                                         guidance_scale, batch)])
+def generate_batches(source: str | os.PathLike, prompts: list[str], seed: int = 0, steps: int = 25,
+                     guidance_scale: float = 1.5, batch: int = 250, decoded: bool = False):
+    """:func:`sample_model` for a teacher folder (DDIM), a run or an export (one step)."""
+    teacher, vsd = load_source(source)
+    yield from sample_model(teacher, teacher.denoiser, prompts, vsd, seed, steps, guidance_scale, batch, decoded)
 
 
 def score(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
@@ -89,29 +96,45 @@ def score(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor, re
                   (predicted == labels).float().mean().item())
 
 
-def evaluate(source: str | os.PathLike, classifier: str | os.PathLike | Classifier | None = None,
+class Benchmark:
+    """The fixed evaluation set: prompts "a photo of a {class}" × ``per_class``, the real reference
+    features (test split) and the real-vs-real scores (as many training images), computed once."""
+
+    def __init__(self, classifier: str | os.PathLike | Classifier | None = None, per_class: int = 100,
+                 dataset: str = "fashion-mnist"):
+        from . import embedded
+
+        if not isinstance(classifier, Classifier):
+            classifier = load_classifier(classifier or embedded.classifier_path())
+        self.classifier, self.per_class = classifier, per_class
+        test, train = datasets.load(dataset, "test", classifier.image_size), datasets.load(dataset, "train", classifier.image_size)
+        self.reference, _ = embed(classifier, test.balanced(per_class, seed=0).images)
+        self.prompts, self.labels = datasets.evaluation_prompts(test.classes, per_class)
+        real = train.balanced(per_class, seed=1)
+        self.real_vs_real = asdict(score(classifier, real.images, real.labels, self.reference))
+
+    def score(self, images: torch.Tensor) -> dict:
+        return asdict(score(self.classifier, images, self.labels, self.reference))
+
+    def evaluate_model(self, teacher, model, vsd=None, seed: int = 0, steps: int = 25,
+                       guidance_scale: float = 1.5) -> dict:
+        """Scores of samples of ``model`` (see :func:`sample_model`) with the real-vs-real values."""
+        images = torch.cat([s.float() for s, _ in sample_model(teacher, model, self.prompts, vsd, seed, steps,
+                                                                guidance_scale)])
+        return {"sampler": "one step" if vsd is not None else f"DDIM {steps} steps, guidance {guidance_scale}",
+                "samples": len(self.prompts), "seed": seed, "scores": self.score(images),
+                "real_vs_real": self.real_vs_real}
+
+
+def evaluate(source: str | os.PathLike, classifier: str | os.PathLike | Classifier | Benchmark | None = None,
              per_class: int = 100, seed: int = 0, steps: int = 25, guidance_scale: float = 1.5,
              dataset: str = "fashion-mnist") -> dict:
-    """Scores of ``source`` and of real data at the same sample count, as a JSON-ready dict."""
-    from . import embedded
-
-    if not isinstance(classifier, Classifier):
-        classifier = load_classifier(classifier or embedded.classifier_path())
-    size = classifier.image_size
-    test, train = datasets.load(dataset, "test", size), datasets.load(dataset, "train", size)
-    reference_set = test.balanced(per_class, seed=0)
-    reference, _ = embed(classifier, reference_set.images)
-    prompts, labels = datasets.evaluation_prompts(test.classes, per_class)
-    images = generate(source, prompts, seed, steps, guidance_scale)
-    real = train.balanced(per_class, seed=1)
-    teacher_like = is_teacher_folder(source)
-    return {
-        "source": str(source),
-        "sampler": f"DDIM {steps} steps, guidance {guidance_scale}" if teacher_like else "one step",
-        "samples": len(prompts), "seed": seed,
-        "scores": asdict(score(classifier, images, labels, reference)),
-        "real_vs_real": asdict(score(classifier, real.images, real.labels, reference)),
-    }
+    """Scores of ``source`` (teacher folder, run or export) and of real data at the same sample count,
+    as a JSON-ready dict."""
+    benchmark = classifier if isinstance(classifier, Benchmark) else Benchmark(classifier, per_class, dataset)
+    teacher, vsd = load_source(source)
+    return {"source": str(source), **benchmark.evaluate_model(teacher, teacher.denoiser, vsd, seed, steps,
+                                                              guidance_scale)}
 
 
 def summary_line(result: dict) -> str:

@@ -188,8 +188,11 @@ def _digest(roles: Roles, role: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def train(config: RunConfig, resume: str | None = None, progress: bool = False) -> dict:
+def train(config: RunConfig, resume: str | None = None, progress: bool = False, on_validate=None) -> dict:
     """Distil ``config.teacher`` into a one-step generator; returns a summary of the run.
+
+    ``on_validate(step, teacher, generator_model, vsd_config)``, if given, is called on the main process
+    after each validation grid (every ``validate_every`` steps and at the end), e.g. to record metrics.
 
     Runs on one process or many (``accelerate launch``): every process draws its own noise and
     prompts, adapter gradients are averaged across processes, and rank 0 writes the outputs.
@@ -299,6 +302,8 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False) 
             if main and (step % config.validate_every == 0 or step == config.steps):
                 save_validation_grid(teacher, roles.generator, validation_conditioning.to(accelerator.device), config,
                                      run_dir / "samples" / f"step-{step:07d}.png")
+                if on_validate is not None:
+                    on_validate(step, teacher, roles.generator, config.vsd)
     if digests:
         digests.close()
     if board is not None:

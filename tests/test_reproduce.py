@@ -1,0 +1,31 @@
+"""`wadi-distill reproduce` end to end at smoke size: every experiment runs and lands in the report."""
+
+import pandas as pd
+
+from wadi_distill.experiments import Settings, reproduce
+
+
+def test_reproduce_smoke(tmp_path):
+    settings = Settings(steps=6, validate_every=3, curve_per_class=4, final_per_class=4, seeds=(0, 1), ranks=(4, 16),
+                        teacher_steps=(1, 2))
+    out = reproduce(tmp_path / "reproduction", settings, log=lambda line: None)
+    results = pd.read_csv(out / "results.csv")
+    models = set(results["model"])
+    assert {"full", "lorad-published", "lorad-plan", "lora", "dora", "lorad-r4", "lorad-conv-r8"} <= models
+    assert {"teacher norms + student directions", "student norms + teacher directions",
+            "real vs real (floor)"} <= models
+    assert sorted(results.loc[results["model"] == "lorad-published", "seed"]) == [0, 1]
+    budgets = results.drop_duplicates("model").set_index("model")["trainable"]
+    # equal trainable budget (within 5 %) for the placement comparison
+    for name in ("lorad-plan", "lora", "dora"):
+        assert abs(budgets[name] / budgets["lorad-published"] - 1) < 0.05, name
+    curves = pd.read_csv(out / "curves.csv")
+    assert sorted(curves.loc[(curves["student"] == "lora") & (curves["seed"] == 0), "step"]) == [3, 6]
+    analysis = pd.read_csv(out / "analysis.csv").set_index("model")
+    # LoRaD students only rotate rows: their norm change is ~0, so direction/norm is large
+    assert analysis.loc["lorad-published", "norm_change_mean"] < 1e-4
+    assert analysis.loc["full", "norm_change_mean"] > analysis.loc["lorad-published", "norm_change_mean"]
+    html = (out / "report.html").read_text()
+    assert "lorad-plan" in html and html.count("<img") == 4 and "<script" not in html
+    assert (out / "report.pdf").read_bytes().startswith(b"%PDF") and (out / "summary.csv").is_file()
+    assert not (out / "cache").exists()

@@ -1,0 +1,136 @@
+"""Figures, ``report.html`` and ``report.pdf`` of ``wadi-distill reproduce`` from its CSV files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from wadi_analysis.atomic import atomic_write, atomic_write_text  # noqa: E402
+from wadi_analysis.report.html import CSS, esc, png_data_uri  # noqa: E402
+
+METRICS = [("frechet_distance", "FD ↓"), ("kid", "KID ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"),
+           ("prompt_accuracy", "prompt acc. ↑")]
+CAPTIONS = {
+    "convergence": "One-step Fréchet distance over training iterations (mean over seeds; convergence points "
+                   "use fewer samples than the final scores, so their floor is higher).",
+    "fig1a": "Fig 1a at small scale: mean per-row direction change (1 − cos) against mean relative norm change, "
+             "all layers, teacher vs each student.",
+    "fig1b": "Fig 1b at small scale: share of the weight-change energy in the top 30 % of its rank, mean over layers.",
+    "ranks": "LoRaD rank ablation: final one-step FD against trainable parameters.",
+}
+
+
+def _mean_by_model(results: pd.DataFrame) -> pd.DataFrame:
+    columns = [c for c, _ in METRICS] + (["trainable"] if "trainable" in results else [])
+    grouped = results.groupby(["experiment", "model"], sort=False)
+    table = grouped[columns].mean()
+    table["seeds"] = grouped["seed"].nunique()
+    if len(results) > len(table):
+        table["fd_std"] = grouped["frechet_distance"].std()
+    return table.reset_index()
+
+
+def fig_convergence(curves: pd.DataFrame) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model, part in curves.groupby("student", sort=False):
+        mean = part.groupby("step")["frechet_distance"].mean()
+        ax.plot(mean.index, mean.values, marker="o", ms=3, label=model)
+    ax.set(xlabel="iteration", ylabel="one-step FD (classifier features)", yscale="log")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
+
+
+def fig_1a(analysis: pd.DataFrame) -> Figure:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(analysis["norm_change_mean"], analysis["direction_change_mean"])
+    for _, row in analysis.iterrows():
+        ax.annotate(row["model"], (row["norm_change_mean"], row["direction_change_mean"]), fontsize=7)
+    ax.set(xlabel="mean relative norm change", ylabel="mean direction change (1 − cos)", xscale="log", yscale="log")
+    fig.tight_layout()
+    return fig
+
+
+def fig_1b(analysis: pd.DataFrame) -> Figure:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(analysis["model"], analysis["residual_energy_top30_mean"])
+    ax.set(ylabel="energy in top 30 % rank (%)")
+    ax.tick_params(axis="x", rotation=45, labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def fig_ranks(table: pd.DataFrame) -> Figure | None:
+    ranks = table[table["model"].str.match(r"lorad-(r\d+|published)$")]
+    if len(ranks) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ranks = ranks.sort_values("trainable")
+    ax.plot(ranks["trainable"], ranks["frechet_distance"], marker="o")
+    for _, row in ranks.iterrows():
+        ax.annotate(row["model"], (row["trainable"], row["frechet_distance"]), fontsize=7)
+    ax.set(xlabel="trainable parameters", ylabel="final one-step FD", xscale="log")
+    fig.tight_layout()
+    return fig
+
+
+def _table(frame: pd.DataFrame) -> str:
+    head = "".join(f"<th>{esc(c)}</th>" for c in frame.columns)
+    body = "".join("<tr>" + "".join(f"<td>{esc(_fmt(v))}</td>" for v in row) + "</tr>"
+                   for row in frame.itertuples(index=False))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "" if value != value else f"{value:.4g}"
+    return str(value)
+
+
+def write_reproduction_report(out: str | Path) -> dict[str, Path]:
+    """Read results.csv, curves.csv, analysis.csv and settings.json in ``out``; write figures + reports."""
+    out = Path(out)
+    results, curves = pd.read_csv(out / "results.csv"), pd.read_csv(out / "curves.csv")
+    analysis, settings = pd.read_csv(out / "analysis.csv"), json.loads((out / "settings.json").read_text())
+    table = _mean_by_model(results)
+    table.to_csv(out / "summary.csv", index=False)
+    figures = {"convergence": fig_convergence(curves), "fig1a": fig_1a(analysis), "fig1b": fig_1b(analysis),
+               "ranks": fig_ranks(table)}
+    figures = {name: fig for name, fig in figures.items() if fig is not None}
+    shown = table.rename(columns={c: label for c, label in METRICS})
+    html = (f'<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="Content-Security-Policy" '
+            f'content="default-src \'none\'; img-src data:; style-src \'unsafe-inline\'">'
+            f"<title>WaDi reproduction at small scale</title><style>{CSS}</style></head><body>"
+            f"<h1>WaDi experiments on the embedded teacher</h1>"
+            f"<p>Command: <code>wadi-distill reproduce --out {esc(out.name)}</code>; settings: "
+            f"<code>{esc(json.dumps(settings['settings']))}</code>; {settings['seconds']} s.</p>"
+            f"<h2>Scores (final, mean over seeds)</h2>{_table(shown)}"
+            f"<h2>Weight analysis (teacher vs student)</h2>{_table(analysis)}<h2>Figures</h2>")
+    for name, fig in figures.items():
+        html += (f'<figure><img src="{png_data_uri(fig)}" alt="{esc(CAPTIONS[name])}">'
+                 f"<figcaption>{esc(CAPTIONS[name])}</figcaption></figure>")
+    html += "</body></html>\n"
+    written = {"html": atomic_write_text(out / "report.html", html)}
+
+    def write_pdf(path):
+        with PdfPages(path) as pdf:
+            page = plt.figure(figsize=(11, 8.5))
+            page.text(0.03, 0.97, "WaDi experiments on the embedded teacher — final scores", va="top", fontsize=12)
+            page.text(0.03, 0.92, shown.round(4).to_string(index=False), va="top", family="monospace", fontsize=6.5)
+            pdf.savefig(page)
+            for fig in figures.values():
+                pdf.savefig(fig)
+
+    written["pdf"] = atomic_write(out / "report.pdf", write_pdf)
+    for name, fig in figures.items():
+        fig.savefig(out / f"{name}.png", dpi=110)
+        plt.close(fig)
+    return written
