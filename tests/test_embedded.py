@@ -148,3 +148,21 @@ def test_short_distillation_improves_the_one_step_fd(tmp_path):
     assert student["real_vs_real"] == teacher["real_vs_real"]  # same reference, same sample count
     assert student["scores"]["frechet_distance"] < 0.9 * teacher["scores"]["frechet_distance"]
     assert student["scores"]["recall"] > teacher["scores"]["recall"]
+
+
+def test_lorad_runs_without_peft_and_lora_says_what_is_missing(tmp_path):
+    """peft is an optional extra: the default LoRaD run must not need it; LoRA/DoRA name the extra."""
+    script = ("import sys; sys.modules['peft'] = None; sys.argv[0] = 'wadi-distill'; "
+              "from wadi_distill.cli import main; main()")
+    common = ["run", "-q", "--steps", "2", "--batch-size", "2"]
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", script, *common, "--out", str(tmp_path / "a")], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "a" / "generator_adapter.safetensors").is_file()
+    refused = subprocess.run([sys.executable, "-c", script, *common, "--adapter", "lora", "--out", str(tmp_path / "b")],
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert refused.returncode == 2 and "needs peft" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()

@@ -28,8 +28,10 @@ METHODS = ("lorad", "lora", "dora", "full")
 
 
 def _peft_layers(model: nn.Module):
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft is optional: without it no model holds peft layers
+        return []
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
@@ -55,7 +57,10 @@ def attach(model: nn.Module, method: str, targets: dict[str, int], name: str = "
             for parameter in modules[target].parameters():
                 parameter.requires_grad_(True)
         return trainable_parameters(model)
-    from peft import LoraConfig
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ValueError(f"adapter {method!r} needs peft: pip install 'wadi[peft]'") from None
 
     first_rank = next(iter(targets.values()))
     config = LoraConfig(

@@ -211,10 +211,10 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
         raise TrainingError(f"{run_dir} already holds a run; continue it with --resume latest or choose another --out")
     prompts = read_prompts(config.prompts, config.prompt_column)  # cheap checks first
     teacher = load_teacher(config.teacher, config=config.teacher_config)
+    roles, counts = attach_roles(teacher, config)  # before anything is written: bad targets leave no run folder
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.write(run_dir / "config.json")
-    roles, counts = attach_roles(teacher, config)
     model = teacher.denoiser.to(accelerator.device)
     roles.generator.to(accelerator.device)
     if config.gradient_checkpointing:
