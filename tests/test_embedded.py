@@ -162,6 +162,11 @@ def test_lorad_runs_without_peft_and_lora_says_what_is_missing(tmp_path):
                           text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "a" / "generator_adapter.safetensors").is_file()
+    for args in (["export", str(tmp_path / "a"), "--out", str(tmp_path / "a-export")],
+                 ["sample", str(tmp_path / "a"), "--prompt", "a photo of a bag", "--n", "2", "--out", str(tmp_path / "s")]):
+        step = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600, env=env)
+        assert step.returncode == 0, (args, step.stderr)
+    assert (tmp_path / "a-export" / "one_step.safetensors").is_file() and (tmp_path / "s" / "grid.png").is_file()
     refused = subprocess.run([sys.executable, "-c", script, *common, "--adapter", "lora", "--out", str(tmp_path / "b")],
                              capture_output=True, text=True, timeout=600, env=env)
     assert refused.returncode == 2 and "needs peft" in refused.stderr

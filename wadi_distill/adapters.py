@@ -183,12 +183,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
 
     With ``strict_base`` the base weights must be the ones the adapter was trained on.
     """
-    from peft import LoraConfig, set_peft_model_state_dict
-
     path = Path(path)
     tensors, metadata = _read_safetensors(path)
     if metadata.get("wadi_format") != PEFT_ADAPTER_FORMAT:
         return lorad.load_adapter(model, path, name, strict_base=strict_base)
+    try:
+        from peft import LoraConfig, set_peft_model_state_dict
+    except ImportError:
+        raise AdapterFileError(f"{path} is a LoRA/DoRA adapter, which needs peft: pip install 'wadi[peft]'") from None
     name = name or metadata["adapter_name"]
     prefix = metadata["component"] + "."
     values = {k.removeprefix(prefix): v for k, v in json.loads(metadata["lora_adapter_metadata"]).items()}
