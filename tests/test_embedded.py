@@ -13,10 +13,9 @@ from wadi_distill.classifier import embed, load_classifier
 
 
 def cli(*args, timeout=600):
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     import os
 
-    env = {**os.environ, **env}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "wadi_distill.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
 

@@ -102,7 +102,11 @@ def reference_statistics(batches, out: str | os.PathLike, inception=None, featur
     sigma = (cov_sum - count * np.outer(mu, mu)) / (count - 1)
     from wadi_analysis.atomic import atomic_write
 
-    atomic_write(out, lambda tmp: np.savez(open(tmp, "wb"), mu=mu, sigma=sigma, count=count))
+    def write(tmp):
+        with open(tmp, "wb") as handle:  # a handle: np.savez would append ".npz" to the temporary name
+            np.savez(handle, mu=mu, sigma=sigma, count=count)
+
+    atomic_write(out, write)
     return {"count": count, "features": mu.shape[0]}
 
 
