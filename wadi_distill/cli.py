@@ -162,6 +162,8 @@ def teacher(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     save_every: Annotated[int, typer.Option(help="Also save the EMA pipeline every N steps (0: at the end).")] = 0,
     stop_after: Annotated[int, typer.Option(help="End after N steps, keeping the LR schedule of --steps.")] = 0,
+    init: Annotated[Optional[Path], typer.Option(
+        help="Continue from this teacher folder's weights (a second training phase; its provenance is kept).")] = None,
 ) -> None:
     """Train a small SD-family text-to-image teacher on Fashion-MNIST (CLIP BPE tokens, ε-prediction,
     SD's scaled-linear schedule) and save it as a StableDiffusionPipeline folder."""
@@ -175,10 +177,11 @@ def teacher(
         fail("--device cuda: no CUDA device is available")
     config = TeacherConfig(steps=steps, batch_size=batch_size, lr=lr, image_size=image_size, channels=widths,
                            layers_per_block=layers_per_block, text_hidden=text_hidden, ema_decay=ema_decay,
-                           seed=seed, device=device, save_every=save_every, stop_after=stop_after)
+                           seed=seed, device=device, save_every=save_every, stop_after=stop_after,
+                           init=str(init) if init else "")
     try:
         train_teacher(config, out, log=lambda line: console.print(line, markup=False))
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, OSError) as exc:
         fail(str(exc))
     console.print(f"teacher written to {out}", markup=False)
 

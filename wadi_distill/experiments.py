@@ -160,17 +160,18 @@ def reproduce(out: str | Path, settings: Settings | None = None, log=print) -> P
     students = student_overrides(settings)
     order = ["full", "lorad-published"] + [n for n in students if n not in ("full", "lorad-published")]
     for name in order:
-        seeds = settings.seeds if name in ("lorad-published", "lora") else settings.seeds[:1]
-        for seed in seeds:
+        for seed in settings.seeds:
             row, points = distill(name, students[name], seed, out, settings, curve, final, log)
             rows.append(row)
             curves += points
         analysis.append(analyse(name, out))
         if name == "lorad-published":  # the plan student gets the published placement's budget
             budget = next(r["trainable"] for r in rows if r["model"] == "lorad-published")
-            row, points = distill("lorad-plan", plan_student(out, budget), 0, out, settings, curve, final, log)
-            rows.append(row)
-            curves += points
+            plan = plan_student(out, budget)
+            for seed in settings.seeds:
+                row, points = distill("lorad-plan", plan, seed, out, settings, curve, final, log)
+                rows.append(row)
+                curves += points
             analysis.append(analyse("lorad-plan", out))
     rows += swap_rows(out, final)
     real = {"experiment": "real", "model": "real vs real (floor)", "seed": 0, **final.real_vs_real}

@@ -43,6 +43,7 @@ class TeacherConfig:
     save_every: int = 0                # also write the EMA pipeline every N steps (0: only at the end)
     stop_after: int = 0                # end after N steps, on the schedule of `steps` (0: run all steps)
     threads: int = 0                   # 0: torch's default
+    init: str = ""                     # continue from this teacher folder's U-Net and text encoder ("": scratch)
 
 
 def unet_config(config: TeacherConfig) -> dict:
@@ -122,8 +123,17 @@ def train_teacher(config: TeacherConfig, out: str | Path, log=print) -> Path:
     device = torch.device(config.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    text_encoder = CLIPTextModel(text_encoder_config(config, tokenizer)).to(device)
-    unet = UNet2DConditionModel(**unet_config(config)).to(device)
+    if config.init:
+        # a second phase: the architecture is the init's; the data draws, schedule and EMA restart
+        unet, text_encoder, init_info = _load_init(Path(config.init))
+        if unet.config.sample_size != config.image_size:
+            raise ValueError(f"--init {config.init}: its U-Net is for {unet.config.sample_size}px images, "
+                             f"not --image-size {config.image_size}")
+        unet, text_encoder = unet.to(device), text_encoder.to(device)
+    else:
+        text_encoder = CLIPTextModel(text_encoder_config(config, tokenizer)).to(device)
+        unet = UNet2DConditionModel(**unet_config(config)).to(device)
+        init_info = None
     ids = caption_ids(tokenizer, data.classes).to(device)
     null_ids = tokenizer([""], padding="max_length", max_length=config.max_tokens, return_tensors="pt").input_ids[0]
     null_ids = null_ids.to(device)
@@ -168,9 +178,24 @@ def train_teacher(config: TeacherConfig, out: str | Path, log=print) -> Path:
             info = {"config": asdict(config), "step": step, "classes": list(data.classes),
                     "seconds": round(time.perf_counter() - started), "device": _device_name(device),
                     "command": command_line(config)}
+            if init_info is not None:
+                info["init_from"] = init_info
             save_pipeline(out, copy.deepcopy(ema_unet).cpu(), copy.deepcopy(ema_text).cpu(), tokenizer, info)
     shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def _load_init(folder: Path):
+    """U-Net, text encoder and provenance of an earlier teacher folder (``--init``)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
+        raise FileNotFoundError(f"--init {folder}: not a teacher pipeline folder (needs unet/ and text_encoder/)")
+    provenance = folder / "wadi_teacher.json"
+    info = json.loads(provenance.read_text()) if provenance.is_file() else {"folder": str(folder)}
+    return (UNet2DConditionModel.from_pretrained(folder / "unet"),
+            CLIPTextModel.from_pretrained(folder / "text_encoder"), info)
 
 
 def _device_name(device: torch.device) -> str:
@@ -185,5 +210,5 @@ def command_line(config: TeacherConfig) -> str:
 def _options(config: TeacherConfig):
     defaults = TeacherConfig()
     for key, value in asdict(config).items():
-        if value != getattr(defaults, key) and key not in ("threads", "save_every"):
+        if value != getattr(defaults, key) and key not in ("threads", "save_every") and value != "":
             yield key, ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
