@@ -89,6 +89,22 @@ def test_fsdp2_shards_the_base_trains_like_ddp_resumes_and_exports(tmp_path):
     assert_close(x0_from_epsilon(teacher, noise, epsilon), unmerged)
 
 
+def test_peft_adapters_start_alike_whatever_the_global_rng():
+    """Every process must start from the same adapters (their gradients are averaged, not the weights):
+    peft draws LoRA's A from the global RNG, which processes need not share."""
+    from conftest import build_unet
+    from wadi_distill import adapters
+
+    states = []
+    for global_seed in (1, 2):
+        model = build_unet()
+        torch.manual_seed(global_seed)
+        adapters.attach(model, "lora", {"down_blocks.0.attentions.0.proj_in": 2}, "generator", seed=7)
+        states.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+    assert states[0].keys() == states[1].keys() and states[0]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 @pytest.mark.parametrize("version, options, message", [
     ("1", {}, "use fsdp_version: 2"),
     ("2", {"adapter": "full"}, "--adapter full is not supported with FSDP"),
