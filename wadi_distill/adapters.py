@@ -72,7 +72,9 @@ def attach(model: nn.Module, method: str, targets: dict[str, int], name: str = "
     before = {id(p) for p in model.parameters()}
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    _inject(config, model, name)
+    with torch.random.fork_rng(devices=[]):  # peft draws A from the global RNG: seed it, as LoRaD does,
+        torch.manual_seed(seed)                 # so every process of a multi-process run starts identical
+        _inject(config, model, name)
     activate(model, name)
     return sum(p.numel() for p in model.parameters() if id(p) not in before)
 
@@ -152,8 +154,11 @@ def save_adapter(model: nn.Module, name: str, path: str | os.PathLike, component
     if name not in getattr(model, "peft_config", {}):
         raise ValueError(f"no adapter named {name!r}")
     config = model.peft_config[name]
+    # From the named tensors, not model.state_dict(): under FSDP2 that would reshard the base weights the
+    # fingerprint below reads (and a resharded weight's sum is a collective only this process would join).
+    named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     state = {f"{component}.{k}": v.detach().float().cpu().contiguous()
-             for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+             for k, v in get_peft_model_state_dict(model, state_dict=named, adapter_name=name).items()}
     lora_config = {f"{component}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
     targets = _peft_targets(model, name)
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(lora_config, sort_keys=True),

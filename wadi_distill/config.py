@@ -48,7 +48,7 @@ class RunConfig:
     validation_prompts: list[str] = field(default_factory=list)  # default: the first prompts
     validation_seed: int = 1234
     max_nonfinite_in_a_row: int = 5
-    record_digests: bool = False            # write per-step adapter hashes per process (consistency checks)
+    record_digests: bool = False            # per-process hashes: adapters every step, base before/after (checks)
     vsd: VSDConfig = field(default_factory=VSDConfig)
 
     def embedding_cache(self) -> Path:

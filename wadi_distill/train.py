@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from safetensors.torch import load_file, save_file
 
-from . import adapters, lorad
+from . import adapters, lorad, sharding
 from .backbones import Teacher, load_teacher
 from .config import RunConfig
 from .data import cached_embeddings, read_prompts
@@ -158,13 +158,16 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
 
 
 @torch.no_grad()
-def save_validation_grid(teacher: Teacher, generator_model, conditioning, config: RunConfig, path: Path) -> None:
-    """One-step samples for the fixed validation prompts and seed, decoded by the VAE, as a PNG grid."""
+def save_validation_grid(teacher: Teacher, generator_model, conditioning, config: RunConfig, path: Path | None) -> None:
+    """One-step samples for the fixed validation prompts and seed, decoded by the VAE, as a PNG grid
+    (``path`` None: computed, not written; FSDP's other processes, whose shards the forward needs)."""
     from .sample import decode, image_grid
 
     generator = torch.Generator().manual_seed(config.validation_seed)
     shape = (len(conditioning), teacher.latent_channels, teacher.sample_size, teacher.sample_size)
     latents = one_step(teacher, generator_model, torch.randn(shape, generator=generator), conditioning, config.vsd)
+    if path is None:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(decode(teacher, latents), min(4, len(conditioning))).save(path)
 
@@ -188,6 +191,19 @@ def _digest(roles: Roles, role: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def _base_digest(roles: Roles) -> str:
+    """A hash of the shared base's own weights (not the adapters), to check that training leaves them untouched."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    adapters_ = {id(p) for role in ROLES for p in roles.parameters(role)}
+    for name, tensor in sorted((n, p) for n, p in roles.base.named_parameters() if id(p) not in adapters_):
+        digest.update(name.encode())
+        # a copy: numpy's view of FSDP's gathered storage would keep it from being freed
+        digest.update(tensor.detach().to("cpu", copy=True).reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def train(config: RunConfig, resume: str | None = None, progress: bool = False, on_validate=None) -> dict:
     """Distil ``config.teacher`` into a one-step generator; returns a summary of the run.
 
@@ -206,6 +222,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     # Without a GPU, processes started by `accelerate launch --multi_gpu` / torchrun train on the CPU (gloo).
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
+    fsdp = sharding.fsdp_plugin(accelerator)  # accelerate launch with an FSDP config: shard the frozen base
+    if fsdp is not None and (reason := sharding.unsupported(fsdp, config, on_validate)):
+        raise TrainingError(reason)
     run_dir = Path(config.out)
     if _checkpoints(run_dir) and not resume:
         raise TrainingError(f"{run_dir} already holds a run; continue it with --resume latest or choose another --out")
@@ -215,8 +234,14 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config.write(run_dir / "config.json")
-    model = teacher.denoiser.to(accelerator.device)
-    roles.generator.to(accelerator.device)
+    model = teacher.denoiser
+    base_before = _base_digest(roles) if config.record_digests else None
+    if fsdp is not None:
+        sharding.shard(model, accelerator, fsdp, roles.parameters(GENERATOR) + roles.parameters(FAKE))  # and to the device
+    else:
+        model.to(accelerator.device)
+    if roles.separate_generator:
+        roles.generator.to(accelerator.device)
     if config.gradient_checkpointing:
         for network in {id(m): m for m in (model, roles.generator)}.values():
             network.enable_gradient_checkpointing()
@@ -299,18 +324,24 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
                 digests.flush()
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_checkpoint(run_dir, step, roles, optimizers, rng, config.keep_checkpoints, accelerator, ema)
-            if main and (step % config.validate_every == 0 or step == config.steps):
+            if (main or fsdp) and (step % config.validate_every == 0 or step == config.steps):
                 save_validation_grid(teacher, roles.generator, validation_conditioning.to(accelerator.device), config,
-                                     run_dir / "samples" / f"step-{step:07d}.png")
+                                     run_dir / "samples" / f"step-{step:07d}.png" if main else None)
                 if on_validate is not None:
                     on_validate(step, teacher, roles.generator, config.vsd)
     if digests:
         digests.close()
     if board is not None:
         board.close()
-    if main:
-        save_generator(teacher, roles, run_dir, ema)
+    with sharding.full_weights(model):  # FSDP: the adapter file fingerprints the whole base
+        if base_before:
+            (run_dir / f"base-digests-rank{accelerator.process_index}.txt").write_text(
+                f"start {base_before}\nend {_base_digest(roles)}\n")
+        if main:
+            save_generator(teacher, roles, run_dir, ema)
     accelerator.wait_for_everyone()
+    if fsdp is not None and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # gloo may abort at exit with collectives' threads alive
     return {"steps": step, "trainable": counts, "skipped": skipped, "cache_hit": cache_hit, "run_dir": str(run_dir)}
 
 
