@@ -144,15 +144,16 @@ def test_run_defaults_to_the_embedded_teacher(tmp_path):
 
 
 def test_short_distillation_improves_the_one_step_fd(tmp_path):
-    """CI-sized WaDi run on the embedded teacher (400 steps, batch 8, LoRaD on Linear and Conv2d at
-    ~8.5 % of the U-Net): its one-step samples beat the undistilled teacher used as a one-step generator."""
+    """CI-sized WaDi run on the embedded teacher (500 steps, batch 16, lr 1e-3, LoRaD r8 on Linear and
+    Conv2d at ~8.5 % of the U-Net): its one-step samples beat the undistilled teacher used as a one-step
+    generator. (At 400 steps, batch 8, lr 2e-3 it did not, by the 0.9 margin, on the retrained teacher.)"""
     from wadi_distill.config import load_config
     from wadi_distill.evaluate import evaluate
     from wadi_distill.train import train
 
-    config = load_config(out=str(tmp_path / "run"), steps=400, batch_size=8, generator_rank=8,
-                         generator_preset="sd-unet-generator-conv", generator_lr=2e-3, checkpoint_every=400,
-                         validate_every=400, cache_dir=str(tmp_path / "cache"))
+    config = load_config(out=str(tmp_path / "run"), steps=500, batch_size=16, generator_rank=8,
+                         generator_preset="sd-unet-generator-conv", generator_lr=1e-3, checkpoint_every=500,
+                         validate_every=500, cache_dir=str(tmp_path / "cache"))
     train(config)
     student = evaluate(tmp_path / "run", per_class=30)
     teacher = evaluate(embedded.teacher_path(), per_class=30, steps=1, guidance_scale=1.0)
