@@ -181,27 +181,21 @@ def _average_gradients(accelerator, parameters) -> None:
                 parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
 
 
-def _digest(roles: Roles, role: str) -> str:
+def _digest(named_tensors) -> str:
+    """A short hash of (name, tensor) pairs: per-process checks that adapters agree and the base is untouched."""
     import hashlib
 
     digest = hashlib.sha256()
-    for name, tensor in sorted(roles.named_parameters(role).items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _base_digest(roles: Roles) -> str:
-    """A hash of the shared base's own weights (not the adapters), to check that training leaves them untouched."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    adapters_ = {id(p) for role in ROLES for p in roles.parameters(role)}
-    for name, tensor in sorted((n, p) for n, p in roles.base.named_parameters() if id(p) not in adapters_):
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
         digest.update(name.encode())
         # a copy: numpy's view of FSDP's gathered storage would keep it from being freed
         digest.update(tensor.detach().to("cpu", copy=True).reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _base_digest(roles: Roles) -> str:
+    adapter_ids = {id(p) for role in ROLES for p in roles.parameters(role)}
+    return _digest((n, p) for n, p in roles.base.named_parameters() if id(p) not in adapter_ids)
 
 
 def train(config: RunConfig, resume: str | None = None, progress: bool = False, on_validate=None) -> dict:
@@ -320,7 +314,8 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
                 bar.update(bar.task_ids[0], completed=step, generator=loss.item(), fake=fake_losses[-1],
                            seconds=time.perf_counter() - started)
             if digests:
-                digests.write(f"{step} {_digest(roles, GENERATOR)} {_digest(roles, FAKE)}\n")
+                digests.write(f"{step} {_digest(roles.named_parameters(GENERATOR).items())} "
+                              f"{_digest(roles.named_parameters(FAKE).items())}\n")
                 digests.flush()
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_checkpoint(run_dir, step, roles, optimizers, rng, config.keep_checkpoints, accelerator, ema)
