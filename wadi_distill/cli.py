@@ -181,7 +181,7 @@ def teacher(
                            init=str(init) if init else "")
     try:
         train_teacher(config, out, log=lambda line: console.print(line, markup=False))
-    except (FileNotFoundError, ValueError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: missing or unreadable data, --init folder, output
         fail(str(exc))
     console.print(f"teacher written to {out}", markup=False)
 

@@ -210,5 +210,5 @@ def command_line(config: TeacherConfig) -> str:
 def _options(config: TeacherConfig):
     defaults = TeacherConfig()
     for key, value in asdict(config).items():
-        if value != getattr(defaults, key) and key not in ("threads", "save_every") and value != "":
+        if value != getattr(defaults, key) and key not in ("threads", "save_every"):
             yield key, ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
