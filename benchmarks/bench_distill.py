@@ -31,7 +31,7 @@ GPU mode (``--gpu``; ``benchmarks/gpu_run.sh`` runs it on a lent machine): the S
 on ``--device`` (default cuda). The frozen base is cast to bf16 before the adapters are attached; every
 adapter parameter is float32 (LoRaD's angles as the library makes them, the hook's, and peft LoRA's cast
 to float32 as ``get_peft_model`` would); both losses run under ``torch.autocast(bf16)``, backward and
-``AdamW.step()`` outside it -- the same for every variant and as ``wadi_distill.train`` does with
+``AdamW.step()`` outside it -- the same for every variant and as ``wadi_distill.training.loop`` does with
 ``mixed_precision``. Under autocast ``theta = A @ B`` is a matmul and so runs in bf16 (and the rotation
 with it), for LoRaD and the hook alike; the extra variant ``shared-theta32`` is ``shared`` with
 ``RotationAdapter.theta`` computed with autocast disabled (float32 angles and rotation), to price that.
@@ -89,7 +89,7 @@ def build(variant: str, config: str, device: str = "cpu", dtype_name: str = "fp3
     other than fp32, the frozen base is cast to it before any adapter is attached, the adapter
     parameters are float32 for every variant (LoRaD's own, the hook's, and peft LoRA's cast to float32
     as ``get_peft_model`` does by default), and both losses run under ``torch.autocast(dtype)`` with the
-    backward passes and ``AdamW.step()`` outside it, as ``wadi_distill.train`` does with
+    backward passes and ``AdamW.step()`` outside it, as ``wadi_distill.training.loop`` does with
     ``mixed_precision``.
     """
     import contextlib
@@ -99,7 +99,7 @@ def build(variant: str, config: str, device: str = "cpu", dtype_name: str = "fp3
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from wadi_analysis.examples import real_config, tiny_sd15_config
     from wadi_distill import adapters, lorad
-    from wadi_distill.backbones import Conditioning, Teacher
+    from wadi_distill.teacher import Conditioning, Teacher
     from wadi_distill.distill import (FAKE, GENERATOR, VSDConfig, drop_conditioning, fake_step, generator_step)
     from wadi_distill.vsd import add_noise, fake_score_loss, generator_loss, guided, predicted_x0
 
@@ -237,7 +237,7 @@ def child(args) -> dict:
 
     # Every import that build() makes, before the VmHWM reset (diffusers imports its models lazily).
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    for module in ("wadi_analysis.examples", "wadi_distill.adapters", "wadi_distill.lorad", "wadi_distill.backbones",
+    for module in ("wadi_analysis.examples", "wadi_distill.adapters", "wadi_distill.lorad", "wadi_distill.teacher",
                    "wadi_distill.distill", "wadi_distill.vsd", "bench_lorad"):
         importlib.import_module(module)
     for name in ("DDPMScheduler", "UNet2DConditionModel"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm_layout import to_ldm_state_dict
+from tests.support.ldm_layout import to_ldm_state_dict
 from wadi_analysis.examples import planted_student, tiny_sd15_config
 
 SMALLEST_FP16_NORMAL = 2.0 ** -14

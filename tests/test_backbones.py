@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipelines import tiny_sd_pipeline
+from tests.support.pipelines import tiny_sd_pipeline
 from wadi_analysis import CheckpointError
-from wadi_distill.backbones import Conditioning, load_teacher
+from wadi_distill.teacher import Conditioning, load_teacher
 
 
 @pytest.fixture(scope="module")

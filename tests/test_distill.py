@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from pipelines import tiny_sd_pipeline
+from tests.support.pipelines import tiny_sd_pipeline
 from wadi_distill import adapters, lorad
-from wadi_distill.backbones import Conditioning, load_teacher
+from wadi_distill.teacher import Conditioning, load_teacher
 from wadi_distill.distill import FAKE, GENERATOR, VSDConfig, drop_conditioning, fake_step, generator_step
 
 

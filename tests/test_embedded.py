@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from wadi_distill import datasets, embedded
-from wadi_distill.classifier import embed, load_classifier
+from wadi_distill import embedded
+from wadi_distill.embedded import datasets
+from wadi_distill.evaluation.classifier import embed, load_classifier
 
 
 def cli(*args, timeout=600):
@@ -22,7 +23,7 @@ def cli(*args, timeout=600):
 
 def test_clip_tokenizer_gives_stable_diffusion_ids(tmp_path):
     """Ids of the released SD (openai/clip-vit-large-patch14) tokenizer for these prompts."""
-    from wadi_distill.tokenizer import write_clip_tokenizer
+    from wadi_distill.embedded.tokenizer import write_clip_tokenizer
 
     tokenizer = write_clip_tokenizer(tmp_path / "tokenizer", max_length=77)
     assert len(tokenizer) == 49408
@@ -64,7 +65,7 @@ def test_embedded_teacher_quality(tmp_path):
 
 
 def test_embedded_teacher_layout():
-    from wadi_distill.backbones import load_teacher
+    from wadi_distill.teacher import load_teacher
 
     teacher = load_teacher(embedded.teacher_path())
     assert teacher.family == "unet" and teacher.prediction_type == "epsilon"
@@ -79,7 +80,7 @@ def test_embedded_teacher_layout():
 
 
 def test_teacher_command_trains_a_loadable_pipeline(tmp_path):
-    from wadi_distill.backbones import load_teacher
+    from wadi_distill.teacher import load_teacher
     from wadi_distill.sampling import ddim
 
     out = tmp_path / "teacher"
@@ -115,7 +116,7 @@ def test_bad_input_gives_one_error_line(tmp_path):
 
 def test_ddim_one_step_is_the_teacher_x0_prediction():
     """ddim(steps=1) from x_T is the teacher's x0 estimate at the last timestep (the undistilled one-step)."""
-    from wadi_distill.backbones import load_teacher
+    from wadi_distill.teacher import load_teacher
     from wadi_distill.distill import VSDConfig, one_step
     from wadi_distill.sampling import ddim, trailing_timesteps
 
@@ -148,8 +149,8 @@ def test_short_distillation_improves_the_one_step_fd(tmp_path):
     Conv2d at ~8.5 % of the U-Net): its one-step samples beat the undistilled teacher used as a one-step
     generator. (At 400 steps, batch 8, lr 2e-3 it did not, by the 0.9 margin, on the retrained teacher.)"""
     from wadi_distill.config import load_config
-    from wadi_distill.evaluate import evaluate
-    from wadi_distill.train import train
+    from wadi_distill.evaluation.benchmark import evaluate
+    from wadi_distill.training.loop import train
 
     config = load_config(out=str(tmp_path / "run"), steps=500, batch_size=16, generator_rank=8,
                          generator_preset="sd-unet-generator-conv", generator_lr=1e-3, checkpoint_every=500,

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import tiny_clip_tokenizer, tiny_sd_pipeline
-from wadi_distill.evaluate import generate_batches
-from wadi_distill.evaluate_sd import evaluate_sd, image_folder_batches, reference_statistics
+from tests.support.pipelines import tiny_clip_tokenizer, tiny_sd_pipeline
+from wadi_distill.evaluation.benchmark import generate_batches
+from wadi_distill.evaluation.sd_protocol import evaluate_sd, image_folder_batches, reference_statistics
 
 
 class StandIn(torch.nn.Module):

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runs import assert_close, config_for, reference_one_step, sd_teacher_with_prompts, x0_from_epsilon
-from wadi_distill.train import train
+from tests.support.runs import assert_close, config_for, reference_one_step, sd_teacher_with_prompts, x0_from_epsilon
+from wadi_distill.training.loop import train
 
 METHODS = ["lorad", "lora", "dora", "full"]
 
@@ -29,7 +29,7 @@ def run(request, pipeline, tmp_path_factory):
 def test_export_loads_in_plain_diffusers_and_matches_the_run(run, pipeline, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from wadi_distill.backbones import load_teacher
+    from wadi_distill.teacher import load_teacher
     from wadi_distill.export import export_run
 
     paths = export_run(run.out, tmp_path / "export")
@@ -80,9 +80,9 @@ def test_lora_files_load_in_plain_diffusers(run, pipeline):
 
 @pytest.mark.parametrize("run", ["lorad", "lora", "dora"], indirect=True)  # full runs write a model
 def test_adapter_files_refuse_other_base_weights(run, tmp_path):
-    from pipelines import tiny_sd_pipeline
+    from tests.support.pipelines import tiny_sd_pipeline
     from wadi_distill import adapters
-    from wadi_distill.backbones import load_denoiser
+    from wadi_distill.teacher import load_denoiser
     from wadi_distill.lorad import AdapterFileError
 
     other = load_denoiser(tiny_sd_pipeline(tmp_path / "other", seed=1))

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runs import assert_close, reference_one_step, sd_teacher_with_prompts, x0_from_epsilon
-from wadi_distill.backbones import load_teacher
+from tests.support.runs import assert_close, reference_one_step, sd_teacher_with_prompts, x0_from_epsilon
+from wadi_distill.teacher import load_teacher
 from wadi_distill.config import load_config
-from wadi_distill.train import TrainingError, attach_roles, train
+from wadi_distill.training.loop import TrainingError, attach_roles, train
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = REPO / "configs" / "accelerate_fsdp2.yaml"
@@ -92,7 +92,7 @@ def test_fsdp2_shards_the_base_trains_like_ddp_resumes_and_exports(tmp_path):
 def test_peft_adapters_start_alike_whatever_the_global_rng():
     """Every process must start from the same adapters (their gradients are averaged, not the weights):
     peft draws LoRA's A from the global RNG, which processes need not share."""
-    from conftest import build_unet
+    from tests.conftest import build_unet
     from wadi_distill import adapters
 
     states = []

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm_layout import to_ldm_state_dict
+from tests.support.ldm_layout import to_ldm_state_dict
 from wadi_analysis import compare, open_checkpoint
 from wadi_analysis.examples import planted_student
 

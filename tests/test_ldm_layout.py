@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-from ldm_layout import LDM_PREFIX, diffusers_to_ldm_unet_names, to_ldm_state_dict
+from tests.support.ldm_layout import LDM_PREFIX, diffusers_to_ldm_unet_names, to_ldm_state_dict
 
 _COMMON = dict(sample_size=16, in_channels=4, out_channels=4, norm_num_groups=8, cross_attention_dim=32)
 

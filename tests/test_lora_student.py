@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm_layout import LDM_PREFIX, diffusers_to_ldm_unet_names
+from tests.support.ldm_layout import LDM_PREFIX, diffusers_to_ldm_unet_names
 from wadi_analysis import CheckpointError, compare, open_checkpoint
 from wadi_analysis.checkpoint import TensorDictSource
 from wadi_analysis.examples import tiny_sd15_config
-from wadi_analysis.lora import LoraStudentSource, open_lora_student, read_lora
+from wadi_analysis.lora_student import LoraStudentSource, open_lora_student, read_lora
 
 import peft  # noqa: E402  (a test dependency: missing peft must fail, not skip)
 
@@ -172,7 +172,7 @@ def test_merge_matches_diffusers_loader(sd15, fmt):
     """A fresh teacher, the file loaded by diffusers (lora_state_dict + load_lora_adapter) and fused.
 
     Not kohya_ldm: diffusers' own loader fails on SD1.x LDM names with block ids >= 10 (it matches
-    ``input_blocks_1`` as a substring of ``input_blocks_10``); wadi_analysis.lora works around that.
+    ``input_blocks_1`` as a substring of ``input_blocks_10``); wadi_analysis.lora_student works around that.
     """
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin

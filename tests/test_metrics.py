@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from wadi_distill import metrics
+from wadi_distill.evaluation import metrics
 
 
 def gaussian_features(count, dimension=16, shift=0.0, scale=1.0, seed=0):

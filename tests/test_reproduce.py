@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from wadi_distill.experiments import Settings, reproduce
+from wadi_distill.experiments.reproduce import Settings, reproduce
 
 
 def test_reproduce_smoke(tmp_path):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ldm_layout import clip_to_ldm_state_dict, to_ldm_state_dict, vae_to_ldm_state_dict
-from runs import sd_teacher_with_prompts
-from wadi_distill.backbones import load_teacher
+from tests.support.ldm_layout import clip_to_ldm_state_dict, to_ldm_state_dict, vae_to_ldm_state_dict
+from tests.support.runs import sd_teacher_with_prompts
+from wadi_distill.teacher import load_teacher
 
 
 def ldm_single_file_state(folder) -> dict[str, torch.Tensor]:

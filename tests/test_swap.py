@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from ldm_layout import to_ldm_state_dict
+from tests.support.ldm_layout import to_ldm_state_dict
 from wadi_analysis import compare
 from wadi_analysis.cli import app
 from wadi_analysis.examples import plant, tiny_sd15_config

@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runs import config_for, sd_teacher_with_prompts
+from tests.support.runs import config_for, sd_teacher_with_prompts
 from wadi_distill.config import load_config
-from wadi_distill.train import TrainingError, train
+from wadi_distill.training.loop import TrainingError, train
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +154,8 @@ def test_precision_and_checkpointing_options(pipeline, tmp_path, options):
 
 
 def test_sdxl_teacher_trains(tmp_path):
-    from pipelines import tiny_sdxl_pipeline
-    from wadi_distill.backbones import load_teacher
+    from tests.support.pipelines import tiny_sdxl_pipeline
+    from wadi_distill.teacher import load_teacher
 
     folder = tiny_sdxl_pipeline(tmp_path / "sdxl")
     teacher = load_teacher(folder)
@@ -170,8 +170,8 @@ def test_sdxl_teacher_trains(tmp_path):
 
 
 def test_pixart_teacher_trains(tmp_path):
-    from pipelines import tiny_pixart_pipeline
-    from wadi_distill.backbones import load_teacher
+    from tests.support.pipelines import tiny_pixart_pipeline
+    from wadi_distill.teacher import load_teacher
 
     folder = tiny_pixart_pipeline(tmp_path / "pixart")
     teacher = load_teacher(folder)
@@ -218,7 +218,7 @@ def test_eight_bit_adamw_needs_bitsandbytes(pipeline, tmp_path):
 def test_full_fine_tuning_has_its_own_generator_copy(pipeline, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from wadi_distill.backbones import load_teacher
+    from wadi_distill.teacher import load_teacher
     from wadi_distill.export import export_run
 
     teacher_weights = load_teacher(pipeline[0]).denoiser.state_dict()

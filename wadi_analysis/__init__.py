@@ -8,7 +8,7 @@ from .checkpoint import CheckpointError, CheckpointSource, TensorInfo
 from .compare import Comparison, compare, compare_sources, summarize
 from .layers import LayerLabel, label
 from .locate import open_checkpoint
-from .lora import LoraStudentSource, open_lora_student, read_lora
+from .lora_student import LoraStudentSource, open_lora_student, read_lora
 
 __all__ = [
     "CheckpointError", "CheckpointSource", "Comparison", "LayerLabel", "TensorInfo", "compare",

@@ -122,7 +122,7 @@ def compare(
         fail("--report needs --out DIR")
     try:
         if student_lora is not None:
-            from .lora import open_lora_student
+            from .lora_student import open_lora_student
 
             student = open_lora_student(teacher, student_lora, lora_scale, component=component, variant=variant,
                                         ema=ema is not None and ema.value in ("teacher", "both"))

@@ -43,7 +43,7 @@ def merge(
     """Bake a LoRaD adapter into its base model and save a plain diffusers model folder."""
     from wadi_analysis.checkpoint import CheckpointError
 
-    from .backbones import load_denoiser
+    from .teacher import load_denoiser
     from .lorad import AdapterFileError, load_adapter, merge_and_unload
 
     if out.exists() and any(out.iterdir()):
@@ -84,7 +84,7 @@ def run(
 
     from .config import load_config
     from .lorad import AdapterFileError
-    from .train import TrainingError, train
+    from .training.loop import TrainingError, train
 
     try:
         resolved = load_config(config, teacher=teacher, teacher_config=teacher_config, prompts=prompts, out=out,
@@ -167,7 +167,7 @@ def teacher(
 ) -> None:
     """Train a small SD-family text-to-image teacher on Fashion-MNIST (CLIP BPE tokens, ε-prediction,
     SD's scaled-linear schedule) and save it as a StableDiffusionPipeline folder."""
-    from .teacher import TeacherConfig, train_teacher
+    from .embedded.teacher_training import TeacherConfig, train_teacher
 
     try:
         widths = tuple(int(c) for c in channels.split(","))
@@ -215,7 +215,7 @@ def classifier(
     """Train the evaluation classifier (its features carry FD/KID/precision/recall) on Fashion-MNIST."""
     from wadi_analysis.atomic import atomic_write
 
-    from .classifier import save_classifier, train_classifier
+    from .evaluation.classifier import save_classifier, train_classifier
 
     try:
         model, accuracy = train_classifier(epochs=epochs, seed=seed, log=lambda line: None)
@@ -250,7 +250,7 @@ def evaluate(
     from wadi_analysis.checkpoint import CheckpointError
 
     from . import embedded
-    from .evaluate import evaluate as run_evaluation, generate_batches, summary_line
+    from .evaluation.benchmark import evaluate as run_evaluation, generate_batches, summary_line
 
     source = source or embedded.teacher_path()
     if not source.exists():
@@ -258,8 +258,8 @@ def evaluate(
     sd_protocol = prompts is not None or reference_stats is not None or inception is not None or clip is not None
     try:
         if sd_protocol:
-            from .data import read_prompts
-            from .evaluate_sd import evaluate_sd
+            from .training.prompts import read_prompts
+            from .evaluation.sd_protocol import evaluate_sd
 
             if prompts is None or (reference_stats is None) != (inception is None):
                 fail("the SD protocol needs --prompts, and --reference-stats with --inception (FID) and/or --clip")
@@ -289,7 +289,7 @@ def reference_stats_command(
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N images (sorted by name).")] = None,
 ) -> None:
     """FID reference statistics (mean, covariance, count of Inception features) of an image folder."""
-    from .evaluate_sd import image_folder_batches, reference_statistics
+    from .evaluation.sd_protocol import image_folder_batches, reference_statistics
 
     if not images.is_dir():
         fail(f"{images} is not a folder")
@@ -308,7 +308,7 @@ def reproduce(
 ) -> None:
     """The paper's experiments on the embedded teacher: teacher steps, students at equal budget
     (LoRaD published/plan, LoRA, DoRA, full), weight analysis, swaps, rank and Conv2d ablations."""
-    from .experiments import QUICK, Settings, reproduce as run_experiments
+    from .experiments.reproduce import QUICK, Settings, reproduce as run_experiments
 
     try:
         run_experiments(out, QUICK if quick else Settings(), log=lambda line: console.print(line, markup=False))

@@ -83,7 +83,8 @@ def embedded_defaults() -> dict:
     """The defaults for the embedded teacher (used when no teacher is named): its prompts, ranks near
     10 % of its U-Net (LoRaD generator 16, fake 4), and 1000 steps at generator lr 1e-3 (the published
     1e-4 moves rank-16 angles too little in a run of minutes), about 7 minutes on two CPU cores."""
-    from . import datasets, embedded
+    from .embedded import datasets
+    from . import embedded
 
     return {"teacher": str(embedded.teacher_path()), "prompts": str(embedded.prompts_path()), "out": "wadi-run",
             "steps": 1000, "batch_size": 16, "generator_rank": 16, "fake_rank": 4, "generator_lr": 1e-3,

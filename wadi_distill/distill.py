@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .adapters import activate
-from .backbones import Conditioning, Teacher
+from .teacher import Conditioning, Teacher
 from .vsd import add_noise, fake_score_loss, generator_loss, guided, predicted_x0
 
 GENERATOR, FAKE = "generator", "fake"

@@ -19,7 +19,7 @@ from torch import nn
 from wadi_analysis.atomic import atomic_write_text
 
 from . import adapters
-from .backbones import Teacher, load_denoiser, load_teacher
+from .teacher import Teacher, load_denoiser, load_teacher
 from .distill import GENERATOR
 
 ONE_STEP_INFO = "wadi_one_step.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones import load_denoiser
+from .teacher import load_denoiser
 from .distill import VSDConfig, one_step
 from .export import ONE_STEP_INFO, load_run_generator, run_teacher
 

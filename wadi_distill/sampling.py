@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .backbones import Conditioning, Teacher
+from .teacher import Conditioning, Teacher
 from .distill import guided_epsilon
 
 

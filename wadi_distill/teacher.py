@@ -1,214 +1,273 @@
-"""Train a small text-to-image teacher of the Stable Diffusion family from scratch (``wadi-distill teacher``).
+"""The teacher a distillation works on: its denoiser, noise schedule, parametrisation and text conditioning.
 
-The model is SD's recipe at toy scale: a ``UNet2DConditionModel`` with cross-attention on the last
-hidden state of a ``CLIPTextModel`` that reads the real CLIP BPE tokens, ε-prediction, SD's
-scaled-linear β schedule (1000 steps, β 0.00085 → 0.012), trained with 10 % empty captions for
-classifier-free guidance. It works in pixel space (1×16×16 grey images), so the pipeline has no VAE:
-its "latents" are the images in [-1, 1]. Unlike SD the text encoder is trained with the U-Net, since no
-pretrained CLIP exists here. The result is saved as a ``StableDiffusionPipeline`` folder (EMA weights).
+Everything is local: diffusers model and pipeline folders are read with ``local_files_only``; an original
+single-file SD checkpoint is read with diffusers' ``from_single_file`` against a local pipeline folder that
+provides the configs, tokenizers and scheduler (``--teacher-config``). The
+pipeline's own ``encode_prompt`` produces the conditioning, so SD, SDXL (pooled text embeddings and
+time ids) and PixArt (T5 with attention masks) are encoded exactly as their pipelines do.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import shutil
-import time
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from . import datasets
-from .tokenizer import write_clip_tokenizer
+from wadi_analysis.checkpoint import CheckpointError
+from wadi_analysis.locate import model_folder
+
+from .vsd import predicted_epsilon
+
+LDM_UNET_PREFIX = "model.diffusion_model."  # the U-Net of an original single-file SD checkpoint
+
+
+def load_denoiser(path: str | os.PathLike, component: str | None = None) -> nn.Module:
+    """The U-Net or transformer of a diffusers model/pipeline folder, from local files only."""
+    import diffusers
+
+    folder = model_folder(path, component)
+    try:
+        class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        raise CheckpointError(f"{folder}/config.json is not readable JSON") from None
+    model_class = getattr(diffusers, str(class_name), None)
+    if not isinstance(model_class, type) or not issubclass(model_class, nn.Module):
+        raise CheckpointError(f"{folder}/config.json names {class_name!r}, which is not a diffusers model class")
+    try:
+        return model_class.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot load {folder}: {str(exc).splitlines()[0][:200]}") from None
 
 
 @dataclass
-class TeacherConfig:
-    dataset: str = "fashion-mnist"
-    image_size: int = 16
-    steps: int = 12000
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup: int = 200
-    ema_decay: float = 0.999
-    null_caption_rate: float = 0.1     # captions -> "" for classifier-free guidance
-    text_hidden: int = 32
-    max_tokens: int = 32
-    channels: tuple[int, ...] = (32, 64, 96)
-    layers_per_block: int = 1
-    seed: int = 0
-    device: str = "cpu"                # cpu | cuda (the shipped teacher was trained on one GPU)
-    save_every: int = 0                # also write the EMA pipeline every N steps (0: only at the end)
-    stop_after: int = 0                # end after N steps, on the schedule of `steps` (0: run all steps)
-    threads: int = 0                   # 0: torch's default
-    init: str = ""                     # continue from this teacher folder's U-Net and text encoder ("": scratch)
+class Conditioning:
+    """What the denoiser needs besides x_t and t, for a batch of prompts."""
+
+    hidden_states: torch.Tensor
+    extra: dict = field(default_factory=dict)  # SDXL: added_cond_kwargs; PixArt: mask and added_cond_kwargs
+
+    def __len__(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def select(self, index: torch.Tensor) -> Conditioning:
+        return Conditioning(self.hidden_states[index], _map(self.extra, lambda t: t[index]))
+
+    def to(self, device=None, dtype=None) -> Conditioning:
+        floating = (lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+        return Conditioning(floating(self.hidden_states), _map(self.extra, floating))
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        extra = {}
+        for key, value in parts[0].extra.items():
+            if isinstance(value, dict):
+                extra[key] = {k: None if v is None else torch.cat([p.extra[key][k] for p in parts])
+                              for k, v in value.items()}
+            else:
+                extra[key] = torch.cat([p.extra[key] for p in parts])
+        return Conditioning(torch.cat([p.hidden_states for p in parts]), extra)
+
+    def repeat_to(self, batch: int) -> Conditioning:
+        return self.select(torch.zeros(batch, dtype=torch.long)) if len(self) == 1 else self
 
 
-def unet_config(config: TeacherConfig) -> dict:
-    """SD1.5's U-Net layout shrunk: self+cross attention at the two coarser levels, none at full size."""
-    levels = len(config.channels)
-    return dict(
-        sample_size=config.image_size, in_channels=1, out_channels=1, layers_per_block=config.layers_per_block,
-        block_out_channels=tuple(config.channels), norm_num_groups=8, cross_attention_dim=config.text_hidden,
-        attention_head_dim=4,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
-    )
+def _map(extra: dict, fn) -> dict:
+    return {k: (_map(v, fn) if isinstance(v, dict) else None if v is None else fn(v)) for k, v in extra.items()}
 
 
-def text_encoder_config(config: TeacherConfig, tokenizer):
-    from transformers import CLIPTextConfig
+@dataclass
+class Teacher:
+    """A frozen teacher: denoiser + schedule facts + prompt encoder (the pipeline, text side only)."""
 
-    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=config.text_hidden,
-                          intermediate_size=4 * config.text_hidden, num_hidden_layers=2, num_attention_heads=2,
-                          max_position_embeddings=config.max_tokens, bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    denoiser: nn.Module
+    family: str  # "unet" (SD1/SD2), "sdxl" or "pixart"
+    alphas_cumprod: torch.Tensor  # float64, one per training timestep
+    prediction_type: str  # epsilon | v_prediction | sample
+    pipeline: object | None = None
+    latent_channels: int = 4
+    sample_size: int = 64
 
+    @property
+    def component(self) -> str:
+        """The denoiser's name in its pipeline (and the prefix of LoRA files for it)."""
+        return "transformer" if self.family == "pixart" else "unet"
 
-def sd_scheduler():
-    from diffusers import DDPMScheduler
+    @property
+    def num_timesteps(self) -> int:
+        return self.alphas_cumprod.numel()
 
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False,
-                         steps_offset=1)
+    def alpha_bar(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """a_t for a batch of timesteps, shaped to broadcast against ``like``."""
+        values = self.alphas_cumprod.to(like.device)[timesteps.long().to(like.device)]
+        return values.to(torch.float32).view(-1, *([1] * (like.ndim - 1)))
 
+    @torch.no_grad()
+    def encode(self, prompts: list[str], device: torch.device | str = "cpu") -> Conditioning:
+        """Prompt embeddings exactly as the teacher's pipeline computes them."""
+        pipe = self.pipeline
+        if pipe is None:
+            raise ValueError("this teacher was loaded without its text encoder")
+        if self.family == "pixart":
+            embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                                    clean_caption=False)
+            return Conditioning(embeds, {"encoder_attention_mask": mask,
+                                         "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}})
+        if self.family == "sdxl":
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+            size = self.sample_size * pipe.vae_scale_factor
+            time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=embeds.dtype).repeat(len(prompts), 1)
+            return Conditioning(embeds, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}})
+        embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+        return Conditioning(embeds)
 
-def caption_ids(tokenizer, classes: tuple[str, ...]) -> torch.Tensor:
-    """Token ids of every (class, template) caption, shape (classes, templates, tokens); row -1 of a
-    separate call is the empty caption."""
-    captions = [datasets.caption(classes, label, t) for label in range(len(classes))
-                for t in range(len(datasets.TEMPLATES))]
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return ids.view(len(classes), len(datasets.TEMPLATES), -1)
+    def forward(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: Conditioning) -> torch.Tensor:
+        """The raw network output at x_t (U-Nets and transformers name their inputs differently);
+        learned-sigma outputs (PixArt) keep their prediction half."""
+        sample = "hidden_states" if self.family == "pixart" else "sample"
+        output = model(**{sample: noisy}, timestep=timesteps, encoder_hidden_states=conditioning.hidden_states,
+                       **conditioning.extra, return_dict=False)[0]
+        if output.shape[1] == 2 * noisy.shape[1]:
+            output = output[:, : noisy.shape[1]]
+        return output
 
-
-def save_pipeline(folder: Path, unet, text_encoder, tokenizer, info: dict) -> None:
-    """A StableDiffusionPipeline folder without VAE (pixel space), written atomically."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    index = json.loads((tmp / "model_index.json").read_text())
-    (tmp / "model_index.json").write_text(json.dumps({**index, "vae": [None, None]}, indent=2) + "\n")
-    # vocab.json + merges.txt define the tokenizer; the 3.6 MB tokenizer.json is rebuilt from them on load
-    (tmp / "tokenizer" / "tokenizer.json").unlink()
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(Path(tokenizer.init_kwargs["vocab_file"]).with_name(name), tmp / "tokenizer" / name)
-    (tmp / "wadi_teacher.json").write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-
-
-def train_teacher(config: TeacherConfig, out: str | Path, log=print) -> Path:
-    """Train the teacher and write its pipeline folder to ``out``; returns ``out``."""
-    import copy
-
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    out = Path(out)
-    data = datasets.load(config.dataset, "train", config.image_size)
-    torch.manual_seed(config.seed)
-    work = out.with_name(f".{out.name}.tokenizer")
-    tokenizer = write_clip_tokenizer(work, config.max_tokens)
-    device = torch.device(config.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if config.init:
-        # a second phase: the architecture is the init's; the data draws, schedule and EMA restart
-        unet, text_encoder, init_info = _load_init(Path(config.init))
-        if unet.config.sample_size != config.image_size:
-            raise ValueError(f"--init {config.init}: its U-Net is for {unet.config.sample_size}px images, "
-                             f"not --image-size {config.image_size}")
-        unet, text_encoder = unet.to(device), text_encoder.to(device)
-    else:
-        text_encoder = CLIPTextModel(text_encoder_config(config, tokenizer)).to(device)
-        unet = UNet2DConditionModel(**unet_config(config)).to(device)
-        init_info = None
-    ids = caption_ids(tokenizer, data.classes).to(device)
-    null_ids = tokenizer([""], padding="max_length", max_length=config.max_tokens, return_tensors="pt").input_ids[0]
-    null_ids = null_ids.to(device)
-    alphas = sd_scheduler().alphas_cumprod.float().to(device)
-    data_images, data_labels = data.images.to(device), data.labels.to(device)
-    parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
-    ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), parameters))
-    generator = torch.Generator().manual_seed(config.seed)
-    started, running = time.perf_counter(), None
-    last = min(config.steps, config.stop_after or config.steps)
-    for step in range(1, last + 1):
-        # all randomness from one CPU generator, so a run is the same draw on any device
-        index = torch.randint(0, len(data), (config.batch_size,), generator=generator).to(device)
-        images, labels = data_images[index], data_labels[index]
-        templates = torch.randint(0, len(datasets.TEMPLATES), (config.batch_size,), generator=generator).to(device)
-        tokens = ids[labels, templates]
-        dropped = (torch.rand(config.batch_size, generator=generator) < config.null_caption_rate).to(device)
-        tokens[dropped] = null_ids
-        timesteps = torch.randint(0, len(alphas), (config.batch_size,), generator=generator).to(device)
-        noise = torch.randn(images.shape, generator=generator).to(device)
-        alpha = alphas[timesteps].view(-1, 1, 1, 1)
-        noisy = alpha.sqrt() * images + (1 - alpha).sqrt() * noise
-        hidden = text_encoder(tokens).last_hidden_state
-        loss = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=hidden).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for averaged, live in ema_pairs:
-                averaged.lerp_(live, 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 200 == 0 or step == last:
-            log(f"step {step}/{config.steps}  loss {running:.4f}  {time.perf_counter() - started:.0f} s")
-        if step == last or (config.save_every and step % config.save_every == 0):
-            info = {"config": asdict(config), "step": step, "classes": list(data.classes),
-                    "seconds": round(time.perf_counter() - started), "device": _device_name(device),
-                    "command": command_line(config)}
-            if init_info is not None:
-                info["init_from"] = init_info
-            save_pipeline(out, copy.deepcopy(ema_unet).cpu(), copy.deepcopy(ema_text).cpu(), tokenizer, info)
-    shutil.rmtree(work, ignore_errors=True)
-    return out
+    def epsilon(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: Conditioning) -> torch.Tensor:
+        """The network's noise prediction at x_t, whatever its parametrisation."""
+        output = self.forward(model, noisy, timesteps, conditioning)
+        return predicted_epsilon(output, noisy, self.alpha_bar(timesteps, noisy).to(output.dtype),
+                                 self.prediction_type)
 
 
-def _load_init(folder: Path):
-    """U-Net, text encoder and provenance of an earlier teacher folder (``--init``)."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
-        raise FileNotFoundError(f"--init {folder}: not a teacher pipeline folder (needs unet/ and text_encoder/)")
-    provenance = folder / "wadi_teacher.json"
-    info = json.loads(provenance.read_text()) if provenance.is_file() else {"folder": str(folder)}
-    return (UNet2DConditionModel.from_pretrained(folder / "unet"),
-            CLIPTextModel.from_pretrained(folder / "text_encoder"), info)
+def _family(denoiser: nn.Module) -> str:
+    name = type(denoiser).__name__
+    if name.startswith("PixArt"):
+        return "pixart"
+    if getattr(denoiser.config, "addition_embed_type", None) == "text_time":
+        return "sdxl"
+    if name == "UNet2DConditionModel":
+        return "unet"
+    raise CheckpointError(f"unsupported denoiser {name}: WaDi distils UNet2DConditionModel and PixArt transformers")
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+def _quiet_libraries() -> None:
+    """Library chatter (progress bars, "requires torchvision" notices, config deprecations) would bury
+    our own one-line errors on stderr; loading stays quiet unless it fails."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (transformers_logging, diffusers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
 
 
-def command_line(config: TeacherConfig) -> str:
-    """The ``wadi-distill teacher`` command that reproduces ``config``."""
-    return "wadi-distill teacher " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in _options(config))
+def _require_pipeline_folder(folder: str, given_as: str = "") -> None:
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise CheckpointError(f"{folder}{given_as} is not a diffusers pipeline folder (model_index.json missing)")
 
 
-def _options(config: TeacherConfig):
-    defaults = TeacherConfig()
-    for key, value in asdict(config).items():
-        if value != getattr(defaults, key) and key not in ("threads", "save_every"):
-            yield key, ",".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+def _single_file_pipeline_class(config: str):
+    """The pipeline class named by the config folder's ``model_index.json``, if it loads single files."""
+    import diffusers
+    from diffusers.loaders import FromSingleFileMixin
+
+    try:
+        name = json.loads(Path(config, "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError):
+        raise CheckpointError(f"{config}/model_index.json is not readable JSON") from None
+    pipeline_class = getattr(diffusers, str(name), None)
+    if not isinstance(pipeline_class, type) or not issubclass(pipeline_class, FromSingleFileMixin):
+        raise CheckpointError(f"--teacher-config {config} names {name!r}, which cannot load single-file checkpoints")
+    return pipeline_class
+
+
+def _check_single_file(path: str) -> None:
+    """Refuse, from the tensor names alone, a file that is not an original (LDM-layout) SD checkpoint."""
+    from wadi_analysis.checkpoint import open_file
+
+    with open_file(Path(path)) as source:
+        names = source.names()
+    if not any(name.startswith(LDM_UNET_PREFIX) for name in names):
+        raise CheckpointError(f"{path} is not an original single-file Stable Diffusion checkpoint (no "
+                              f"{LDM_UNET_PREFIX}* weights); give a diffusers pipeline folder or such a file")
+
+
+def _load_single_file(path: str, config: str | None):
+    """A pipeline from an original single-file SD checkpoint, with every config, the tokenizer(s) and the
+    scheduler from the local diffusers pipeline folder ``config``; nothing is downloaded."""
+    _check_single_file(path)
+    if config is None:
+        raise CheckpointError(f"{path} is a single-file checkpoint: give --teacher-config, a local diffusers pipeline "
+                              "folder of its architecture (configs, tokenizer, scheduler; its weights are not used)")
+    _require_pipeline_folder(config, " (--teacher-config)")
+    pipeline_class = _single_file_pipeline_class(config)
+    return pipeline_class.from_single_file(path, config=config, local_files_only=True, safety_checker=None)
+
+
+def _absent_components(folder: str) -> dict[str, None]:
+    """Components a pipeline folder declares absent (``[null, null]`` in ``model_index.json``, e.g. the VAE
+    of a pixel-space teacher), passed as None: diffusers would otherwise refuse the folder."""
+    try:
+        index = json.loads(Path(folder, "model_index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: None for name, value in index.items() if not name.startswith("_") and value == [None, None]}
+
+
+def load_teacher(path: str | os.PathLike, *, config: str | os.PathLike | None = None, text: bool = True) -> Teacher:
+    """A teacher from a diffusers pipeline folder (denoiser, scheduler, VAE, text encoders, tokenizers), or
+    from an original single-file SD checkpoint (``.safetensors``/``.ckpt``) read with diffusers'
+    ``from_single_file`` against the local pipeline folder ``config`` (configs, tokenizers, scheduler)."""
+    import warnings
+
+    from diffusers import DDPMScheduler, DiffusionPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    _quiet_libraries()
+    source = os.fspath(path)
+    config = None if config is None else os.fspath(config)
+    single = os.path.isfile(source)
+    if not single:
+        if config is not None:
+            raise CheckpointError(f"--teacher-config is for single-file teachers; {source} is not a file")
+        _require_pipeline_folder(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if single:
+                pipe = _load_single_file(source, config)
+            else:
+                pipe = DiffusionPipeline.from_pretrained(source, local_files_only=True,
+                                                         **{"safety_checker": None, **_absent_components(source)})
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    except (OSError, ValueError, RuntimeError, TypeError, AttributeError, KeyError, NotImplementedError,
+            SingleFileComponentError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, KeyError):
+            first = f"no tensor {exc.args[0]!r}" if exc.args else "a tensor is missing"
+        if single:  # diffusers' converters fail in many ways on a file that does not fit the configs
+            raise CheckpointError(f"cannot load the single-file teacher {source} with the configs of {config} "
+                                  f"(an incomplete checkpoint, or another architecture): {first}") from None
+        raise CheckpointError(f"cannot load the pipeline {source}: {first}") from None
+    return _teacher_from_pipeline(pipe, scheduler, source, text)
+
+
+def _teacher_from_pipeline(pipe, scheduler, source: str, text: bool) -> Teacher:
+    """Freeze the pipeline's networks and collect what distillation needs from it."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if denoiser is None:
+        raise CheckpointError(f"pipeline {source} has no unet or transformer")
+    denoiser.requires_grad_(False)
+    for part in ("text_encoder", "text_encoder_2", "vae"):
+        if getattr(pipe, part, None) is not None:
+            getattr(pipe, part).requires_grad_(False)
+    config = denoiser.config
+    return Teacher(denoiser=denoiser, family=_family(denoiser),
+                   alphas_cumprod=scheduler.alphas_cumprod.double().clone(),
+                   prediction_type=scheduler.config.prediction_type, pipeline=pipe if text else None,
+                   latent_channels=config.in_channels, sample_size=config.sample_size)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from wadi_analysis.examples import tiny_sd15_config
-from wadi_distill.tokenizer import byte_characters
+from wadi_distill.embedded.tokenizer import byte_characters
 
 
 def tiny_clip_tokenizer(folder: Path):

@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipelines import tiny_sd_pipeline
+from tests.support.pipelines import tiny_sd_pipeline
 from wadi_distill import adapters
-from wadi_distill.backbones import Teacher, load_teacher
+from wadi_distill.teacher import Teacher, load_teacher
 from wadi_distill.config import RunConfig, load_config
 from wadi_distill.distill import GENERATOR, one_step
-from wadi_distill.train import attach_roles
+from wadi_distill.training.loop import attach_roles
 
 
 def sd_teacher_with_prompts(root: Path) -> tuple[Path, Path]:

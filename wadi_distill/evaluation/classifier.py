@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import datasets
+from ..embedded import datasets
 
 
 class Classifier(nn.Module):

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from . import datasets, metrics
+from ..embedded import datasets
+from . import metrics
 from .classifier import Classifier, embed, load_classifier
 
 
@@ -44,8 +45,8 @@ def sample_noise(teacher, count: int, seed: int, start: int = 0) -> torch.Tensor
 
 def load_source(source: str | os.PathLike):
     """(teacher whose denoiser is the model to sample, VSD settings or None for a multi-step teacher)."""
-    from .backbones import load_teacher
-    from .sample import load_one_step
+    from ..teacher import load_teacher
+    from ..sample import load_one_step
 
     if is_teacher_folder(source):
         return load_teacher(source), None
@@ -58,9 +59,9 @@ def sample_model(teacher, model, prompts: list[str], vsd=None, seed: int = 0, st
     """Batches of (samples, prompts) from ``model``: one step when ``vsd`` is given (a generator), else
     ``steps``-step DDIM at ``guidance_scale`` (a teacher). Samples are model-space tensors (pixels in
     [-1, 1] for the embedded teacher), or with ``decoded`` uint8 RGB images (N, 3, H, W) from the VAE."""
-    from .distill import one_step
-    from .sample import decode
-    from .sampling import ddim
+    from ..distill import one_step
+    from ..sample import decode
+    from ..sampling import ddim
 
     was_training = model.training
     model.eval()
@@ -102,7 +103,7 @@ class Benchmark:
 
     def __init__(self, classifier: str | os.PathLike | Classifier | None = None, per_class: int = 100,
                  dataset: str = "fashion-mnist"):
-        from . import embedded
+        from .. import embedded
 
         if not isinstance(classifier, Classifier):
             classifier = load_classifier(classifier or embedded.classifier_path())

@@ -20,8 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import embedded
-from .evaluate import Benchmark, load_source
+from .. import embedded
+from ..evaluation.benchmark import Benchmark, load_source
 
 
 @dataclass
@@ -65,9 +65,9 @@ def student_overrides(settings: Settings) -> dict[str, dict]:
 def distill(name: str, overrides: dict, seed: int, out: Path, settings: Settings, curve: Benchmark,
             final: Benchmark, log) -> tuple[dict, list[dict]]:
     """One student: train with convergence points, export, score. Returns (final row, curve rows)."""
-    from .config import load_config
-    from .export import export_run
-    from .train import train
+    from ..config import load_config
+    from ..export import export_run
+    from ..training.loop import train
 
     run_dir = out / "runs" / f"{name}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -148,7 +148,7 @@ def reproduce(out: str | Path, settings: Settings | None = None, log=print) -> P
     """Run every experiment; write CSVs, the figures and report.html/report.pdf into ``out``."""
     import pandas as pd
 
-    from .reproduction_report import write_reproduction_report
+    from .report import write_reproduction_report
 
     settings = settings or Settings()
     out = Path(out)

@@ -21,13 +21,14 @@ import torch
 from torch import nn
 from safetensors.torch import load_file, save_file
 
-from . import adapters, lorad, sharding
-from .backbones import Teacher, load_teacher
-from .config import RunConfig
-from .data import cached_embeddings, read_prompts
-from .distill import FAKE, GENERATOR, fake_step, generator_step, one_step
+from .. import adapters, lorad
+from . import sharding
+from ..teacher import Teacher, load_teacher
+from ..config import RunConfig
+from .prompts import cached_embeddings, read_prompts
+from ..distill import FAKE, GENERATOR, fake_step, generator_step, one_step
 from .ema import AdapterEMA
-from .export import generator_path
+from ..export import generator_path
 
 ROLES = (GENERATOR, FAKE)
 
@@ -161,7 +162,7 @@ def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
 def save_validation_grid(teacher: Teacher, generator_model, conditioning, config: RunConfig, path: Path | None) -> None:
     """One-step samples for the fixed validation prompts and seed, decoded by the VAE, as a PNG grid
     (``path`` None: computed, not written; FSDP's other processes, whose shards the forward needs)."""
-    from .sample import decode, image_grid
+    from ..sample import decode, image_grid
 
     generator = torch.Generator().manual_seed(config.validation_seed)
     shape = (len(conditioning), teacher.latent_channels, teacher.sample_size, teacher.sample_size)

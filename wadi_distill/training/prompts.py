@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .backbones import Conditioning, Teacher
+from ..teacher import Conditioning, Teacher
 
 
 def read_prompts(path: str | os.PathLike, column: str = "prompt") -> list[str]:

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests (pipelines, run folders, an LDM key table)."""

@@ -1,0 +1,1 @@
+"""Evaluation: the benchmark, metrics, the evaluation classifier, the SD-scale protocol."""

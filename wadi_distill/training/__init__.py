@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, prompts and their embedding cache, EMA, sharding."""
