@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_write
+from .errors import UserError
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """Input that cannot be read as a checkpoint. The message is one line meant for the user."""
 
 

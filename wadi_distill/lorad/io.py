@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from wadi_analysis.atomic import atomic_write
+from wadi_analysis.errors import UserError
 
 from .model import add_adapter, adapter_names, adapter_state_dict, base_weight, lorad_modules
 
@@ -27,7 +28,7 @@ PAIRING = ("adjacent columns (2k, 2k+1) of each row of the weight flattened row-
            "(Conv2d: (out, in*kh*kw)); an odd last column is not rotated")
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(UserError, ValueError):
     """An adapter file that cannot be used on this model; one line for the user."""
 
 

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from safetensors.torch import load_file, save_file
 
+from wadi_analysis.errors import UserError
+
 from .. import adapters, lorad
 from . import sharding
 from ..teacher import Teacher, load_teacher
@@ -33,7 +35,7 @@ from ..export import generator_path
 ROLES = (GENERATOR, FAKE)
 
 
-class TrainingError(Exception):
+class TrainingError(UserError):
     """A run that cannot go on; one line for the user."""
 
 
