@@ -1,20 +1,21 @@
-"""Figures, ``report.html`` and ``report.pdf`` of ``wadi-distill reproduce`` from its CSV files."""
+"""Figures, ``report.html`` and ``report.pdf`` of ``wadi-distill reproduce`` from its CSV files.
+
+Each figure is a standalone ``matplotlib.figure.Figure``, as in :mod:`wadi_analysis.report.figures`:
+no pyplot state and no global backend change, so importing this module leaves the caller's matplotlib
+as it was, and a figure is freed once nothing refers to it.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib.backends.backend_pdf import PdfPages
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from wadi_analysis.atomic import atomic_write, atomic_write_text  # noqa: E402
-from wadi_analysis.report.html import CSS, esc, png_data_uri  # noqa: E402
+from wadi_analysis.atomic import atomic_write, atomic_write_text
+from wadi_analysis.report.html import CSS, esc, png_data_uri
 
 METRICS = [("frechet_distance", "FD ↓"), ("kid", "KID ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"),
            ("prompt_accuracy", "prompt acc. ↑")]
@@ -39,7 +40,8 @@ def _mean_by_model(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def fig_convergence(curves: pd.DataFrame) -> Figure:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
     for model, part in curves.groupby("student", sort=False):
         mean = part.groupby("step")["frechet_distance"].mean()
         ax.plot(mean.index, mean.values, marker="o", ms=3, label=model)
@@ -50,7 +52,8 @@ def fig_convergence(curves: pd.DataFrame) -> Figure:
 
 
 def fig_1a(analysis: pd.DataFrame) -> Figure:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
     ax.scatter(analysis["norm_change_mean"], analysis["direction_change_mean"])
     for _, row in analysis.iterrows():
         ax.annotate(row["model"], (row["norm_change_mean"], row["direction_change_mean"]), fontsize=7)
@@ -60,7 +63,8 @@ def fig_1a(analysis: pd.DataFrame) -> Figure:
 
 
 def fig_1b(analysis: pd.DataFrame) -> Figure:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
     ax.bar(analysis["model"], analysis["residual_energy_top30_mean"])
     ax.set(ylabel="energy in top 30 % rank (%)")
     ax.tick_params(axis="x", rotation=45, labelsize=7)
@@ -72,7 +76,8 @@ def fig_ranks(table: pd.DataFrame) -> Figure | None:
     ranks = table[table["model"].str.match(r"lorad-(r\d+|published)$")]
     if len(ranks) < 2:
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.add_subplot()
     ranks = ranks.sort_values("trainable")
     ax.plot(ranks["trainable"], ranks["frechet_distance"], marker="o")
     for _, row in ranks.iterrows():
@@ -122,7 +127,7 @@ def write_reproduction_report(out: str | Path) -> dict[str, Path]:
 
     def write_pdf(path):
         with PdfPages(path) as pdf:
-            page = plt.figure(figsize=(11, 8.5))
+            page = Figure(figsize=(11, 8.5))
             page.text(0.03, 0.97, "WaDi experiments on the embedded teacher — final scores", va="top", fontsize=12)
             page.text(0.03, 0.92, shown.round(4).to_string(index=False), va="top", family="monospace", fontsize=6.5)
             pdf.savefig(page)
@@ -132,5 +137,4 @@ def write_reproduction_report(out: str | Path) -> dict[str, Path]:
     written["pdf"] = atomic_write(out / "report.pdf", write_pdf)
     for name, fig in figures.items():
         fig.savefig(out / f"{name}.png", dpi=110)
-        plt.close(fig)
     return written
