@@ -76,7 +76,7 @@ def test_precision_recall_planted():
 
 
 def test_metrics_refuse_bad_shapes():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"features must be a \(N >= 2, D\) array"):
         metrics.frechet_distance(torch.zeros(5), torch.zeros(5, 2))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="precision/recall with k=3 needs more than 3 samples per set"):
         metrics.precision_recall(torch.zeros(3, 2), torch.zeros(3, 2), k=3)
