@@ -10,8 +10,13 @@ from wadi_distill.distill import FAKE, GENERATOR, VSDConfig, drop_conditioning, 
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
-    return load_teacher(tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "pipe"))
+def pipeline_folder(tmp_path_factory):
+    return tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "pipe")
+
+
+@pytest.fixture(scope="module")
+def teacher(pipeline_folder):
+    return load_teacher(pipeline_folder)
 
 
 def test_iterations_train_only_the_adapters(teacher):
@@ -56,13 +61,14 @@ def test_iterations_train_only_the_adapters(teacher):
                for _, m, _ in lorad.model.lorad_modules(model))
 
 
-def test_alpha_T_options(teacher):
+def test_alpha_T_options(pipeline_folder):
     from wadi_distill.distill import one_step
 
+    # A teacher of its own: the module's shared one carries whatever adapters earlier tests attached.
+    teacher = load_teacher(pipeline_folder)
     model = teacher.denoiser
-    if GENERATOR not in lorad.adapter_names(model):
-        lorad.add_adapter(model, GENERATOR, {"conv_in": 1})
-    noise = torch.randn(1, 4, 16, 16)
+    lorad.add_adapter(model, GENERATOR, {"conv_in": 1})
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     cond = teacher.encode(["x"])
     own = one_step(teacher, model, noise, cond, VSDConfig())
     published = one_step(teacher, model, noise, cond, VSDConfig(alpha_T=0.0047))
