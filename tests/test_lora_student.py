@@ -227,9 +227,9 @@ def test_compare_marks_touched_layers(sd15, tables):
     assert "LoRA (diffusers/peft" in result.summary["student"]["format"]
 
 
-def test_formats_give_identical_tables(tables):
-    for fmt in ("peft_alpha", "bin", "kohya", "kohya_ldm"):
-        pd.testing.assert_frame_equal(tables[fmt].layers, tables["diffusers"].layers)
+@pytest.mark.parametrize("fmt", ["peft_alpha", "bin", "kohya", "kohya_ldm"])
+def test_formats_give_identical_tables(tables, fmt):
+    pd.testing.assert_frame_equal(tables[fmt].layers, tables["diffusers"].layers)
 
 
 def test_scale_zero_is_the_teacher(sd15):
@@ -283,44 +283,74 @@ def _one_line_error(teacher, lora_path, match: str):
     return str(info.value)
 
 
-def test_unmatched_keys_are_an_error(sd15, tmp_path):
-    lora = {"unet." + k: v for k, v in sd15["lora_sd"].items()}
-    for factor in "AB":
-        lora[f"unet.down_blocks.0.attentions.7.proj_in.lora_{factor}.weight"] = lora.pop(
-            f"unet.down_blocks.0.attentions.0.proj_in.lora_{factor}.weight")
-    save_file(lora, tmp_path / "bad.safetensors")
-    message = _one_line_error(sd15["teacher"], tmp_path / "bad.safetensors", "match no weight of the base")
-    assert "down_blocks.0.attentions.7.proj_in" in message
-    assert "closest base weight: 'down_blocks.0.attentions." in message
+PROJ_IN = "unet.down_blocks.0.attentions.0.proj_in"
+MOVED_PROJ_IN = "unet.down_blocks.0.attentions.7.proj_in"  # a block this U-Net does not have
+
+
+# Writers of bad LoRA files: each takes (sd15, tmp_path) and returns the path to open.
+def peft_file(name, extra=None, without=()):
+    """The sd15 LoRA under ``unet.`` names, ``without`` keys left out and ``extra`` keys added (or replaced)."""
+    def write(sd15, tmp_path):
+        lora = {"unet." + k: v for k, v in sd15["lora_sd"].items() if "unet." + k not in without}
+        extras = extra(sd15) if callable(extra) else extra or {}
+        save_file({**lora, **extras}, tmp_path / name)
+        return tmp_path / name
+    return write
+
+
+def moved_proj_in(sd15):
+    """proj_in's factors under the name of a block that does not exist."""
+    return {f"{MOVED_PROJ_IN}.lora_{f}.weight": sd15["lora_sd"][f"{PROJ_IN.removeprefix('unet.')}.lora_{f}.weight"]
+            for f in "AB"}
+
+
+def tensors_file(name, tensors):
+    def write(sd15, tmp_path):
+        save_file(tensors, tmp_path / name)
+        return tmp_path / name
+    return write
+
+
+def bytes_file(name, data: bytes):
+    def write(sd15, tmp_path):
+        (tmp_path / name).write_bytes(data)
+        return tmp_path / name
+    return write
+
+
+@pytest.mark.parametrize("write, match, details", [
+    (peft_file("bad.safetensors", without={f"{PROJ_IN}.lora_{f}.weight" for f in "AB"}, extra=moved_proj_in),
+     "match no weight of the base",
+     ["down_blocks.0.attentions.7.proj_in", "closest base weight: 'down_blocks.0.attentions."]),
     # A kohya name that diffusers renames to no weight of this base (SDXL's label_emb on an SD1.5 U-Net).
-    save_file({"lora_unet_label_emb_0_0.lora_down.weight": torch.ones(2, 8),
-               "lora_unet_label_emb_0_0.lora_up.weight": torch.ones(8, 2)}, tmp_path / "sdxl_only.safetensors")
-    message = _one_line_error(sd15["teacher"], tmp_path / "sdxl_only.safetensors", "1 of 1 LoRA modules")
-    assert "'lora_unet_label_emb_0_0.lora_down.weight' -> 'add_embedding.linear_1.weight'" in message
+    (tensors_file("sdxl_only.safetensors", {"lora_unet_label_emb_0_0.lora_down.weight": torch.ones(2, 8),
+                                            "lora_unet_label_emb_0_0.lora_up.weight": torch.ones(8, 2)}),
+     "1 of 1 LoRA modules",
+     ["'lora_unet_label_emb_0_0.lora_down.weight' -> 'add_embedding.linear_1.weight'"]),
+], ids=["moved-module", "kohya-name-not-in-base"])
+def test_unmatched_keys_are_an_error(sd15, tmp_path, write, match, details):
+    message = _one_line_error(sd15["teacher"], write(sd15, tmp_path), match)
+    for detail in details:
+        assert detail in message, detail
 
 
-def test_bad_files_are_errors(sd15, tmp_path):
-    teacher = sd15["teacher"]
-    (tmp_path / "garbage.safetensors").write_bytes(bytes(range(256)) * 8)
-    _one_line_error(teacher, tmp_path / "garbage.safetensors", "not a safetensors file")
-    (tmp_path / "text.safetensors").write_text("hello, this is not a LoRA")
-    _one_line_error(teacher, tmp_path / "text.safetensors", "safetensors")
-    _one_line_error(teacher, tmp_path / "missing.safetensors", "cannot read")
-    _one_line_error(teacher, teacher / "diffusion_pytorch_model.safetensors", "is not a LoRA weight")
-    save_file(TE_KOHYA, tmp_path / "te_only.safetensors")
-    _one_line_error(teacher, tmp_path / "te_only.safetensors", "3 text-encoder keys ignored")
-    lora = {"unet." + k: v for k, v in sd15["lora_sd"].items()}
-    module = "unet.down_blocks.0.attentions.0.proj_in"
-    save_file({**lora, f"{module}.lora_magnitude_vector": torch.ones(32)}, tmp_path / "dora.safetensors")
-    _one_line_error(teacher, tmp_path / "dora.safetensors", "DoRA LoRAs are not supported yet")
-    save_file({**lora, f"{module}.lora_B.bias": torch.ones(32)}, tmp_path / "bias.safetensors")
-    _one_line_error(teacher, tmp_path / "bias.safetensors", "bias terms")
-    save_file({k: v for k, v in lora.items() if k != f"{module}.lora_B.weight"}, tmp_path / "half.safetensors")
-    _one_line_error(teacher, tmp_path / "half.safetensors", "has no lora_B weight")
-    save_file({**lora, f"{module}.lora_B.weight": torch.ones(48, 2, 1, 1)}, tmp_path / "shape.safetensors")
-    _one_line_error(teacher, tmp_path / "shape.safetensors", "rows but the base weight is")
-    save_file({"lora_unet_conv_in.hada_w1_a": torch.ones(4, 2)}, tmp_path / "loha.safetensors")
-    _one_line_error(teacher, tmp_path / "loha.safetensors", "LoHa")
+@pytest.mark.parametrize("write, match", [
+    (bytes_file("garbage.safetensors", bytes(range(256)) * 8), "not a safetensors file"),
+    (bytes_file("text.safetensors", b"hello, this is not a LoRA"), "safetensors"),
+    (lambda sd15, tmp_path: tmp_path / "missing.safetensors", "cannot read"),
+    (lambda sd15, tmp_path: sd15["teacher"] / "diffusion_pytorch_model.safetensors", "is not a LoRA weight"),
+    (tensors_file("te_only.safetensors", TE_KOHYA), "3 text-encoder keys ignored"),
+    (peft_file("dora.safetensors", extra={f"{PROJ_IN}.lora_magnitude_vector": torch.ones(32)}),
+     "DoRA LoRAs are not supported yet"),
+    (peft_file("bias.safetensors", extra={f"{PROJ_IN}.lora_B.bias": torch.ones(32)}), "bias terms"),
+    (peft_file("half.safetensors", without={f"{PROJ_IN}.lora_B.weight"}), "has no lora_B weight"),
+    (peft_file("shape.safetensors", extra={f"{PROJ_IN}.lora_B.weight": torch.ones(48, 2, 1, 1)}),
+     "rows but the base weight is"),
+    (tensors_file("loha.safetensors", {"lora_unet_conv_in.hada_w1_a": torch.ones(4, 2)}), "LoHa"),
+], ids=["garbage", "text", "missing", "base-weights", "text-encoder-only", "dora", "bias", "half-pair",
+        "wrong-shape", "loha"])
+def test_bad_files_are_errors(sd15, tmp_path, write, match):
+    _one_line_error(sd15["teacher"], write(sd15, tmp_path), match)
 
 
 def test_read_lora_alone(sd15):
