@@ -91,6 +91,10 @@ class Malicious:
         return (os.system, (f"touch {self.marker}",))
 
 
+BAD_INPUTS = ["missing file", "not a checkpoint", "truncated", "corrupt header", "pickle refused", "empty folder",
+              "pipeline without denoiser", "missing shard", "no common weights"]
+
+
 def bad_inputs(tmp_path: Path, formats) -> dict[str, Path]:
     good = formats["teacher"]["single"]
     cases = {"missing file": tmp_path / "nope.safetensors"}
@@ -118,18 +122,29 @@ def bad_inputs(tmp_path: Path, formats) -> dict[str, Path]:
     return cases
 
 
-def test_every_bad_input_gives_one_error_line(formats, tmp_path):
+@pytest.fixture(scope="module")
+def bad_input_folder(formats, tmp_path_factory):
+    """(folder, {case: path}): every bad input written once for all cases."""
+    folder = tmp_path_factory.mktemp("bad_inputs")
+    cases = bad_inputs(folder, formats)
+    assert list(cases) == BAD_INPUTS  # every case written is a test case
+    return folder, cases
+
+
+@pytest.mark.parametrize("side", ["teacher", "student"])
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c.replace(" ", "-") for c in BAD_INPUTS])
+def test_every_bad_input_gives_one_error_line(formats, bad_input_folder, tmp_path, case, side):
     good = formats["student"]["single"]
-    for case, path in bad_inputs(tmp_path, formats).items():
-        out = tmp_path / f"out-{case.replace(' ', '-')}"
-        for args in ((path, good), (good, path)):
-            result = run("compare", *args, "--out", out)
-            assert result.exit_code == 2, (case, result.output)
-            lines = result.stderr.strip().splitlines()
-            assert len(lines) == 1 and lines[0].startswith("error: "), (case, result.stderr)
-            assert "Traceback" not in result.output
-            assert not out.exists(), case
-    assert not (tmp_path / "PWNED").exists()
+    folder, paths = bad_input_folder
+    out = tmp_path / f"out-{case.replace(' ', '-')}"
+    args = (paths[case], good) if side == "teacher" else (good, paths[case])
+    result = run("compare", *args, "--out", out)
+    assert result.exit_code == 2, (case, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), (case, result.stderr)
+    assert "Traceback" not in result.output
+    assert not out.exists(), case
+    assert not (folder / "PWNED").exists()
 
 
 def test_console_script_refuses_pickle_without_running_it(formats, tmp_path):
