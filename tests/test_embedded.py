@@ -105,12 +105,17 @@ def test_teacher_command_trains_a_loadable_pipeline(tmp_path):
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_bad_input_gives_one_error_line(tmp_path):
-    for args in (("evaluate", tmp_path / "missing"), ("teacher", "--out", tmp_path / "t", "--channels", "a,b"),
-                 ("embedded", "--path", "vae"), ("teacher", "--out", tmp_path / "t", "--init", tmp_path / "missing")):
-        result = cli(*args)
-        assert result.returncode == 2 and result.stderr.startswith("error: "), (args, result.stderr)
-        assert len(result.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize("args", [
+    lambda tmp: ("evaluate", tmp / "missing"),
+    lambda tmp: ("teacher", "--out", tmp / "t", "--channels", "a,b"),
+    lambda tmp: ("embedded", "--path", "vae"),
+    lambda tmp: ("teacher", "--out", tmp / "t", "--init", tmp / "missing"),
+], ids=["evaluate-missing-run", "teacher-bad-channels", "embedded-unknown-path", "teacher-missing-init"])
+def test_bad_input_gives_one_error_line(tmp_path, args):
+    args = args(tmp_path)
+    result = cli(*args)
+    assert result.returncode == 2 and result.stderr.startswith("error: "), (args, result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "t").exists()
 
 
