@@ -96,12 +96,14 @@ def test_image_folder_batches_crop_and_resize(tmp_path):
     assert batch[0].max() == 0 and batch[1].min() >= 250
 
 
-def test_cli_refuses_incomplete_protocol(tmp_path, teacher):
+@pytest.mark.parametrize("extra", [
+    lambda tmp: ["--prompts", tmp / "p.txt"],
+    lambda tmp: ["--prompts", tmp / "p.txt", "--reference-stats", tmp / "s.npz"],
+    lambda tmp: ["--prompts", tmp / "p.txt", "--clip", tmp / "noclip"],
+], ids=["prompts-only", "missing-reference-stats", "missing-clip"])
+def test_cli_refuses_incomplete_protocol(tmp_path, teacher, extra):
     (tmp_path / "p.txt").write_text("a cat\n")
-    for extra in (["--prompts", tmp_path / "p.txt"],
-                  ["--prompts", tmp_path / "p.txt", "--reference-stats", tmp_path / "s.npz"],
-                  ["--prompts", tmp_path / "p.txt", "--clip", tmp_path / "noclip"]):
-        result = subprocess.run([sys.executable, "-m", "wadi_distill.cli", "evaluate", str(teacher), *map(str, extra)],
-                                capture_output=True, text=True, timeout=300)
-        assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
+    result = subprocess.run([sys.executable, "-m", "wadi_distill.cli", "evaluate", str(teacher),
+                             *map(str, extra(tmp_path))], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
