@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 from wadi_analysis import compare
 from wadi_analysis.cli import app
 from wadi_analysis.spectrum import gram_eigenvalues, lorad_fit, pair_rotation_angles, residual_spectra
+from wadi_distill.lorad import rotate_rows
 
 
 def svd_energy_top(residual: torch.Tensor, fraction: float) -> float:
@@ -57,10 +58,7 @@ def test_pure_pair_rotation_is_fully_expressed_by_lorad():
     teacher = torch.randn(6, 11, generator=generator, dtype=torch.float64)  # odd width: last column fixed
     theta = (torch.randn(6, 2, generator=generator, dtype=torch.float64)
              @ torch.randn(2, 5, generator=generator, dtype=torch.float64)).clamp(-3, 3)
-    student = teacher.clone()
-    even, odd = teacher[:, 0:10:2], teacher[:, 1:10:2]
-    student[:, 0:10:2] = even * torch.cos(theta) - odd * torch.sin(theta)
-    student[:, 1:10:2] = even * torch.sin(theta) + odd * torch.cos(theta)
+    student = rotate_rows(teacher, theta)  # the adapter's own rotation
     assert torch.allclose(pair_rotation_angles(teacher, student), theta, atol=1e-12)
     fit = lorad_fit(teacher, student)
     assert fit["lorad_fit"] == pytest.approx(100.0, abs=1e-9)

@@ -4,13 +4,13 @@ A plan is JSON: ``{"format": "wadi-lorad-plan", "version": 1, "targets": {module
 ``wadi_distill`` reads it (``--plan plan.json``).
 
 Planning rule (documented, deterministic). Every Linear/Conv weight of the per-layer table is a
-candidate. Its LoRaD cost per unit of rank is ``out + in/2``. The rank it *needs* is the rank of its
-angle field for 90 % energy (``compare --lorad-fit``), else of its residual (``--spectrum``), else 30 %
-of the largest possible rank. Its *importance* is how much it rotates — the sum over rows of
-``1 - cos`` (``direction_change_mean / 100 * rows``) — times the share of its change a rotation can
-express, when known. Layers are taken by importance per parameter at their needed rank (rounded up
-to a multiple of ``rank_multiple``, capped at ``max_rank``) until the budget is spent; the first
-layer that no longer fits gets the largest rank that does.
+candidate. Its LoRaD cost per unit of rank is ``out + width // 2`` (:func:`.geometry.cost_per_rank`).
+The rank it *needs* is the rank of its angle field for 90 % energy (``compare --lorad-fit``), else of
+its residual (``--spectrum``), else 30 % of the largest possible rank. Its *importance* is how much
+it rotates — the sum over rows of ``1 - cos`` (``direction_change_mean / 100 * rows``) — times the
+share of its change a rotation can express, when known. Layers are taken by importance per parameter
+at their needed rank (rounded up to a multiple of ``rank_multiple``, capped at ``max_rank``) until the
+budget is spent; the first layer that no longer fits gets the largest rank that does.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from .atomic import atomic_write_text
+from .geometry import angle_field_shape, cost_per_rank, row_width
 
 PLAN_FORMAT = "wadi-lorad-plan"
 
@@ -60,15 +61,15 @@ PRESETS = {
 
 
 def _geometry(layers: pd.DataFrame) -> pd.DataFrame:
-    """Module name, rows and flattened width of each Linear/Conv weight in the table."""
+    """Module name, rows, column pairs and LoRaD cost per rank of each Linear/Conv weight LoRaD can rotate."""
     frame = layers[layers["kind"].isin(["linear", "conv"]) & layers["name"].str.endswith(".weight")].copy()
-    shapes = frame["shape"].astype(str).str.split("x")
+    shapes = frame["shape"].astype(str).str.split("x").map(lambda s: tuple(int(d) for d in s))
     frame["module"] = frame["name"].str.removesuffix(".weight")
-    frame["out"] = shapes.map(lambda s: int(s[0]))
-    frame["width"] = shapes.map(lambda s: math.prod(int(d) for d in s[1:]))
-    frame = frame[frame["width"] >= 2]
-    frame["cost_per_rank"] = frame["out"] + frame["width"] // 2
-    return frame
+    frame["out"] = shapes.map(lambda s: s[0])
+    frame["width"] = shapes.map(row_width)
+    frame["pairs"] = shapes.map(lambda s: angle_field_shape(s)[1])
+    frame["cost_per_rank"] = shapes.map(cost_per_rank)
+    return frame[frame["pairs"] >= 1]
 
 
 def preset_plan(layers: pd.DataFrame, preset: str, rank: int | None = None) -> dict[str, int]:
@@ -85,7 +86,7 @@ def plan_from_findings(layers: pd.DataFrame, budget_params: int, *, max_rank: in
     """Targets and ranks under ``budget_params`` trainable parameters (see the module docstring)."""
     frame = _geometry(layers)
     frame = frame[frame["kind"].isin(kinds) & (frame["status"] != "nonfinite")].copy()
-    full_rank = frame[["out"]].assign(pairs=frame["width"] // 2).min(axis=1)
+    full_rank = frame[["out", "pairs"]].min(axis=1)  # the angle field's largest possible rank
     for column in ("angle_field_rank_90", "residual_rank_90"):
         if column in frame:
             needed = frame[column]
@@ -116,7 +117,7 @@ def plan_from_findings(layers: pd.DataFrame, budget_params: int, *, max_rank: in
 
 
 def plan_cost(layers: pd.DataFrame, targets: dict[str, int]) -> int:
-    """Trainable parameters of LoRaD at ``targets``: sum of rank * (out + in/2)."""
+    """Trainable parameters of LoRaD at ``targets``: sum of rank * cost_per_rank."""
     cost = _geometry(layers).set_index("module")["cost_per_rank"]
     return int(sum(rank * cost[module] for module, rank in targets.items()))
 

@@ -7,7 +7,8 @@ rank (k = ceil(fraction * min(out, in))) and the rank needed for 90/93/95 % of t
 Exact and fast: s_i^2 are the eigenvalues of the smaller Gram matrix (R R^T or R^T R), computed in
 float64 — a fraction of the cost of an SVD, with the same energies.
 
-LoRaD fit. LoRaD can only rotate adjacent column pairs (2k, 2k+1) of each row. The best rotation of
+LoRaD fit. LoRaD can only rotate adjacent column pairs (2k, 2k+1) of each row (the pairing of
+:mod:`.geometry`, the adapter's own). The best rotation of
 a teacher pair p_t towards the student pair p_s has angle atan2(p_t x p_s, p_t . p_s) and leaves
 p_s - R p_t = (|p_s| - |p_t|) p_s/|p_s|: what no rotation can express is the pair-norm change. The
 fit is the share of ||W_s - W_t||^2 a pure pair rotation explains; the angle field theta (out x in/2)
@@ -23,6 +24,7 @@ from scipy.linalg import eigh
 from scipy.linalg.blas import dsyrk
 
 from .decompose import rows
+from .geometry import paired_columns
 
 ENERGY_LEVELS = (0.90, 0.93, 0.95)
 
@@ -100,24 +102,24 @@ def residual_spectra(teacher: torch.Tensor, student: torch.Tensor, fractions=(0.
 
 
 def pair_rotation_angles(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """The angle field (out x in/2): per row and adjacent column pair, the rotation taking teacher to student."""
-    t, s = rows(teacher).double(), rows(student).double()
-    pairs = t.shape[1] // 2
-    t_even, t_odd = t[:, 0:2 * pairs:2], t[:, 1:2 * pairs:2]
-    s_even, s_odd = s[:, 0:2 * pairs:2], s[:, 1:2 * pairs:2]
+    """The angle field (out x width // 2): per row and column pair, atan2(p_t x p_s, p_t . p_s), the
+    rotation taking the teacher pair p_t to the student pair p_s."""
+    t_even, t_odd, _ = paired_columns(rows(teacher).double())
+    s_even, s_odd, _ = paired_columns(rows(student).double())
     return torch.atan2(t_even * s_odd - t_odd * s_even, t_even * s_even + t_odd * s_odd)
 
 
 def lorad_fit(teacher: torch.Tensor, student: torch.Tensor, levels=(0.90,)) -> dict[str, float]:
-    """How much of the layer's change a pure pairwise rotation can express, and the angle field's rank."""
+    """How much of the layer's change a pure pairwise rotation can express, and the angle field's rank:
+    fit = 100 * (1 - (sum (|p_s| - |p_t|)^2 + ||unpaired_s - unpaired_t||^2) / ||W_s - W_t||^2)."""
     t, s = rows(teacher).double(), rows(student).double()
-    pairs = t.shape[1] // 2
+    t_even, t_odd, t_unpaired = paired_columns(t)
+    s_even, s_odd, s_unpaired = paired_columns(s)
     change = (s - t).square().sum().item()
-    pair_norm_change = (s[:, : 2 * pairs].unflatten(1, (pairs, 2)).norm(dim=2)
-                        - t[:, : 2 * pairs].unflatten(1, (pairs, 2)).norm(dim=2)).square().sum().item()
-    unpaired_change = (s[:, 2 * pairs:] - t[:, 2 * pairs:]).square().sum().item()
+    pair_norm_change = (torch.hypot(s_even, s_odd) - torch.hypot(t_even, t_odd)).square().sum().item()
+    unpaired_change = (s_unpaired - t_unpaired).square().sum().item()
     out = {"lorad_fit": 100.0 * (1.0 - (pair_norm_change + unpaired_change) / change) if change > 0 else math.nan}
-    if pairs:
+    if t_even.shape[1]:
         profile = energy_profile(gram_eigenvalues(pair_rotation_angles(teacher, student)), (), levels,
                                  prefix="angle_field")
         out.update({k: v for k, v in profile.items() if "rank" in k})

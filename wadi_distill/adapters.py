@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wadi_analysis.geometry import cost_per_rank, row_width
+
 from . import lorad
 from .lorad import AdapterFileError
 
@@ -107,19 +109,19 @@ def trainable_parameters(model: nn.Module) -> int:
 
 
 def lorad_parameters(model: nn.Module, targets: dict[str, int]) -> int:
-    """r * (out + in/2) per target: what :func:`attach` with ``lorad`` would add."""
+    """rank * cost_per_rank per target: what :func:`attach` with ``lorad`` would add."""
     modules = dict(model.named_modules())
-    return sum(rank * (modules[n].weight.shape[0] + modules[n].weight[0].numel() // 2) for n, rank in targets.items())
+    return sum(rank * cost_per_rank(modules[name].weight.shape) for name, rank in targets.items())
 
 
 def lora_ranks_at_equal_budget(model: nn.Module, targets: dict[str, int]) -> dict[str, int]:
-    """LoRA ranks with (about) the parameter count of LoRaD at ``targets``: r * (out + in) ~ r_lorad * (out + in/2)."""
+    """LoRA ranks with (about) the parameter count of LoRaD at ``targets``: r * (out + width) ~ r_lorad * cost_per_rank."""
     modules = dict(model.named_modules())
     ranks = {}
     for name, rank in targets.items():
-        weight = modules[name].weight
-        out_features, width = weight.shape[0], weight[0].numel()
-        ranks[name] = max(1, round(rank * (out_features + width // 2) / (out_features + width)))
+        shape = modules[name].weight.shape
+        lora_cost_per_rank = shape[0] + row_width(shape)  # one column of up, one row of down
+        ranks[name] = max(1, round(rank * cost_per_rank(shape) / lora_cost_per_rank))
     return ranks
 
 

@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .rotation import RotationAdapter, rotate_rows, row_width
+from wadi_analysis.geometry import row_width
+
+from .rotation import RotationAdapter, rotate_rows
 
 ADAPTABLE = (nn.Linear, nn.Conv2d)
 

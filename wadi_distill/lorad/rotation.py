@@ -8,7 +8,8 @@ theta[i, k], with theta = A @ B (A: out x r, zero init; B: r x in//2, Xavier ini
     W'[:, 2k+1] = W[:, 2k] sin(theta) + W[:, 2k+1] cos(theta)
 
 Every row norm (and every pair norm) is preserved exactly: only directions move. With an odd
-flattened width the last column has no partner and stays as it is.
+flattened width the last column has no partner and stays as it is. The pairing, theta's shape and the
+cost per rank are :mod:`wadi_analysis.geometry`'s, shared with the analysis that measures LoRaD.
 
 The rotation runs as a custom autograd function that saves only W and theta (not cos/sin or the
 rotated weight) and recomputes in backward: for loss L with G = dL/dW',
@@ -19,29 +20,21 @@ rotated weight) and recomputes in backward: for loss L with G = dL/dW',
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-
-def _paired(weight_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(even columns, odd columns, unpaired last column or None) as views."""
-    pairs = weight_rows.shape[1] // 2
-    body = weight_rows[:, : 2 * pairs].unflatten(1, (pairs, 2))
-    tail = weight_rows[:, 2 * pairs:] if weight_rows.shape[1] % 2 else None
-    return body[..., 0], body[..., 1], tail
+from wadi_analysis.decompose import rows
+from wadi_analysis.geometry import angle_field_shape, paired_columns
 
 
 def _rotate(weight_rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the column pairs, writing straight into the strided halves of the output (no stack/cat)."""
     out = torch.empty_like(weight_rows)
-    even, odd, tail = _paired(weight_rows)
-    out_even, out_odd, out_tail = _paired(out)
+    even, odd, unpaired = paired_columns(weight_rows)
+    out_even, out_odd, out_unpaired = paired_columns(out)
     torch.mul(even, cos, out=out_even).addcmul_(odd, sin, value=-1)
     torch.mul(even, sin, out=out_odd).addcmul_(odd, cos)
-    if tail is not None:
-        out_tail.copy_(tail)
+    out_unpaired.copy_(unpaired)
     return out
 
 
@@ -60,8 +53,8 @@ class PairRotation(torch.autograd.Function):
         grad_weight = grad_theta = None
         if ctx.needs_input_grad[1]:
             # dL/dtheta = g_odd * W'_even - g_even * W'_odd, with W' recomputed pair by pair.
-            even, odd, _ = _paired(weight_rows.to(theta.dtype))
-            grad_even, grad_odd, _ = _paired(grad)
+            even, odd, _ = paired_columns(weight_rows.to(theta.dtype))
+            grad_even, grad_odd, _ = paired_columns(grad)
             rotated_even = (even * cos).addcmul_(odd, sin, value=-1)
             rotated_odd = (even * sin).addcmul_(odd, cos)
             grad_theta = (grad_odd * rotated_even).addcmul_(grad_even, rotated_odd, value=-1)
@@ -75,15 +68,9 @@ def rotate_rows(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
     The result has ``weight``'s shape and ``theta``'s dtype (compute in float32, cast once by the caller).
     """
-    rows = weight.reshape(weight.shape[0], -1)
-    if theta.shape != (rows.shape[0], rows.shape[1] // 2):
-        raise ValueError(f"theta must be {(rows.shape[0], rows.shape[1] // 2)}, got {tuple(theta.shape)}")
-    return PairRotation.apply(rows, theta).reshape(weight.shape)
-
-
-def row_width(weight_shape: torch.Size | tuple[int, ...]) -> int:
-    """Flattened input width of a Linear (out, in) or Conv (out, in, *kernel) weight."""
-    return math.prod(weight_shape[1:])
+    if theta.shape != angle_field_shape(weight.shape):
+        raise ValueError(f"theta must be {angle_field_shape(weight.shape)}, got {tuple(theta.shape)}")
+    return PairRotation.apply(rows(weight), theta).reshape(weight.shape)
 
 
 class RotationAdapter(nn.Module):
@@ -94,7 +81,7 @@ class RotationAdapter(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError("rank must be >= 1")
-        pairs = width // 2
+        _, pairs = angle_field_shape((out_rows, width))
         if pairs < 1:
             raise ValueError("a weight needs at least two input columns to rotate")
         self.A = nn.Parameter(torch.zeros(out_rows, rank, dtype=torch.float32, device=device))
