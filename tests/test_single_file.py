@@ -78,33 +78,42 @@ def test_cli_run_export_and_sample_from_a_single_file_teacher(single, tmp_path):
     assert (tmp_path / "images" / "grid.png").is_file()
 
 
-def test_cli_bad_single_file_teachers_are_one_error_line(single, tmp_path):
+@pytest.fixture(scope="module")
+def teacher_paths(single, tmp_path_factory):
+    """Named paths for the --teacher arguments: the good inputs, and broken or mislabelled single files."""
+    folder, _, file, _, configs, state = single
+    root = tmp_path_factory.mktemp("bad_single")
+    paths = {"folder": folder, "file": file, "configs": configs, "unet_folder": folder / "unet",
+             "plain_unet": root / "diffusers_unet.safetensors",  # a single file, but diffusers names: not SD's
+             "incomplete": root / "incomplete.safetensors", "no_vae": root / "no_vae.safetensors",
+             "truncated": root / "truncated.safetensors"}
+    shutil.copyfile(folder / "unet" / "diffusion_pytorch_model.safetensors", paths["plain_unet"])
+    save_file({k: v for i, (k, v) in enumerate(state.items()) if i % 5 or not k.startswith("model.")},
+              paths["incomplete"])
+    save_file({k: v for k, v in state.items() if not k.startswith("first_stage_model.")}, paths["no_vae"])
+    paths["truncated"].write_bytes(file.read_bytes()[:5000])
+    return paths
+
+
+@pytest.mark.parametrize("expected, teacher", [  # the error's text; --teacher arguments (names of teacher_paths)
+    ("--teacher-config", ["file"]),
+    ("not an original single-file", ["plain_unet", "--teacher-config", "configs"]),
+    ("an incomplete checkpoint", ["incomplete", "--teacher-config", "configs"]),
+    ("AutoencoderKL", ["no_vae", "--teacher-config", "configs"]),
+    ("truncated", ["truncated", "--teacher-config", "configs"]),
+    ("model_index.json missing", ["file", "--teacher-config", "unet_folder"]),
+    ("for single-file teachers", ["folder", "--teacher-config", "configs"]),
+], ids=["no-teacher-config", "diffusers-names", "incomplete", "no-vae", "truncated", "config-without-model-index",
+        "config-for-a-pipeline-folder"])
+def test_cli_bad_single_file_teachers_are_one_error_line(single, teacher_paths, tmp_path, expected, teacher):
     from typer.testing import CliRunner
 
     from wadi_distill.cli import app
 
-    folder, prompts, file, _, configs, state = single
-    plain_unet = tmp_path / "diffusers_unet.safetensors"  # a single file, but diffusers names: not an SD checkpoint
-    shutil.copyfile(folder / "unet" / "diffusion_pytorch_model.safetensors", plain_unet)
-    incomplete = tmp_path / "incomplete.safetensors"
-    save_file({k: v for i, (k, v) in enumerate(state.items()) if i % 5 or not k.startswith("model.")}, incomplete)
-    no_vae = tmp_path / "no_vae.safetensors"
-    save_file({k: v for k, v in state.items() if not k.startswith("first_stage_model.")}, no_vae)
-    truncated = tmp_path / "truncated.safetensors"
-    truncated.write_bytes(file.read_bytes()[:5000])
-    cases = {
-        "--teacher-config": [str(file)],
-        "not an original single-file": [str(plain_unet), "--teacher-config", str(configs)],
-        "an incomplete checkpoint": [str(incomplete), "--teacher-config", str(configs)],
-        "AutoencoderKL": [str(no_vae), "--teacher-config", str(configs)],
-        "truncated": [str(truncated), "--teacher-config", str(configs)],
-        "model_index.json missing": [str(file), "--teacher-config", str(folder / "unet")],
-        "for single-file teachers": [str(folder), "--teacher-config", str(configs)],
-    }
-    runner = CliRunner()
-    for expected, teacher in cases.items():
-        result = runner.invoke(app, ["run", "--teacher", *teacher, "--prompts", str(prompts),
-                                     "--out", str(tmp_path / "bad"), "--quiet"])
-        assert result.exit_code == 2 and result.stderr.startswith("error: "), (expected, result.output)
-        assert result.stderr.count("\n") == 1 and expected in result.stderr, (expected, result.stderr)
-        assert not (tmp_path / "bad").exists()
+    prompts = single[1]
+    teacher = [a if a.startswith("--") else str(teacher_paths[a]) for a in teacher]
+    result = CliRunner().invoke(app, ["run", "--teacher", *teacher, "--prompts", str(prompts),
+                                      "--out", str(tmp_path / "bad"), "--quiet"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: "), (expected, result.output)
+    assert result.stderr.count("\n") == 1 and expected in result.stderr, (expected, result.stderr)
+    assert not (tmp_path / "bad").exists()
