@@ -90,7 +90,11 @@ def test_adapter_files_refuse_other_base_weights(run, tmp_path):
         adapters.load_adapter(other, f"{run.out}/generator_adapter.safetensors")
 
 
-def test_export_of_an_unfinished_run_is_one_error_line(pipeline, tmp_path):
+@pytest.mark.parametrize("command", [
+    lambda run: ["export", str(run), "--out", str(run / "e")],
+    lambda run: ["sample", str(run), "-p", "x", "--out", str(run / "s")],
+], ids=["export", "sample"])
+def test_export_of_an_unfinished_run_is_one_error_line(pipeline, tmp_path, command):
     from typer.testing import CliRunner
 
     from wadi_distill.cli import app
@@ -98,10 +102,18 @@ def test_export_of_an_unfinished_run_is_one_error_line(pipeline, tmp_path):
     config_for(pipeline, tmp_path / "run", adapter="lora").write(tmp_path / "config.json")
     (tmp_path / "checkpoints").mkdir()
     runner = CliRunner()
-    for command in (["export", str(tmp_path), "--out", str(tmp_path / "e")],
-                    ["sample", str(tmp_path), "-p", "x", "--out", str(tmp_path / "s")]):
-        result = runner.invoke(app, command)
-        assert result.exit_code == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-        assert "generator_adapter.safetensors" in result.stderr
+    result = runner.invoke(app, command(tmp_path))
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "generator_adapter.safetensors" in result.stderr
+
+
+def test_sample_from_a_folder_that_is_no_run_is_one_error_line(pipeline, tmp_path):
+    from typer.testing import CliRunner
+
+    from wadi_distill.cli import app
+
+    config_for(pipeline, tmp_path / "run", adapter="lora").write(tmp_path / "config.json")
+    (tmp_path / "checkpoints").mkdir()
+    runner = CliRunner()
     bad = runner.invoke(app, ["sample", str(tmp_path / "checkpoints"), "-p", "x", "--out", str(tmp_path / "s")])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: ") and "neither a run folder" in bad.stderr
