@@ -2,6 +2,7 @@
 
 import pandas as pd
 import pytest
+import torch
 
 from wadi_analysis import compare, open_checkpoint
 
@@ -49,6 +50,20 @@ def test_ldm_layout_maps_without_leftovers(formats, tiny_pair):
         assert set(source.names()) == set(tiny_pair[0])
         assert source.mapping.unmapped == []
         assert len(source.mapping.ignored) == 2 + len(tiny_pair[0])  # VAE + text encoder keys + EMA copy
+        # The same, through the interface every source has: stored keys and the layout.
+        assert source.key_mapping is source.mapping and source.key_mapping.layout == "ldm"
+        assert len(source.raw_source) == len(source) + len(source.mapping.ignored)
+        name = next(iter(tiny_pair[0]))
+        assert source.raw_name(name).startswith("model.diffusion_model.")
+        assert torch.equal(source.raw_source.tensor(source.raw_name(name)), source.tensor(name))
+
+
+def test_unrenamed_sources_are_their_own_raw_source(tiny_pair):
+    from wadi_analysis.checkpoint import TensorDictSource
+
+    source = TensorDictSource(tiny_pair[0])
+    assert source.raw_source is source and source.key_mapping.layout == "as stored"
+    assert all(source.raw_name(n) == n for n in source.names()) and not source.key_mapping.ignored
 
 
 def test_ldm_ema_ignored_unless_asked(formats):

@@ -22,7 +22,7 @@ import struct
 import warnings
 import zipfile
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 from pathlib import Path
 
@@ -46,6 +46,16 @@ class TensorInfo:
         return prod(self.shape)
 
 
+@dataclass
+class KeyMapping:
+    """canonical (diffusers) name -> name stored in the source, plus what was left out and why."""
+
+    names: dict[str, str]
+    layout: str = "diffusers"
+    ignored: list[str] = field(default_factory=list)  # other components (VAE, text encoder), EMA copies
+    unmapped: list[str] = field(default_factory=list)  # U-Net keys the converter did not place
+
+
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -57,7 +67,12 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
 class CheckpointSource(ABC):
-    """A checkpoint whose tensors are read one at a time. Subclasses fill ``_infos``."""
+    """A checkpoint whose tensors are read one at a time. Subclasses fill ``_infos``.
+
+    Names are canonical (diffusers-style, see :mod:`wadi_analysis.keymap`); :attr:`raw_source`,
+    :meth:`raw_name` and :attr:`key_mapping` tell how they relate to the keys stored in the file,
+    which a source that renames keys (``keymap.RenamedSource``) overrides.
+    """
 
     path: Path
     format: str
@@ -82,6 +97,20 @@ class CheckpointSource(ABC):
 
     def close(self) -> None:
         pass
+
+    @property
+    def raw_source(self) -> CheckpointSource:
+        """This checkpoint under the keys stored in its file, every key included (itself, unless renamed)."""
+        return self
+
+    def raw_name(self, name: str) -> str:
+        """The key the tensor ``name`` is stored under in :attr:`raw_source`."""
+        return name
+
+    @property
+    def key_mapping(self) -> KeyMapping:
+        """The key layout: canonical name -> stored key, the layout's name, stored keys left out."""
+        return KeyMapping({name: name for name in self.names()}, layout="as stored")
 
     def __enter__(self):
         return self

@@ -275,15 +275,15 @@ def summarize(layers: pd.DataFrame) -> dict:
 
 
 def describe(source: CheckpointSource) -> dict:
-    inner = getattr(source, "inner", source)
-    mapping = getattr(source, "mapping", None)
+    """What a checkpoint holds, from its headers: format, tensors, parameters, dtypes, keys left out."""
+    mapping = source.key_mapping
     return {
         "path": str(source.path), "format": source.format, "n_tensors": len(source),
         "n_params": int(sum(source.info(n).numel for n in source.names())),
         "dtypes": sorted({str(source.info(n).dtype).removeprefix("torch.") for n in source.names()}),
-        "ignored_keys": len(mapping.ignored) if mapping else 0,
-        "unmapped_keys": mapping.unmapped[:20] if mapping else [],
-        "raw_tensors": len(inner),
+        "ignored_keys": len(mapping.ignored),
+        "unmapped_keys": mapping.unmapped[:20],
+        "raw_tensors": len(source.raw_source),
     }
 
 

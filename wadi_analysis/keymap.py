@@ -10,25 +10,15 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import CheckpointSource, TensorInfo
+from .checkpoint import CheckpointSource, KeyMapping, TensorInfo
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_EMA_PREFIX = "model_ema."
 STRIPPABLE_PREFIXES = ("module.", "_orig_mod.", "unet.", "transformer.", "model.", "base_model.model.")
-
-
-@dataclass
-class KeyMapping:
-    """canonical (diffusers) name -> name inside the source, plus what was left out and why."""
-
-    names: dict[str, str]
-    layout: str = "diffusers"
-    ignored: list[str] = field(default_factory=list)  # other components (VAE, text encoder), EMA copies
-    unmapped: list[str] = field(default_factory=list)  # U-Net keys the converter did not place
 
 
 def _infer_ldm_unet_config(unet_keys: list[str]) -> dict:
@@ -110,6 +100,17 @@ class RenamedSource(CheckpointSource):
 
     def close(self) -> None:
         self.inner.close()
+
+    @property
+    def raw_source(self) -> CheckpointSource:
+        return self.inner
+
+    def raw_name(self, name: str) -> str:
+        return self.mapping.names[name]
+
+    @property
+    def key_mapping(self) -> KeyMapping:
+        return self.mapping
 
 
 def row_shape(info: TensorInfo) -> tuple[int, int]:

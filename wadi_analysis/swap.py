@@ -54,15 +54,14 @@ def swap_sources(teacher: CheckpointSource, student: CheckpointSource, out: str 
     if not swappable:
         raise CheckpointError("no common weights with >= 2 dims: nothing to swap")
     # Write in the student's own key layout: raw names, including keys outside the denoiser.
-    inner = getattr(student, "inner", student)
-    canonical = {raw: name for name, raw in getattr(student, "mapping").names.items()} \
-        if hasattr(student, "mapping") else {n: n for n in student.names()}
+    stored = student.raw_source
+    canonical = {student.raw_name(name): name for name in student.names()}
     sides = {"teacher": teacher, "student": student}
 
     def tensor_for(raw_name: str) -> torch.Tensor:
         name = canonical.get(raw_name)
         if name not in swappable:
-            return inner.tensor(raw_name)
+            return stored.tensor(raw_name)
         norm_source = sides[norm_from].tensor(name).reshape(student.info(name).shape)
         direction_source = sides[direction_from].tensor(name).reshape(student.info(name).shape)
         hybrid = hybrid_rows(norm_source, direction_source).to(student.info(name).dtype)
@@ -70,7 +69,7 @@ def swap_sources(teacher: CheckpointSource, student: CheckpointSource, out: str 
         student.release(name)
         return hybrid
 
-    infos = {raw: inner.info(raw) for raw in inner.names()}
+    infos = {raw: stored.info(raw) for raw in stored.names()}
     metadata = {"wadi_swap": f"norm from {norm_from}, direction from {direction_from}", "format": "pt"}
     path = write_safetensors(out, infos, tensor_for, metadata)
     hybrids = sum(canonical.get(raw) in swappable for raw in infos)
