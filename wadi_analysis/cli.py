@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .checkpoint import CheckpointError
+from .spectrum import DEFAULT_SPECTRUM_FRACTIONS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compare diffusion checkpoints weight by weight: norm vs direction (WaDi, CVPR 2026).")
@@ -106,7 +107,7 @@ def compare(
     ema: Annotated[Optional[EmaSide], typer.Option(help="Use the EMA copy (model_ema.*) of an LDM checkpoint.")] = None,
     precision: Annotated[Precision, typer.Option(help="Arithmetic for the statistics.")] = Precision.float32,
     spectrum: Annotated[bool, typer.Option("--spectrum", help="Add residual spectra (energy in the top 30 % of the rank, rank for 90/93/95 %).")] = False,
-    spectrum_fraction: Annotated[Optional[list[float]], typer.Option(min=0.0, max=1.0, help="Rank fractions for --spectrum (repeatable; default 0.1 0.2 0.3 0.5 0.7).")] = None,
+    spectrum_fraction: Annotated[Optional[list[float]], typer.Option(min=0.0, max=1.0, help=f"Rank fractions for --spectrum (repeatable; default {' '.join(map(str, DEFAULT_SPECTRUM_FRACTIONS))}).")] = None,
     lorad_fit: Annotated[bool, typer.Option("--lorad-fit", help="Add the LoRaD fit: share of the change a pure pair rotation expresses.")] = False,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Layers measured in parallel (default: CPUs, at most 8).")] = None,
     report: Annotated[bool, typer.Option("--report", help="Also write report.html and report.pdf to --out.")] = False,
@@ -129,7 +130,7 @@ def compare(
         result = run_compare(teacher, student, include=include or (), exclude=exclude or (), kinds=kind or (),
                              component=component, variant=variant, ema=ema.value if ema else None,
                              precision=precision.value, progress=not (quiet or as_json), workers=workers,
-                             spectrum=spectrum, spectrum_fractions=tuple(spectrum_fraction or (0.1, 0.2, 0.3, 0.5, 0.7)), fit=lorad_fit)
+                             spectrum=spectrum, spectrum_fractions=tuple(spectrum_fraction or DEFAULT_SPECTRUM_FRACTIONS), fit=lorad_fit)
     except CheckpointError as exc:
         fail(str(exc))
     finally:

@@ -23,7 +23,7 @@ from threadpoolctl import threadpool_limits
 from .atomic import atomic_write_text
 from .checkpoint import CheckpointError, CheckpointSource, TensorDictSource
 from .decompose import layer_statistics, row_norms
-from .spectrum import lorad_fit, residual_spectra
+from .spectrum import DEFAULT_SPECTRUM_FRACTIONS, PAPER_RANK_FRACTION, lorad_fit, residual_spectra
 from .keymap import align
 from .layers import label
 from .locate import open_checkpoint
@@ -103,7 +103,7 @@ def _torch_threads(count: int):
 
 def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, selection: Selection | None = None,
                     precision: str = "float32", progress: bool = False, workers: int | None = None,
-                    spectrum: bool = False, spectrum_fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7),
+                    spectrum: bool = False, spectrum_fractions: tuple[float, ...] = DEFAULT_SPECTRUM_FRACTIONS,
                     fit: bool = False) -> Comparison:
     """Compare two opened sources (see :func:`compare`)."""
     selection = selection or Selection()
@@ -187,7 +187,7 @@ def compare(teacher: CheckpointLike, student: CheckpointLike, *,
             include: Iterable[str] = (), exclude: Iterable[str] = (), kinds: Iterable[str] = (),
             component: str | None = None, variant: str | None = None, ema: str | None = None,
             precision: str = "float32", progress: bool = False, workers: int | None = None,
-            spectrum: bool = False, spectrum_fractions: Iterable[float] = (0.1, 0.2, 0.3, 0.5, 0.7),
+            spectrum: bool = False, spectrum_fractions: Iterable[float] = DEFAULT_SPECTRUM_FRACTIONS,
             fit: bool = False) -> Comparison:
     """Compare a teacher and a student checkpoint weight by weight.
 
@@ -224,7 +224,7 @@ def compare(teacher: CheckpointLike, student: CheckpointLike, *,
             opened.append(handle)
         return compare_sources(*opened, selection=selection, precision=precision, progress=progress,
                                workers=workers, spectrum=spectrum,
-                               spectrum_fractions=tuple(sorted({*spectrum_fractions, 0.3})),  # the paper's 30 %
+                               spectrum_fractions=tuple(sorted({*spectrum_fractions, PAPER_RANK_FRACTION})),
                                fit=fit)
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 
 from .atomic import atomic_write_text
 from .geometry import angle_field_shape, cost_per_rank, row_width
+from .spectrum import PAPER_RANK_FRACTION
 
 PLAN_FORMAT = "wadi-lorad-plan"
 
@@ -93,7 +94,7 @@ def plan_from_findings(layers: pd.DataFrame, budget_params: int, *, max_rank: in
             break
     else:
         needed = pd.Series(float("nan"), index=frame.index)
-    needed = needed.fillna((0.3 * full_rank).apply(math.ceil)).clip(lower=1)
+    needed = needed.fillna((PAPER_RANK_FRACTION * full_rank).apply(math.ceil)).clip(lower=1)
     rounded = (needed / rank_multiple).apply(math.ceil) * rank_multiple
     frame["needed_rank"] = pd.concat([rounded, full_rank, pd.Series(max_rank, index=frame.index)], axis=1).min(axis=1)
     fit = frame["lorad_fit"].fillna(0).clip(lower=0) / 100 if "lorad_fit" in frame else 1.0

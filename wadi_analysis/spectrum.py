@@ -27,6 +27,8 @@ from .decompose import rows
 from .geometry import paired_columns
 
 ENERGY_LEVELS = (0.90, 0.93, 0.95)
+PAPER_RANK_FRACTION = 0.3  # WaDi Fig 1b: the share of residual energy in the top 30 % of the rank
+DEFAULT_SPECTRUM_FRACTIONS = (0.1, 0.2, PAPER_RANK_FRACTION, 0.5, 0.7)  # compare --spectrum's energy curve
 
 
 def gram_eigenvalues(matrix: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,7 @@ def numerical_rank(squared_singular_values: torch.Tensor, shape: tuple[int, int]
     return int((squared_singular_values > max(rounding ** 2, gram_roundoff)).sum().item())
 
 
-def energy_profile(squared_singular_values: torch.Tensor, fractions=(0.3,), levels=ENERGY_LEVELS,
+def energy_profile(squared_singular_values: torch.Tensor, fractions=(PAPER_RANK_FRACTION,), levels=ENERGY_LEVELS,
                    prefix: str = "residual") -> dict[str, float]:
     """Energy share at the top ``fractions`` of the rank and the rank needed for each energy ``level``."""
     full_rank = squared_singular_values.numel()
@@ -87,7 +89,7 @@ def unit_rows(weight_rows: torch.Tensor) -> torch.Tensor:
     return torch.where(norms > 0, weight_rows / norms.clamp_min(torch.finfo(weight_rows.dtype).tiny), 0.0)
 
 
-def residual_spectra(teacher: torch.Tensor, student: torch.Tensor, fractions=(0.3,),
+def residual_spectra(teacher: torch.Tensor, student: torch.Tensor, fractions=(PAPER_RANK_FRACTION,),
                      levels=ENERGY_LEVELS) -> dict[str, float]:
     """Spectrum figures of the weight residual and of the direction residual of one layer."""
     t, s = rows(teacher).double(), rows(student).double()

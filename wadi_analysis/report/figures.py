@@ -16,6 +16,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from ..spectrum import PAPER_RANK_FRACTION
 from .tables import (OPTIONAL_COLUMNS, aggregate, aggregate_rows, all_zero, clean, fmt, natural_key, number, usable,
                      values, wants_log)
 
@@ -159,9 +160,10 @@ def _draw_energy_curves(ax, layers: pd.DataFrame, curve: dict[float, str]) -> No
     if len(table):
         mean = table.mean(axis=0)
         ax.plot(100 * fractions, mean, color=DIRECTION["color"], lw=2.5, marker="o", label="mean over layers")
-        if 0.3 in curve:
-            at30 = mean[list(curve).index(0.3) + 1]
-            ax.annotate(f"{fmt(at30, 3)} % at 30 % rank", (30, at30), textcoords="offset points", xytext=(8, -14))
+        if PAPER_RANK_FRACTION in curve:
+            energy, percent = mean[list(curve).index(PAPER_RANK_FRACTION) + 1], round(100 * PAPER_RANK_FRACTION)
+            ax.annotate(f"{fmt(energy, 3)} % at {percent} % rank", (percent, energy), textcoords="offset points",
+                        xytext=(8, -14))
         ax.legend(fontsize=8, loc="lower right")
     ax.set_xlim(0, 100 * fractions.max())
     ax.set_ylim(0, 101)
