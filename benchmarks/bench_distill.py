@@ -147,7 +147,7 @@ def build(variant: str, config: str, device: str = "cpu", dtype_name: str = "fp3
             shape = (batch, 4, latent, latent)
             noise = torch.randn(shape, generator=rng).to(device)
             last = torch.full((batch,), teacher.num_timesteps - 1, dtype=torch.long, device=device)
-            output = teacher.forward(generator, noise, last, conditioning)
+            output = teacher.network_output(generator, noise, last, conditioning)
             x0 = predicted_x0(output, noise, teacher.alpha_bar(last, noise).to(output.dtype), "epsilon")
             timesteps = torch.randint(config_vsd.t_min, config_vsd.t_max + 1, (batch,), generator=rng).to(device)
             alpha_t = teacher.alpha_bar(timesteps, x0)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from tests.support.runs import assert_close, reference_one_step, sd_teacher_with_prompts, x0_from_epsilon
 from wadi_distill.teacher import load_teacher
 from wadi_distill.config import load_config
-from wadi_distill.training.loop import TrainingError, attach_roles, train
+from wadi_distill.distill import attach_roles
+from wadi_distill.training.loop import TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = REPO / "configs" / "accelerate_fsdp2.yaml"

@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .distill import VSDConfig
+from .vsd import VSDConfig
 
 
 @dataclass

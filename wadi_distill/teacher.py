@@ -125,7 +125,7 @@ class Teacher:
         embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
         return Conditioning(embeds)
 
-    def forward(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+    def network_output(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: Conditioning) -> torch.Tensor:
         """The raw network output at x_t (U-Nets and transformers name their inputs differently);
         learned-sigma outputs (PixArt) keep their prediction half."""
@@ -139,7 +139,7 @@ class Teacher:
     def epsilon(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: Conditioning) -> torch.Tensor:
         """The network's noise prediction at x_t, whatever its parametrisation."""
-        output = self.forward(model, noisy, timesteps, conditioning)
+        output = self.network_output(model, noisy, timesteps, conditioning)
         return predicted_epsilon(output, noisy, self.alpha_bar(timesteps, noisy).to(output.dtype),
                                  self.prediction_type)
 

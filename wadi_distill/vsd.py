@@ -7,10 +7,24 @@ the latents, e.g. shape (B, 1, 1, 1)); ``prediction_type`` is the network's para
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class VSDConfig:
+    guidance_real: float = 1.5       # CFG scale of the teacher (real score)
+    guidance_fake: float = 1.5       # CFG scale of the fake score
+    t_min: int = 20                  # generator-loss timesteps ~ U[t_min, t_max]
+    t_max: int = 980
+    fake_t_min: int = 0              # fake-score timesteps ~ U[fake_t_min, fake_t_max]
+    fake_t_max: int = 999
+    prompt_dropout: float = 0.1      # fake-score steps: prompt -> null prompt with this probability
+    alpha_T: float | None = None     # one-step a_T; None: the teacher schedule's own last value (published: 0.0047)
 
 
 def _full_precision(tensor: torch.Tensor) -> torch.Tensor:

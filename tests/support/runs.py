@@ -14,7 +14,7 @@ from wadi_distill import adapters
 from wadi_distill.teacher import Teacher, load_teacher
 from wadi_distill.config import RunConfig, load_config
 from wadi_distill.distill import GENERATOR, one_step
-from wadi_distill.training.loop import attach_roles
+from wadi_distill.distill import attach_roles
 
 
 def sd_teacher_with_prompts(root: Path) -> tuple[Path, Path]:
