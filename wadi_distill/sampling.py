@@ -1,16 +1,21 @@
-"""Multi-step sampling from a teacher: plain functions over tensors (k-diffusion style), no scheduler state.
+"""Sampling: plain functions over tensors (k-diffusion style), no scheduler state, then images.
 
 DDIM (η = 0) on the teacher's own ᾱ table with "trailing" timestep spacing, so one step starts at the
 last training timestep — the same x_T the one-step generator starts from — and the teacher used as a
-one-step generator is simply ``ddim(steps=1)``.
+one-step generator is simply ``ddim(steps=1)``. One-step samples of a generator are
+:func:`wadi_distill.distill.one_step`; :func:`decode` turns either into images, :func:`write_samples`
+writes a run's or an export's one-step images as PNG files.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
+from .distill import guided_epsilon, one_step
 from .teacher import Conditioning, Teacher
-from .distill import guided_epsilon
 
 
 def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -37,3 +42,53 @@ def ddim(teacher: Teacher, model, noise: torch.Tensor, conditioning: Conditionin
         alpha_next = alphas[timesteps[index + 1]].to(x.dtype)
         x = alpha_next.sqrt() * x0 + (1 - alpha_next).sqrt() * epsilon
     return x
+
+
+@torch.no_grad()
+def decode(teacher: Teacher, latents: torch.Tensor):
+    """Latents -> uint8 images (N, H, W, 3) with the teacher's VAE; a pixel-space teacher (no VAE, e.g.
+    the embedded one) has its images as latents (grey ones are repeated to RGB)."""
+    vae = teacher.pipeline.vae
+    if vae is None:
+        images = latents.float().expand(-1, 3, -1, -1) if latents.shape[1] == 1 else latents.float()
+    else:
+        images = vae.decode(latents / vae.config.scaling_factor).sample
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(pixels, columns: int):
+    """A PIL image with the images of ``pixels`` in rows of ``columns``."""
+    from PIL import Image
+
+    height, width = pixels.shape[1:3]
+    rows = -(-len(pixels) // columns)
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for index, pixel in enumerate(pixels):
+        grid.paste(Image.fromarray(pixel), ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+@torch.no_grad()
+def write_samples(source: str | os.PathLike, prompts: list[str], count: int, out: str | os.PathLike,
+                  seed: int = 0) -> list[Path]:
+    """``count`` one-step images per prompt from a run or an export, as PNG files plus ``grid.png`` in ``out``."""
+    from PIL import Image
+
+    from .runs import load_one_step
+
+    model = load_one_step(source)
+    teacher, generator = model.teacher, model.generator.eval()
+    all_prompts = [p for p in prompts for _ in range(count)]
+    conditioning = teacher.encode(all_prompts)
+    rng = torch.Generator().manual_seed(seed)
+    shape = (len(all_prompts), teacher.latent_channels, teacher.sample_size, teacher.sample_size)
+    pixels = decode(teacher, one_step(teacher, generator, torch.randn(shape, generator=rng), conditioning, model.vsd))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, pixel in enumerate(pixels):
+        path = out / f"{index // count:03d}-{index % count:02d}.png"
+        Image.fromarray(pixel).save(path)
+        paths.append(path)
+    image_grid(pixels, count).save(out / "grid.png")
+    return paths + [out / "grid.png"]

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from ..embedded import datasets
+from ..runs import load_sampler
 from . import metrics
 from .classifier import Classifier, embed, load_classifier
 
@@ -30,27 +30,12 @@ class Scores:
     prompt_accuracy: float
 
 
-def is_teacher_folder(source: str | os.PathLike) -> bool:
-    source = Path(source)
-    return (source / "model_index.json").is_file() and not (source / "checkpoints").is_dir()
-
-
 def sample_noise(teacher, count: int, seed: int, start: int = 0) -> torch.Tensor:
     """x_T for samples ``start .. start+count-1``: sample i is drawn from seed ``seed + i`` alone, so it is
     the same whatever the batch size or the number of samples."""
     shape = (teacher.latent_channels, teacher.sample_size, teacher.sample_size)
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + start + i))
                         for i in range(count)])
-
-
-def load_source(source: str | os.PathLike):
-    """(teacher whose denoiser is the model to sample, VSD settings or None for a multi-step teacher)."""
-    from ..teacher import load_teacher
-    from ..sample import load_one_step
-
-    if is_teacher_folder(source):
-        return load_teacher(source), None
-    return load_one_step(source)
 
 
 @torch.no_grad()
@@ -60,8 +45,7 @@ def sample_model(teacher, model, prompts: list[str], vsd=None, seed: int = 0, st
     ``steps``-step DDIM at ``guidance_scale`` (a teacher). Samples are model-space tensors (pixels in
     [-1, 1] for the embedded teacher), or with ``decoded`` uint8 RGB images (N, 3, H, W) from the VAE."""
     from ..distill import one_step
-    from ..sample import decode
-    from ..sampling import ddim
+    from ..sampling import ddim, decode
 
     was_training = model.training
     model.eval()
@@ -83,8 +67,8 @@ def sample_model(teacher, model, prompts: list[str], vsd=None, seed: int = 0, st
 def generate_batches(source: str | os.PathLike, prompts: list[str], seed: int = 0, steps: int = 25,
                      guidance_scale: float = 1.5, batch: int = 250, decoded: bool = False):
     """:func:`sample_model` for a teacher folder (DDIM), a run or an export (one step)."""
-    teacher, vsd = load_source(source)
-    yield from sample_model(teacher, teacher.denoiser, prompts, vsd, seed, steps, guidance_scale, batch, decoded)
+    teacher, model, vsd = load_sampler(source)
+    yield from sample_model(teacher, model, prompts, vsd, seed, steps, guidance_scale, batch, decoded)
 
 
 def score(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
@@ -133,9 +117,8 @@ def evaluate(source: str | os.PathLike, classifier: str | os.PathLike | Classifi
     """Scores of ``source`` (teacher folder, run or export) and of real data at the same sample count,
     as a JSON-ready dict."""
     benchmark = classifier if isinstance(classifier, Benchmark) else Benchmark(classifier, per_class, dataset)
-    teacher, vsd = load_source(source)
-    return {"source": str(source), **benchmark.evaluate_model(teacher, teacher.denoiser, vsd, seed, steps,
-                                                              guidance_scale)}
+    teacher, model, vsd = load_sampler(source)
+    return {"source": str(source), **benchmark.evaluate_model(teacher, model, vsd, seed, steps, guidance_scale)}
 
 
 def summary_line(result: dict) -> str:

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import embedded
-from ..evaluation.benchmark import Benchmark, load_source
+from ..evaluation.benchmark import Benchmark
+from ..runs import ONE_STEP_INFO, load_sampler
 
 
 @dataclass
@@ -62,7 +63,7 @@ def student_overrides(settings: Settings) -> dict[str, dict]:
     return students
 
 
-def distill(name: str, overrides: dict, seed: int, out: Path, settings: Settings, curve: Benchmark,
+def train_student(name: str, overrides: dict, seed: int, out: Path, settings: Settings, curve: Benchmark,
             final: Benchmark, log) -> tuple[dict, list[dict]]:
     """One student: train with convergence points, export, score. Returns (final row, curve rows)."""
     from ..config import load_config
@@ -86,8 +87,7 @@ def distill(name: str, overrides: dict, seed: int, out: Path, settings: Settings
     summary = train(config, on_validate=record)
     seconds = time.perf_counter() - started
     export_run(run_dir, run_dir / "export")
-    teacher, vsd = load_source(run_dir / "export")
-    scores = final.evaluate_model(teacher, teacher.denoiser, vsd)["scores"]
+    scores = final.evaluate_model(*load_sampler(run_dir / "export"))["scores"]
     log(f"{name} seed {seed}: FD {scores['frechet_distance']:.3f}, {seconds:.0f} s")
     return ({"experiment": "students", "model": name, "seed": seed, "trainable": summary["trainable"]["generator"],
              "train_seconds": round(seconds, 1), **scores}, points)
@@ -95,10 +95,10 @@ def distill(name: str, overrides: dict, seed: int, out: Path, settings: Settings
 
 def teacher_rows(settings: Settings, final: Benchmark) -> list[dict]:
     """Experiment 1: the teacher at several step counts, and as a one-step generator without guidance."""
-    teacher, _ = load_source(embedded.teacher_path())
+    teacher, model, _ = load_sampler(embedded.teacher_path())
     rows = []
     for steps, guidance in [(1, 1.0)] + [(s, settings.guidance) for s in settings.teacher_steps]:
-        scores = final.evaluate_model(teacher, teacher.denoiser, None, steps=steps, guidance_scale=guidance)["scores"]
+        scores = final.evaluate_model(teacher, model, None, steps=steps, guidance_scale=guidance)["scores"]
         rows.append({"experiment": "teacher", "model": f"teacher {steps} step{'s' * (steps > 1)}, cfg {guidance}",
                      "seed": 0, "steps": steps, **scores})
     return rows
@@ -128,10 +128,9 @@ def swap_rows(out: Path, final: Benchmark) -> list[dict]:
         shutil.rmtree(hybrid, ignore_errors=True)
         swap(embedded.teacher_path(), student, hybrid, norm_from=norm_from, direction_from=direction_from,
              component="unet")
-        shutil.copy(student / "wadi_one_step.json", hybrid / "wadi_one_step.json")
-        teacher, vsd = load_source(hybrid)
+        shutil.copy(student / ONE_STEP_INFO, hybrid / ONE_STEP_INFO)
         rows.append({"experiment": "swap", "model": label, "seed": 0,
-                     **final.evaluate_model(teacher, teacher.denoiser, vsd)["scores"]})
+                     **final.evaluate_model(*load_sampler(hybrid))["scores"]})
     return rows
 
 
@@ -161,7 +160,7 @@ def reproduce(out: str | Path, settings: Settings | None = None, log=print) -> P
     order = ["full", "lorad-published"] + [n for n in students if n not in ("full", "lorad-published")]
     for name in order:
         for seed in settings.seeds:
-            row, points = distill(name, students[name], seed, out, settings, curve, final, log)
+            row, points = train_student(name, students[name], seed, out, settings, curve, final, log)
             rows.append(row)
             curves += points
         analysis.append(analyse(name, out))
@@ -169,7 +168,7 @@ def reproduce(out: str | Path, settings: Settings | None = None, log=print) -> P
             budget = next(r["trainable"] for r in rows if r["model"] == "lorad-published")
             plan = plan_student(out, budget)
             for seed in settings.seeds:
-                row, points = distill("lorad-plan", plan, seed, out, settings, curve, final, log)
+                row, points = train_student("lorad-plan", plan, seed, out, settings, curve, final, log)
                 rows.append(row)
                 curves += points
             analysis.append(analyse("lorad-plan", out))
