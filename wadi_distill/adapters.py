@@ -245,3 +245,40 @@ def merge_and_unload(model: nn.Module, name: str) -> nn.Module:
     if hasattr(model, "peft_config"):
         del model.peft_config
     return model
+
+
+def describe_adapter(path: str | os.PathLike) -> dict:
+    """What an adapter file holds, whatever its method: name, method, modules, ranks, parameter count,
+    and its metadata (LoRaD: pairing, base dtype; every method: the base-weight fingerprint)."""
+    path = Path(path)
+    tensors, metadata = _read_safetensors(path)
+    if metadata.get("wadi_format") == PEFT_ADAPTER_FORMAT:
+        ranks = {k: v.shape[0] for k, v in tensors.items() if ".lora_A." in k and v.ndim >= 2}
+        details = {"component": metadata.get("component"), "base_fingerprint": metadata.get("base_fingerprint")}
+        return {"name": metadata.get("adapter_name"), "method": metadata.get("method"),
+                "modules": len(json.loads(metadata.get("targets", "[]"))), "ranks": sorted(set(ranks.values())),
+                "parameters": sum(t.numel() for t in tensors.values()), "details": details}
+    tensors, metadata = lorad.read_adapter(path)
+    ranks = json.loads(metadata["ranks"])
+    details = {key: metadata.get(key) for key in ("pairing", "base_dtype", "base_fingerprint")}
+    return {"name": metadata["adapter_name"], "method": "lorad", "modules": len(ranks),
+            "ranks": sorted(set(ranks.values())), "parameters": sum(t.numel() for t in tensors.values()),
+            "details": details}
+
+
+def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | os.PathLike,
+               component: str | None = None, strict_base: bool = True) -> str:
+    """Bake the adapter file ``adapter`` (any method) into the denoiser of ``base`` (a diffusers model
+    or pipeline folder) and save a plain diffusers model folder at ``out``; returns the adapter's name.
+    With ``strict_base`` the base weights must be the ones the adapter was trained on."""
+    from .teacher import load_denoiser
+
+    from wadi_analysis.errors import UserError
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty")
+    model = load_denoiser(base, component)
+    name = load_adapter(model, adapter, strict_base=strict_base)
+    merge_and_unload(model, name).save_pretrained(out)
+    return name

@@ -1,60 +1,57 @@
-"""``wadi-distill``: thin typer commands over the library (distillation itself lands with issue 5)."""
+"""``wadi-distill``: thin typer commands over the library — parse, one library call, print.
+
+Errors are the shared boundary's (:mod:`wadi_analysis.cli_boundary`): bad input ends in one
+``error: ...`` line and exit code 2.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 
-from wadi_analysis.cli import fail
+from wadi_analysis.cli_boundary import App, main as run_app
+from wadi_analysis.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="LoRaD adapters and one-step VSD distillation (WaDi, CVPR 2026).")
+from .embedded.teacher_training import TeacherConfig
+
+# ValueError: validation of options and files; ImportError: an optional extra (peft, torchmetrics) missing
+app = App(expected=(ValueError, ImportError), help="LoRaD adapters and one-step VSD distillation (WaDi, CVPR 2026).")
 console = Console(soft_wrap=True)  # one result per line, never re-wrapped
+TEACHER = TeacherConfig()  # the defaults `wadi-distill teacher` shows: TeacherConfig owns them
+
+
+def say(line: str) -> None:
+    console.print(line, markup=False)
 
 
 @app.command("adapter-info")
-def adapter_info(adapter: Annotated[Path, typer.Argument(help="A LoRaD adapter .safetensors file.")]) -> None:
-    """Show an adapter file's metadata: name, ranks, targets, pairing, base dtype and fingerprint."""
-    from .lorad import AdapterFileError, read_adapter
+def adapter_info(adapter: Annotated[Path, typer.Argument(help="An adapter .safetensors file (LoRaD, LoRA, DoRA).")]) -> None:
+    """Show an adapter file's metadata: name, method, ranks, targets, base fingerprint (LoRaD: pairing, base dtype)."""
+    from .adapters import describe_adapter
 
-    try:
-        tensors, metadata = read_adapter(adapter)
-    except AdapterFileError as exc:
-        fail(str(exc))
-    ranks = json.loads(metadata["ranks"])
-    console.print(f"adapter {metadata['adapter_name']!r}: {len(ranks)} modules, ranks {sorted(set(ranks.values()))}, "
-                  f"{sum(t.numel() for t in tensors.values()):,} parameters", markup=False)
-    for key in ("pairing", "base_dtype", "base_fingerprint"):
-        console.print(f"{key}: {metadata[key]}", markup=False)
+    info = describe_adapter(adapter)
+    say(f"adapter {info['name']!r} ({info['method']}): {info['modules']} modules, ranks {info['ranks']}, "
+        f"{info['parameters']:,} parameters")
+    for key, value in info["details"].items():
+        say(f"{key}: {value}")
 
 
 @app.command()
 def merge(
     base: Annotated[Path, typer.Argument(help="diffusers model or pipeline folder the adapter was trained on.")],
-    adapter: Annotated[Path, typer.Argument(help="LoRaD adapter .safetensors file.")],
+    adapter: Annotated[Path, typer.Argument(help="Adapter .safetensors file (LoRaD, LoRA, DoRA).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged diffusers model.")],
     component: Annotated[Optional[str], typer.Option(help="Pipeline component (default unet or transformer).")] = None,
     ignore_fingerprint: Annotated[bool, typer.Option(help="Merge even if the base weights differ from training.")] = False,
 ) -> None:
-    """Bake a LoRaD adapter into its base model and save a plain diffusers model folder."""
-    from wadi_analysis.checkpoint import CheckpointError
+    """Bake an adapter into its base model and save a plain diffusers model folder."""
+    from .adapters import merge_file
 
-    from .teacher import load_denoiser
-    from .lorad import AdapterFileError, load_adapter, merge_and_unload
-
-    if out.exists() and any(out.iterdir()):
-        fail(f"{out} exists and is not empty")
-    try:
-        model = load_denoiser(base, component)
-        name = load_adapter(model, adapter, strict_base=not ignore_fingerprint)
-    except (CheckpointError, AdapterFileError) as exc:
-        fail(str(exc))
-    merge_and_unload(model, name).save_pretrained(out)
-    console.print(f"merged adapter {name!r} into {out}", markup=False)
+    name = merge_file(base, adapter, out, component=component, strict_base=not ignore_fingerprint)
+    say(f"merged adapter {name!r} into {out}")
 
 
 @app.command()
@@ -80,26 +77,16 @@ def run(
 ) -> None:
     """Distil a teacher into a one-step generator with WaDi (VSD + LoRaD on one shared frozen base).
     Without --teacher: the embedded teacher, its prompts and its defaults (see `wadi-distill embedded`)."""
-    from wadi_analysis.checkpoint import CheckpointError
-
     from .config import load_config
-    from .lorad import AdapterFileError
-    from .training.loop import TrainingError, train
+    from .training.loop import train
 
-    try:
-        resolved = load_config(config, teacher=teacher, teacher_config=teacher_config, prompts=prompts, out=out,
-                               steps=steps, batch_size=batch_size,
-                               adapter=adapter, plan=plan, generator_rank=generator_rank, fake_rank=fake_rank,
-                               seed=seed, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing)
-        if not resolved.prompts:
-            fail("a teacher other than the embedded one needs --prompts FILE (or prompts in --config)")
-        summary = train(resolved, resume=resume, progress=not quiet)
-    except (ValueError, TrainingError, CheckpointError, AdapterFileError) as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"{exc.filename or resolved.out}: {exc.strerror or exc}")
-    console.print(f"{summary['steps']} steps, trainable {summary['trainable']}, skipped {summary['skipped']}; "
-                  f"run in {summary['run_dir']}", markup=False)
+    resolved = load_config(config, teacher=teacher, teacher_config=teacher_config, prompts=prompts, out=out,
+                           steps=steps, batch_size=batch_size, adapter=adapter, plan=plan,
+                           generator_rank=generator_rank, fake_rank=fake_rank, seed=seed,
+                           mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing)
+    summary = train(resolved, resume=resume, progress=not quiet)
+    say(f"{summary['steps']} steps, trainable {summary['trainable']}, skipped {summary['skipped']}; "
+        f"run in {summary['run_dir']}")
 
 
 @app.command()
@@ -109,19 +96,10 @@ def export(
     ema: Annotated[bool, typer.Option("--ema", help="Export the EMA of the generator adapter (runs with ema_decay).")] = False,
 ) -> None:
     """Write the merged one-step denoiser (diffusers folder + single .safetensors) and the adapter file."""
-    from wadi_analysis.checkpoint import CheckpointError
-
     from .export import export_run
-    from .lorad import AdapterFileError
 
-    if not (run_dir / "config.json").is_file():
-        fail(f"{run_dir} is not a run folder (config.json missing)")
-    try:
-        paths = export_run(run_dir, out, ema=ema)
-    except (ValueError, CheckpointError, AdapterFileError) as exc:
-        fail(str(exc))
-    for label, path in paths.items():
-        console.print(f"{label}: {path}", markup=False)
+    for label, path in export_run(run_dir, out, ema=ema).items():
+        say(f"{label}: {path}")
 
 
 @app.command("sample")
@@ -133,57 +111,38 @@ def sample_command(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """One-step images (PNG files + grid) from a run or an exported model."""
-    from wadi_analysis.checkpoint import CheckpointError
+    from .sampling import write_samples
 
-    from .lorad import AdapterFileError
-    from .sample import sample
-
-    try:
-        paths = sample(source, prompt, n, out, seed=seed)
-    except (ValueError, CheckpointError, AdapterFileError) as exc:
-        fail(str(exc))
-    console.print(f"wrote {len(paths) - 1} images and {paths[-1]}", markup=False)
-
-
+    paths = write_samples(source, prompt, n, out, seed=seed)
+    say(f"wrote {len(paths) - 1} images and {paths[-1]}")
 
 
 @app.command()
 def teacher(
     out: Annotated[Path, typer.Option("--out", "-o", help="Pipeline folder to write (replaced atomically).")],
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 12000,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 128,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine to 0).")] = 1e-3,
-    image_size: Annotated[int, typer.Option(help="Images are resized to this many pixels a side.")] = 16,
-    channels: Annotated[str, typer.Option(help="U-Net block widths, comma-separated.")] = "32,64,96",
-    layers_per_block: Annotated[int, typer.Option(help="U-Net ResNet layers per block.")] = 1,
-    text_hidden: Annotated[int, typer.Option(help="Text encoder width (= cross-attention width).")] = 32,
-    ema_decay: Annotated[float, typer.Option(help="EMA decay of the saved weights.")] = 0.999,
-    seed: Annotated[int, typer.Option(help="Seed of the initialisation and of every random draw.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    save_every: Annotated[int, typer.Option(help="Also save the EMA pipeline every N steps (0: at the end).")] = 0,
-    stop_after: Annotated[int, typer.Option(help="End after N steps, keeping the LR schedule of --steps.")] = 0,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = TEACHER.steps,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = TEACHER.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine to 0).")] = TEACHER.lr,
+    image_size: Annotated[int, typer.Option(help="Images are resized to this many pixels a side.")] = TEACHER.image_size,
+    channels: Annotated[str, typer.Option(help="U-Net block widths, comma-separated.")] = ",".join(
+        map(str, TEACHER.channels)),
+    layers_per_block: Annotated[int, typer.Option(help="U-Net ResNet layers per block.")] = TEACHER.layers_per_block,
+    text_hidden: Annotated[int, typer.Option(help="Text encoder width (= cross-attention width).")] = TEACHER.text_hidden,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the saved weights.")] = TEACHER.ema_decay,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and of every random draw.")] = TEACHER.seed,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = TEACHER.device,
+    save_every: Annotated[int, typer.Option(help="Also save the EMA pipeline every N steps (0: at the end).")] = TEACHER.save_every,
+    stop_after: Annotated[int, typer.Option(help="End after N steps, keeping the LR schedule of --steps.")] = TEACHER.stop_after,
     init: Annotated[Optional[Path], typer.Option(
         help="Continue from this teacher folder's weights (a second training phase; its provenance is kept).")] = None,
 ) -> None:
     """Train a small SD-family text-to-image teacher on Fashion-MNIST (CLIP BPE tokens, ε-prediction,
     SD's scaled-linear schedule) and save it as a StableDiffusionPipeline folder."""
-    from .embedded.teacher_training import TeacherConfig, train_teacher
+    options = {k: v for k, v in locals().items() if k != "out"}
+    from .embedded.teacher_training import teacher_config, train_teacher
 
-    try:
-        widths = tuple(int(c) for c in channels.split(","))
-    except ValueError:
-        fail(f"--channels must be comma-separated integers, got {channels!r}")
-    if device == "cuda" and not __import__("torch").cuda.is_available():
-        fail("--device cuda: no CUDA device is available")
-    config = TeacherConfig(steps=steps, batch_size=batch_size, lr=lr, image_size=image_size, channels=widths,
-                           layers_per_block=layers_per_block, text_hidden=text_hidden, ema_decay=ema_decay,
-                           seed=seed, device=device, save_every=save_every, stop_after=stop_after,
-                           init=str(init) if init else "")
-    try:
-        train_teacher(config, out, log=lambda line: console.print(line, markup=False))
-    except (ValueError, OSError) as exc:  # OSError: missing or unreadable data, --init folder, output
-        fail(str(exc))
-    console.print(f"teacher written to {out}", markup=False)
+    train_teacher(teacher_config(**options), out, log=say)
+    say(f"teacher written to {out}")
 
 
 @app.command()
@@ -193,17 +152,15 @@ def embedded(
     """Where the embedded teacher, its evaluation classifier and its prompts are, and how they were made."""
     from . import embedded as bundle
 
-    paths = {"teacher": bundle.teacher_path(), "classifier": bundle.classifier_path(), "prompts": bundle.prompts_path()}
+    paths = bundle.paths()
+    if path is not None and path not in paths:
+        raise UserError(f"--path must be teacher, classifier or prompts (got {path!r})")
     if path is not None:
-        if path not in paths:
-            fail(f"--path must be teacher, classifier or prompts (got {path!r})")
         typer.echo(paths[path])
         return
-    provenance = json.loads((bundle.teacher_path() / "wadi_teacher.json").read_text())
     for name, where in paths.items():
-        console.print(f"{name}: {where}", markup=False)
-    console.print(f"teacher made by: {provenance['command']} (seed {provenance['config']['seed']}, "
-                  f"{provenance['device']})", markup=False)
+        say(f"{name}: {where}")
+    say(f"teacher made by: {bundle.provenance()}")
 
 
 @app.command()
@@ -213,18 +170,10 @@ def classifier(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Train the evaluation classifier (its features carry FD/KID/precision/recall) on Fashion-MNIST."""
-    from wadi_analysis.atomic import atomic_write
+    from .evaluation.classifier import make_classifier
 
-    from .evaluation.classifier import save_classifier, train_classifier
-
-    try:
-        model, accuracy = train_classifier(epochs=epochs, seed=seed, log=lambda line: None)
-    except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
-    info = {"test_accuracy": accuracy, "command": f"wadi-distill classifier --epochs {epochs} --seed {seed}",
-            "dataset": "fashion-mnist", "image_size": model.image_size}
-    atomic_write(out, lambda path: save_classifier(model, path, info))
-    console.print(f"test accuracy {accuracy:.4f}; classifier written to {out}", markup=False)
+    accuracy = make_classifier(out, epochs=epochs, seed=seed, log=lambda line: None)
+    say(f"test accuracy {accuracy:.4f}; classifier written to {out}")
 
 
 @app.command()
@@ -246,38 +195,12 @@ def evaluate(
     """Sample a fixed prompt set with a fixed seed and score it. Default: FD, KID, precision/recall and
     prompt accuracy in the evaluation classifier's feature space, each beside its real-vs-real value.
     With --prompts and --reference-stats/--inception and/or --clip: FID and CLIP score (torchmetrics)."""
-    from wadi_analysis.atomic import atomic_write_text
-    from wadi_analysis.checkpoint import CheckpointError
+    from .evaluation import evaluate_source
 
-    from . import embedded
-    from .evaluation.benchmark import evaluate as run_evaluation, generate_batches, summary_line
-
-    source = source or embedded.teacher_path()
-    if not source.exists():
-        fail(f"{source} does not exist")
-    sd_protocol = prompts is not None or reference_stats is not None or inception is not None or clip is not None
-    try:
-        if sd_protocol:
-            from .training.prompts import read_prompts
-            from .evaluation.sd_protocol import evaluate_sd
-
-            if prompts is None or (reference_stats is None) != (inception is None):
-                fail("the SD protocol needs --prompts, and --reference-stats with --inception (FID) and/or --clip")
-            texts = read_prompts(prompts)
-            batches = generate_batches(source, texts, seed, steps, guidance, batch, decoded=True)
-            result = {"source": str(source), "seed": seed, "prompts": str(prompts),
-                      **evaluate_sd(batches, reference=reference_stats, inception=inception, clip=clip)}
-            line = " · ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("fid", "clip_score"))
-        else:
-            result = run_evaluation(source, classifier_file, per_class=per_class, seed=seed, steps=steps,
-                                    guidance_scale=guidance)
-            line = summary_line(result)
-    except (FileNotFoundError, ValueError, CheckpointError, ImportError) as exc:
-        fail(str(exc))
-    if json_out:
-        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
-    console.print(f"{source} ({result.get('sampler', 'SD protocol')}, {result['samples']} samples): {line}",
-                  markup=False)
+    _, line = evaluate_source(source, per_class=per_class, steps=steps, guidance=guidance, seed=seed,
+                              classifier=classifier_file, prompts=prompts, reference_stats=reference_stats,
+                              inception=inception, clip=clip, batch=batch, json_out=json_out)
+    say(line)
 
 
 @app.command("reference-stats")
@@ -289,15 +212,10 @@ def reference_stats_command(
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N images (sorted by name).")] = None,
 ) -> None:
     """FID reference statistics (mean, covariance, count of Inception features) of an image folder."""
-    from .evaluation.sd_protocol import image_folder_batches, reference_statistics
+    from .evaluation.sd_protocol import folder_reference_statistics
 
-    if not images.is_dir():
-        fail(f"{images} is not a folder")
-    try:
-        info = reference_statistics(image_folder_batches(images, size, limit=limit), out, inception=inception)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
-        fail(str(exc))
-    console.print(f"{info['count']} images, {info['features']} features: {out}", markup=False)
+    info = folder_reference_statistics(images, out, inception, size=size, limit=limit)
+    say(f"{info['count']} images, {info['features']} features: {out}")
 
 
 @app.command()
@@ -310,14 +228,11 @@ def reproduce(
     (LoRaD published/plan, LoRA, DoRA, full), weight analysis, swaps, rank and Conv2d ablations."""
     from .experiments.reproduce import QUICK, Settings, reproduce as run_experiments
 
-    try:
-        run_experiments(out, QUICK if quick else Settings(), log=lambda line: console.print(line, markup=False))
-    except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
+    run_experiments(out, QUICK if quick else Settings(), log=say)
 
 
 def main() -> None:
-    app()
+    run_app(app)
 
 
 if __name__ == "__main__":

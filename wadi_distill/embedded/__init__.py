@@ -1,9 +1,13 @@
 """The embedded default: a small SD-family teacher trained on Fashion-MNIST by ``wadi-distill teacher``
-and the evaluation classifier, both shipped with the package (see ``PROVENANCE.md`` beside this file
-for the commands and seeds that reproduce them)."""
+and the evaluation classifier, both shipped with the package; the teacher's ``wadi_teacher.json`` and
+the classifier's metadata record the commands and seeds that reproduce them.
+
+Also here: the Fashion-MNIST reader and captions (:mod:`.datasets`), the CLIP BPE tokenizer
+(:mod:`.tokenizer`) and the teacher's training (:mod:`.teacher_training`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -21,3 +25,14 @@ def classifier_path() -> Path:
 def prompts_path() -> Path:
     """Training prompts for distilling the embedded teacher: every class with every caption template."""
     return HERE / "prompts.txt"
+
+
+def paths() -> dict[str, Path]:
+    """The embedded files by name: teacher, classifier, prompts."""
+    return {"teacher": teacher_path(), "classifier": classifier_path(), "prompts": prompts_path()}
+
+
+def provenance() -> str:
+    """How the embedded teacher was made: its command, seed and device."""
+    info = json.loads((teacher_path() / "wadi_teacher.json").read_text())
+    return f"{info['command']} (seed {info['config']['seed']}, {info['device']})"

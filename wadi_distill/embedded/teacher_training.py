@@ -46,6 +46,24 @@ class TeacherConfig:
     init: str = ""                     # continue from this teacher folder's U-Net and text encoder ("": scratch)
 
 
+def teacher_config(channels: str | None = None, **options) -> TeacherConfig:
+    """A :class:`TeacherConfig` from command-line values: ``None`` keeps the default, ``channels`` is
+    comma-separated, ``device`` cuda must exist."""
+    from wadi_analysis.errors import UserError
+
+    values = {k: v for k, v in options.items() if v is not None}
+    if channels is not None:
+        try:
+            values["channels"] = tuple(int(c) for c in channels.split(","))
+        except ValueError:
+            raise UserError(f"--channels must be comma-separated integers, got {channels!r}") from None
+    if values.get("device") == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    if "init" in values:
+        values["init"] = str(values["init"])
+    return TeacherConfig(**values)
+
+
 def unet_config(config: TeacherConfig) -> dict:
     """SD1.5's U-Net layout shrunk: self+cross attention at the two coarser levels, none at full size."""
     levels = len(config.channels)

@@ -63,12 +63,12 @@ def train_classifier(dataset: str = "fashion-mnist", image_size: int = 16, epoch
     train, test = datasets.load(dataset, "train", image_size), datasets.load(dataset, "test", image_size)
     classifier = Classifier(len(train.classes), image_size)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=2e-3, weight_decay=1e-4)
-    generator = torch.Generator().manual_seed(seed)
+    rng = torch.Generator().manual_seed(seed)
     steps = epochs * (len(train) // batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
     for step in range(steps):
-        index = torch.randint(0, len(train), (batch_size,), generator=generator)
-        shift = torch.randint(-1, 2, (2,), generator=generator).tolist()
+        index = torch.randint(0, len(train), (batch_size,), generator=rng)
+        shift = torch.randint(-1, 2, (2,), generator=rng).tolist()
         images = torch.roll(train.images[index], shifts=shift, dims=(2, 3))
         loss = F.cross_entropy(classifier(images), train.labels[index])
         optimizer.zero_grad(set_to_none=True)
@@ -93,6 +93,19 @@ def set_feature_scale(classifier: Classifier, images: torch.Tensor) -> None:
 def save_classifier(classifier: Classifier, path: str | Path, info: dict) -> None:
     metadata = {"config": json.dumps(classifier.config), "info": json.dumps(info)}
     save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(path), metadata=metadata)
+
+
+def make_classifier(out: str | Path, epochs: int = 4, seed: int = 0, dataset: str = "fashion-mnist",
+                    log=print) -> float:
+    """Train the evaluation classifier and write it to ``out`` (atomically) with its provenance: test
+    accuracy, the command that remakes it, dataset and image size. Returns the test accuracy."""
+    from wadi_analysis.atomic import atomic_write
+
+    model, accuracy = train_classifier(dataset=dataset, epochs=epochs, seed=seed, log=log)
+    info = {"test_accuracy": accuracy, "command": f"wadi-distill classifier --epochs {epochs} --seed {seed}",
+            "dataset": dataset, "image_size": model.image_size}
+    atomic_write(Path(out), lambda path: save_classifier(model, path, info))
+    return accuracy
 
 
 def load_classifier(path: str | Path) -> Classifier:

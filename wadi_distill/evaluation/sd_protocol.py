@@ -110,6 +110,17 @@ def reference_statistics(batches, out: str | os.PathLike, inception=None, featur
     return {"count": count, "features": mu.shape[0]}
 
 
+def folder_reference_statistics(images: str | os.PathLike, out: str | os.PathLike, inception: str | os.PathLike,
+                                size: int = 512, limit: int | None = None) -> dict:
+    """:func:`reference_statistics` of an image folder (:func:`image_folder_batches`: sorted by name,
+    centre-cropped, resized to ``size`` with PIL's bicubic filter, the first ``limit`` only)."""
+    from wadi_analysis.errors import UserError
+
+    if not Path(images).is_dir():
+        raise UserError(f"{images} is not a folder")
+    return reference_statistics(image_folder_batches(images, size, limit=limit), out, inception=inception)
+
+
 def evaluate_sd(batches, *, reference: str | os.PathLike | None = None, inception=None, clip=None,
                 feature_extractor=None) -> dict:
     """FID against the reference statistics and/or CLIP score over ``batches`` of (uint8 images, prompts)."""
