@@ -1,0 +1,68 @@
+"""The run-folder module: it tells a teacher, a run and an export apart, loads the one-step model
+without putting the student into the Teacher, and its RunLog closes what it opened."""
+
+import pytest
+import torch
+
+from tests.support.runs import config_for, sd_teacher_with_prompts
+from wadi_analysis.errors import UserError
+from wadi_distill.export import export_run
+from wadi_distill.runs import EXPORT, RUN, TEACHER, RunFolder, load_one_step, load_sampler, source_kind
+from wadi_distill.training.loop import train
+from wadi_distill.training.runlog import RunLog
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    pipeline = sd_teacher_with_prompts(root)
+    config = config_for(pipeline, root / "run", steps=2, generator_lr=1e-2)
+    train(config)
+    export_run(config.out, root / "export")
+    return pipeline[0], root / "run", root / "export"
+
+
+def test_source_kinds(finished, tmp_path):
+    teacher, run, export = finished
+    assert [source_kind(p) for p in (teacher, run, export)] == [TEACHER, RUN, EXPORT]
+    (tmp_path / "empty").mkdir()
+    for bad, message in ((tmp_path / "empty", "neither a run folder"), (tmp_path / "missing", "does not exist")):
+        with pytest.raises(UserError, match=message):
+            source_kind(bad)
+    with pytest.raises(UserError, match="neither a run folder nor an exported one-step model"):
+        load_one_step(teacher)
+
+
+def test_run_folder_knows_its_files(finished):
+    _, run, _ = finished
+    folder = RunFolder(run)
+    assert folder.read_config()["steps"] == 2
+    assert [p.name for p in folder.checkpoints()] == ["step-0000002"]
+    assert folder.generator(full=False).is_file() and folder.grid(2).is_file() and folder.metrics_file.is_file()
+
+
+def test_the_teacher_keeps_its_own_denoiser(finished):
+    """An export's merged generator sits beside the teacher; the teacher's denoiser stays the teacher's."""
+    teacher_folder, _, export = finished
+    model = load_one_step(export)
+    assert model.generator is not model.teacher.denoiser
+    reference, _, _ = load_sampler(teacher_folder)
+    for (name, ours), (_, theirs) in zip(model.teacher.denoiser.state_dict().items(),
+                                         reference.denoiser.state_dict().items()):
+        assert torch.equal(ours, theirs), name
+    changed = [n for n, w in model.generator.state_dict().items() if not torch.equal(w, reference.denoiser.state_dict()[n])]
+    assert changed  # the generator did move away from the teacher
+    _, network, vsd = load_sampler(export)
+    assert vsd is not None and network is not None
+    assert load_sampler(teacher_folder)[2] is None  # a teacher samples in many steps
+
+
+def test_run_log_closes_its_files_when_training_raises(tmp_path):
+    folder = RunFolder(tmp_path)
+    log = RunLog(folder, total_steps=3, start_step=0, is_main=True, rank=0, progress=True, record_digests=True)
+    with pytest.raises(RuntimeError, match="boom"):
+        with log:
+            assert not log.metrics.closed and not log.digests.closed
+            raise RuntimeError("boom")
+    assert log.metrics.closed and log.digests.closed
+    assert folder.metrics_file.read_text().startswith("step,generator_loss,fake_loss")
