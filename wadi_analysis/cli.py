@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -12,11 +11,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .checkpoint import CheckpointError
+from . import cli_boundary
+from .cli_boundary import App, fail
 from .spectrum import DEFAULT_SPECTRUM_FRACTIONS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Compare diffusion checkpoints weight by weight: norm vs direction (WaDi, CVPR 2026).")
+app = App(help="Compare diffusion checkpoints weight by weight: norm vs direction (WaDi, CVPR 2026).")
 console = Console()
 error_console = Console(stderr=True)
 
@@ -32,12 +31,6 @@ class EmaSide(str, Enum):
     both = "both"
 
 
-def fail(message: str) -> None:
-    """One line on stderr, exit code 2: the contract for every bad input."""
-    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise typer.Exit(2)
-
-
 def command_line(ctx: typer.Context) -> str:
     """The invocation, rebuilt from the parsed parameters (recorded in outputs for reproducibility)."""
     import shlex
@@ -47,7 +40,7 @@ def command_line(ctx: typer.Context) -> str:
         value = ctx.params.get(param.name)
         value = value.value if isinstance(value, Enum) else value
         if param.param_type_name == "argument":
-            words.append(str(value))
+            words += [] if value is None else [str(value)]  # an optional argument left out stays out
         elif value not in (None, param.default, (), []) and not (param.default is None and value is False):
             flag = max(param.opts, key=len)
             if getattr(param, "is_flag", False):
@@ -121,38 +114,19 @@ def compare(
         fail("give either STUDENT or --student-lora FILE")
     if report and out is None:
         fail("--report needs --out DIR")
-    try:
-        if student_lora is not None:
-            from .lora_student import open_lora_student
-
-            student = open_lora_student(teacher, student_lora, lora_scale, component=component, variant=variant,
-                                        ema=ema is not None and ema.value in ("teacher", "both"))
-        result = run_compare(teacher, student, include=include or (), exclude=exclude or (), kinds=kind or (),
-                             component=component, variant=variant, ema=ema.value if ema else None,
-                             precision=precision.value, progress=not (quiet or as_json), workers=workers,
-                             spectrum=spectrum, spectrum_fractions=tuple(spectrum_fraction or DEFAULT_SPECTRUM_FRACTIONS), fit=lorad_fit)
-    except CheckpointError as exc:
-        fail(str(exc))
-    finally:
-        if student_lora is not None and hasattr(student, "close"):
-            student.close()
+    result = run_compare(teacher, student, student_lora=student_lora, lora_scale=lora_scale, include=include or (),
+                         exclude=exclude or (), kinds=kind or (), component=component, variant=variant,
+                         ema=ema.value if ema else None, precision=precision.value, progress=not (quiet or as_json),
+                         workers=workers, spectrum=spectrum,
+                         spectrum_fractions=spectrum_fraction or DEFAULT_SPECTRUM_FRACTIONS, fit=lorad_fit)
     result.summary["command"] = command_line(ctx)
-    if out is not None:
-        try:
-            result.write(out)
-            if report:
-                from .report import write_report
-
-                write_report(out, result.layers, result.summary)
-        except OSError as exc:
-            fail(f"cannot write to {out}: {exc.strerror or exc}")
+    written = result.write(out, report=report) if out is not None else []
     if as_json:
         print(json.dumps(result.summary, indent=2))
         return
     print_summary(result.summary, result.layers)
-    if out is not None:
-        written = "layers.csv, summary.json" + (", report.html, report.pdf" if report else "")
-        console.print(f"wrote {written} to {out}", markup=False)
+    if written:
+        console.print(f"wrote {', '.join(path.name for path in written)} to {out}", markup=False)
 
 
 class Side(str, Enum):
@@ -173,14 +147,8 @@ def swap(
     """Write a hybrid checkpoint: row norms from one side, row directions from the other (WaDi Fig 1c)."""
     from .swap import swap as run_swap
 
-    created = not out.exists()
-    try:
-        result = run_swap(teacher, student, out, norm_from=norm_from.value, direction_from=direction_from.value,
-                          component=component, variant=variant)
-    except CheckpointError as exc:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        fail(str(exc))
+    result = run_swap(teacher, student, out, norm_from=norm_from.value, direction_from=direction_from.value,
+                      component=component, variant=variant)
     console.print(f"wrote {result.path}: {result.hybrid_tensors} hybrid weights (norm from {norm_from.value}, "
                   f"direction from {direction_from.value}), {result.copied_tensors} tensors copied", markup=False)
 
@@ -199,13 +167,8 @@ def plan(
     """Turn a comparison into LoRaD targets and per-layer ranks under a parameter budget."""
     from .plan import make_plan
 
-    try:
-        result = make_plan(comparison, out, budget=budget, preset=preset, max_rank=max_rank,
-                           rank_multiple=rank_multiple, kinds=tuple(kind or ("linear", "conv")))
-    except FileNotFoundError as exc:
-        fail(f"{comparison} is not a comparison folder ({Path(exc.filename).name} missing)")
-    except (ValueError, KeyError) as exc:
-        fail(str(exc))
+    result = make_plan(comparison, out, budget=budget, preset=preset, max_rank=max_rank,
+                       rank_multiple=rank_multiple, kinds=tuple(kind or ("linear", "conv")))
     console.print(f"{result['method']}: {len(result['targets'])} modules, {result['trainable_params']:,} trainable "
                   f"parameters (budget {result['budget_params']:,}; the findings plan uses "
                   f"{result['findings_plan_params']:,}); wrote {out}", markup=False)
@@ -220,17 +183,9 @@ def report_command(
     pdf: Annotated[bool, typer.Option("--pdf/--no-pdf")] = True,
 ) -> None:
     """Write report.html (self-contained, sortable/filterable table) and report.pdf from a comparison."""
-    import pandas as pd
+    from .report import report_comparison
 
-    from .report import write_report
-
-    try:
-        table = pd.read_csv(swaps) if swaps else None
-        paths = write_report(comparison, swaps=table, html=html, pdf=pdf)
-    except FileNotFoundError as exc:
-        fail(f"{comparison} is not a comparison folder ({Path(exc.filename or '?').name} missing)")
-    except (ValueError, KeyError, pd.errors.ParserError) as exc:
-        fail(f"cannot build the report from {comparison}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    paths = report_comparison(comparison, swaps, html=html, pdf=pdf)
     for path in paths.values():
         console.print(f"wrote {path}", markup=False)
 
@@ -242,15 +197,9 @@ def info(
     variant: Annotated[Optional[str], typer.Option(help="diffusers weight variant.")] = None,
 ) -> None:
     """Describe a checkpoint from its headers: format, layout, tensors, parameters, dtypes."""
-    from .compare import describe
-    from .locate import open_checkpoint
+    from .compare import describe_checkpoint
 
-    try:
-        with open_checkpoint(checkpoint, component=component, variant=variant) as source:
-            details = describe(source)
-    except CheckpointError as exc:
-        fail(str(exc))
-    for key, value in details.items():
+    for key, value in describe_checkpoint(checkpoint, component=component, variant=variant).items():
         console.print(f"{key}: {value}", markup=False)
 
 
@@ -267,11 +216,7 @@ def example_pair(
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    cli_boundary.main(app)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ from .atomic import atomic_write_text
 from .checkpoint import CheckpointError, CheckpointSource, TensorDictSource
 from .decompose import layer_statistics, row_norms
 from .spectrum import DEFAULT_SPECTRUM_FRACTIONS, PAPER_RANK_FRACTION, lorad_fit, residual_spectra
+from .errors import InvalidValue, UserError
 from .keymap import align
 from .layers import label
 from .locate import open_checkpoint
+from .lora_student import LoraStudentSource
 
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 STAT_NAMES = ("norm_change", "direction_change", "angle_deg")
@@ -62,15 +64,35 @@ class Comparison:
     layers: pd.DataFrame
     summary: dict
 
-    def write(self, out_dir: str | os.PathLike) -> list[Path]:
-        """Write ``layers.csv`` and ``summary.json`` atomically (temp file + rename)."""
+    def write(self, out_dir: str | os.PathLike, report: bool = False) -> list[Path]:
+        """Write ``layers.csv`` and ``summary.json`` atomically (temp file + rename), and with ``report``
+        also ``report.html`` and ``report.pdf`` (see :func:`wadi_analysis.report.write_report`)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for file_name, text in (("layers.csv", self.layers.to_csv(index=False)),
                                 ("summary.json", json.dumps(self.summary, indent=2) + "\n")):
             written.append(atomic_write_text(out_dir / file_name, text))
+        if report:
+            from .report import write_report
+
+            written += write_report(out_dir, self.layers, self.summary).values()
         return written
+
+
+@contextmanager
+def reading_comparison(folder: str | os.PathLike, product: str):
+    """Around building ``product`` (e.g. "the report") from a folder :meth:`Comparison.write` filled:
+    a missing file, or one that does not parse or lacks a column, becomes one :class:`UserError`."""
+    try:
+        yield
+    except UserError:
+        raise
+    except FileNotFoundError as exc:
+        raise UserError(f"{folder} is not a comparison folder ({Path(exc.filename or '?').name} missing)") from None
+    except (ValueError, KeyError) as exc:  # pandas' ParserError and json's JSONDecodeError are ValueErrors
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"cannot build {product} from {folder}: {detail}") from None
 
 
 def _open(source, component, variant, ema) -> tuple[CheckpointSource, bool]:
@@ -183,8 +205,8 @@ def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, sel
 CheckpointLike = str | os.PathLike | CheckpointSource | Mapping[str, torch.Tensor]
 
 
-def compare(teacher: CheckpointLike, student: CheckpointLike, *,
-            include: Iterable[str] = (), exclude: Iterable[str] = (), kinds: Iterable[str] = (),
+def compare(teacher: CheckpointLike, student: CheckpointLike | None = None, *,
+            student_lora: str | os.PathLike | None = None, lora_scale: float = 1.0, include: Iterable[str] = (), exclude: Iterable[str] = (), kinds: Iterable[str] = (),
             component: str | None = None, variant: str | None = None, ema: str | None = None,
             precision: str = "float32", progress: bool = False, workers: int | None = None,
             spectrum: bool = False, spectrum_fractions: Iterable[float] = DEFAULT_SPECTRUM_FRACTIONS,
@@ -194,6 +216,8 @@ def compare(teacher: CheckpointLike, student: CheckpointLike, *,
     Args:
         teacher, student: paths (any format :func:`wadi_analysis.open_checkpoint` reads), opened sources,
             or in-memory ``{name: tensor}`` state dicts.
+        student_lora, lora_scale: instead of ``student``, the teacher plus ``lora_scale`` times this LoRA
+            file, merged weight by weight as it is read (:class:`~wadi_analysis.LoraStudentSource`).
         include, exclude: glob patterns on diffusers-style names (``*attn2*``); include keeps only matches.
         kinds: keep only these weight kinds (``linear``, ``conv``, ``embedding``, ``param``).
         component: pipeline component to read on both sides (default ``unet`` or ``transformer``).
@@ -214,16 +238,21 @@ def compare(teacher: CheckpointLike, student: CheckpointLike, *,
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
     if ema not in (None, "teacher", "student", "both"):
         raise ValueError("ema must be teacher, student or both")
+    if (student is None) == (student_lora is None):
+        raise InvalidValue("give either a student or student_lora (a LoRA file applied to the teacher)")
     selection = Selection(list(include), list(exclude), list(kinds))
     with ExitStack() as stack:
-        opened = []
+        opened = {}
         for side, source in (("teacher", teacher), ("student", student)):
-            handle, owned = _open(source, component, variant, ema in (side, "both"))
-            if owned:
-                stack.callback(handle.close)
-            opened.append(handle)
-        return compare_sources(*opened, selection=selection, precision=precision, progress=progress,
-                               workers=workers, spectrum=spectrum,
+            if source is not None:
+                opened[side], owned = _open(source, component, variant, ema in (side, "both"))
+                if owned:
+                    stack.callback(opened[side].close)
+        if student_lora is not None:
+            # Read through the teacher's handle (closed with it): the LoRA student is its weights + the LoRA.
+            opened["student"] = LoraStudentSource(opened["teacher"], student_lora, lora_scale)
+        return compare_sources(opened["teacher"], opened["student"], selection=selection, precision=precision,
+                               progress=progress, workers=workers, spectrum=spectrum,
                                spectrum_fractions=tuple(sorted({*spectrum_fractions, PAPER_RANK_FRACTION})),
                                fit=fit)
 
@@ -272,6 +301,13 @@ def summarize(layers: pd.DataFrame) -> dict:
     summary["zero_norm_rows"] = int(layers["zero_norm_rows"].sum())
     summary["n_params_analysed"] = int(layers["numel"].sum())
     return summary
+
+
+def describe_checkpoint(path: str | os.PathLike, *, component: str | None = None,
+                        variant: str | None = None) -> dict:
+    """:func:`describe` of the checkpoint at ``path`` (opened and closed here, headers only)."""
+    with open_checkpoint(path, component=component, variant=variant) as source:
+        return describe(source)
 
 
 def describe(source: CheckpointSource) -> dict:

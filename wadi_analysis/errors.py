@@ -12,6 +12,10 @@ class UserError(Exception):
     """Bad input: its message is one line a user can act on."""
 
 
+class InvalidValue(UserError, ValueError):
+    """A bad argument value: a :class:`UserError` that Python callers may also catch as ``ValueError``."""
+
+
 def one_line(message: object) -> str:
     """The message as one line: whitespace runs (newlines included) become single spaces."""
     return " ".join(str(message).split())

@@ -25,6 +25,8 @@ from pathlib import Path
 import pandas as pd
 
 from .atomic import atomic_write_text
+from .compare import reading_comparison
+from .errors import InvalidValue
 from .geometry import angle_field_shape, cost_per_rank, row_width
 from .spectrum import PAPER_RANK_FRACTION
 
@@ -76,7 +78,7 @@ def _geometry(layers: pd.DataFrame) -> pd.DataFrame:
 def preset_plan(layers: pd.DataFrame, preset: str, rank: int | None = None) -> dict[str, int]:
     """The published placement ``preset`` on the modules of a per-layer table."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        raise InvalidValue(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
     frame = _geometry(layers)
     return {m: rank or chosen.rank for m, k in zip(frame["module"], frame["kind"]) if chosen.matches(m, k)}
@@ -134,20 +136,22 @@ def make_plan(comparison_dir: str | os.PathLike, out: str | os.PathLike, *, budg
 
     ``budget`` is a fraction of the model's parameters (e.g. 0.1) or, if > 1, a parameter count.
     With ``preset``, the published placement is written instead (and the findings-based plan's cost
-    is reported beside it for comparison).
+    is reported beside it for comparison). A folder that does not make a plan is a :class:`UserError`.
     """
     comparison_dir = Path(comparison_dir)
-    layers = pd.read_csv(comparison_dir / "layers.csv")
-    summary = json.loads((comparison_dir / "summary.json").read_text())
-    model_params = int(summary.get("teacher", {}).get("n_params") or layers["numel"].sum())
-    budget_params = int(budget * model_params) if budget <= 1 else int(budget)
-    findings, _ = plan_from_findings(layers, budget_params, max_rank=max_rank, rank_multiple=rank_multiple, kinds=kinds)
-    targets = preset_plan(layers, preset) if preset else findings
-    info = {
-        "method": f"preset {preset}" if preset else "findings (see wadi_analysis.plan)",
-        "source": str(comparison_dir), "model_params": model_params, "budget_params": budget_params,
-        "trainable_params": plan_cost(layers, targets), "findings_plan_params": plan_cost(layers, findings),
-        "used_columns": [c for c in ("angle_field_rank_90", "residual_rank_90", "lorad_fit") if c in layers],
-    }
+    with reading_comparison(comparison_dir, "a plan"):
+        layers = pd.read_csv(comparison_dir / "layers.csv")
+        summary = json.loads((comparison_dir / "summary.json").read_text())
+        model_params = int(summary.get("teacher", {}).get("n_params") or layers["numel"].sum())
+        budget_params = int(budget * model_params) if budget <= 1 else int(budget)
+        findings, _ = plan_from_findings(layers, budget_params, max_rank=max_rank, rank_multiple=rank_multiple,
+                                         kinds=kinds)
+        targets = preset_plan(layers, preset) if preset else findings
+        info = {
+            "method": f"preset {preset}" if preset else "findings (see wadi_analysis.plan)",
+            "source": str(comparison_dir), "model_params": model_params, "budget_params": budget_params,
+            "trainable_params": plan_cost(layers, targets), "findings_plan_params": plan_cost(layers, findings),
+            "used_columns": [c for c in ("angle_field_rank_90", "residual_rank_90", "lorad_fit") if c in layers],
+        }
     write_plan(out, targets, **info)
     return {**info, "targets": targets}

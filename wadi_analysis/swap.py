@@ -79,7 +79,8 @@ def swap_sources(teacher: CheckpointSource, student: CheckpointSource, out: str 
 def swap(teacher, student, out: str | os.PathLike, *, norm_from: str = "teacher", direction_from: str = "student",
          component: str | None = None, variant: str | None = None) -> SwapResult:
     """Build a hybrid checkpoint. ``out`` ending in ``.safetensors`` gets a single file; any other path
-    becomes a diffusers model folder (the student's ``config.json`` + weights) that ``from_pretrained`` loads."""
+    becomes a diffusers model folder (the student's ``config.json`` + weights) that ``from_pretrained`` loads.
+    A folder created here is removed again when the swap fails."""
     out = Path(out)
     folder_output = not out.name.endswith(".safetensors")
     config = None
@@ -91,10 +92,16 @@ def swap(teacher, student, out: str | os.PathLike, *, norm_from: str = "teacher"
     with open_checkpoint(teacher, component=component, variant=variant) as t, \
             open_checkpoint(student, component=component, variant=variant) as s:
         if folder_output:
+            created = not out.exists()
             out.mkdir(parents=True, exist_ok=True)
-            result = swap_sources(t, s, out / "diffusion_pytorch_model.safetensors",
-                                  norm_from=norm_from, direction_from=direction_from)
-            shutil.copyfile(config, out / "config.json")
+            try:
+                result = swap_sources(t, s, out / "diffusion_pytorch_model.safetensors",
+                                      norm_from=norm_from, direction_from=direction_from)
+                shutil.copyfile(config, out / "config.json")
+            except BaseException:
+                if created and not any(out.iterdir()):  # the weights are written atomically: nothing half-done
+                    out.rmdir()
+                raise
             result.path = out
             return result
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ produces (or its ``layers.csv``/``summary.json``), never a checkpoint.
     from wadi_analysis.report import write_report, make_figures
     write_report("out/")                        # reads out/layers.csv, out/summary.json, out/swaps.csv
     write_report("out/", result.layers, result.summary, swaps=swaps_frame, pdf=False)
+    report_comparison("out/", swaps="swaps.csv")  # the command's view: bad input is one UserError
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from pathlib import Path
 import pandas as pd
 
 from ..atomic import atomic_write
+from ..compare import reading_comparison
 from .figures import CAPTIONS, make_figures
 from .html import render_html
 from .pdf import page_count, write_pdf
 from .tables import read_layers
 
-__all__ = ["CAPTIONS", "make_figures", "page_count", "read_layers", "write_report"]
+__all__ = ["CAPTIONS", "make_figures", "page_count", "read_layers", "report_comparison", "write_report"]
 
 
 def write_report(out_dir: str | os.PathLike, layers: pd.DataFrame | None = None, summary: dict | None = None,
@@ -60,3 +62,12 @@ def write_report(out_dir: str | os.PathLike, layers: pd.DataFrame | None = None,
     if pdf:
         written["pdf"] = atomic_write(out_dir / "report.pdf", lambda tmp: write_pdf(tmp, layers, summary, figures))
     return written
+
+
+def report_comparison(comparison_dir: str | os.PathLike, swaps: str | os.PathLike | None = None, html: bool = True,
+                      pdf: bool = True) -> dict[str, Path]:
+    """:func:`write_report` on a folder ``compare --out`` wrote, with ``swaps`` a CSV file of swap results
+    (default ``comparison_dir/swaps.csv`` if present); inputs that do not make a report are a ``UserError``."""
+    with reading_comparison(comparison_dir, "the report"):
+        table = pd.read_csv(swaps) if swaps else None
+        return write_report(comparison_dir, swaps=table, html=html, pdf=pdf)
