@@ -1,9 +1,10 @@
 """Example teacher/student pairs with known, planted weight changes.
 
-Until the project ships its own distilled pair, ``wadi-analyze example-pair DIR`` writes two tiny
-U-Nets in the exact SD1.5 layout (same module names, 1x1-conv ``proj_in``, GEGLU feed-forward) whose
-differences are planted row by row: every row of every Linear/Conv weight is rotated by a known
-angle and rescaled by a known factor, so the comparison has a ground truth (``planted.csv``).
+``wadi-analyze example-pair DIR`` writes two tiny U-Nets in the exact SD1.5 layout (same module names,
+1x1-conv ``proj_in``, GEGLU feed-forward) whose differences are planted row by row: every row of every
+Linear/Conv weight is rotated by a known angle and rescaled by a known factor, so the comparison has a
+ground truth (``planted.csv``) to be checked against. (A real distilled pair, the embedded teacher and
+its students, comes from ``wadi-distill reproduce``.)
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ def tiny_sd15_config() -> dict:
     return config
 
 
-def rotate_rows(weight_rows: torch.Tensor, angles: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Rotate each row by its angle (radians) in the plane of the row and a random orthogonal direction.
+def rotate_in_random_planes(weight_rows: torch.Tensor, angles: torch.Tensor,
+                            generator: torch.Generator) -> torch.Tensor:
+    """Rotate each row by its angle (radians) in the plane of the row and a random orthogonal direction:
+    w' = cos(a) w + sin(a) ||w|| u, u a random unit vector orthogonal to w.
 
-    Norms are preserved exactly (in exact arithmetic) and cos(new, old) = cos(angle).
+    Not LoRaD's rotation (that one turns fixed column pairs, see :mod:`.geometry`): a whole-row turn of
+    a known angle. Norms are preserved exactly (in exact arithmetic) and cos(new, old) = cos(angle).
     """
     w = weight_rows.double()
     norms = w.norm(dim=1, keepdim=True)
@@ -56,7 +60,7 @@ def rotate_rows(weight_rows: torch.Tensor, angles: torch.Tensor, generator: torc
 def plant(weight: torch.Tensor, angles: torch.Tensor, scales: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A weight whose row j is row j of ``weight`` rotated by ``angles[j]`` and scaled by ``scales[j]``."""
     flat = rows(weight)
-    changed = rotate_rows(flat, angles, generator) * scales.to(flat.dtype).unsqueeze(1)
+    changed = rotate_in_random_planes(flat, angles, generator) * scales.to(flat.dtype).unsqueeze(1)
     return changed.reshape(weight.shape)
 
 
