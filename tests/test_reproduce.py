@@ -1,8 +1,15 @@
 """`wadi-distill reproduce` end to end at smoke size: every experiment runs and lands in the report."""
 
+import re
+
 import pandas as pd
 
+from wadi_analysis.report.html import esc
+from wadi_distill.experiments.report import CAPTIONS
 from wadi_distill.experiments.reproduce import Settings, reproduce
+
+# Every figure the smoke run must show (two ranks + the published placement give the rank figure).
+EXPECTED_FIGURES = ["convergence", "fig1a", "fig1b", "ranks"]
 
 
 def test_reproduce_smoke(tmp_path):
@@ -27,6 +34,10 @@ def test_reproduce_smoke(tmp_path):
     assert analysis.loc["lorad-published", "norm_change_mean"] < 1e-4
     assert analysis.loc["full", "norm_change_mean"] > analysis.loc["lorad-published", "norm_change_mean"]
     html = (out / "report.html").read_text()
-    assert "lorad-plan" in html and html.count("<img") == 4 and "<script" not in html
+    assert "lorad-plan" in html and "<script" not in html
+    for name in EXPECTED_FIGURES:  # each figure embedded as a PNG under its caption, and written beside
+        embedded = f'<img src="data:image/png;base64,[A-Za-z0-9+/=]+" alt="{re.escape(esc(CAPTIONS[name]))}">'
+        assert re.search(embedded, html), name
+        assert (out / f"{name}.png").stat().st_size > 0, name
     assert (out / "report.pdf").read_bytes().startswith(b"%PDF") and (out / "summary.csv").is_file()
     assert not (out / "cache").exists()
