@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -39,11 +40,38 @@ def comparison(tmp_path_factory):
 
 def test_plan_respects_the_budget_and_follows_the_findings(comparison):
     _, result = comparison
-    budget = 20_000
-    targets, table = plan_from_findings(result.layers, budget, rank_multiple=4)
+    budget, step = 20_000, 4
+    targets, table = plan_from_findings(result.layers, budget, rank_multiple=step)
     assert 0 < plan_cost(result.layers, targets) <= budget
     assert all(".attn2." in module for module in targets)  # the layers that actually rotate come first
-    assert set(table["planned_rank"]) >= {0}
+    assert (table["planned_rank"] == 0).any()  # the budget binds: some layers are left out
+    planned = table[table["planned_rank"] > 0]
+    assert dict(zip(planned["module"], planned["planned_rank"])) == targets
+    assert (planned["planned_rank"] % step == 0).all() and (planned["planned_rank"] <= planned["needed_rank"]).all()
+    assert (table["needed_rank"] <= table[["out", "pairs"]].min(axis=1)).all()  # never above the angle field's rank
+
+
+def test_plan_takes_layers_in_density_order(comparison):
+    """Importance per parameter decides; each layer gets its needed rank while it fits, else the largest
+    multiple of the rank step that does, and planning stops at the first layer that gets no step at all."""
+    _, result = comparison
+    budget, step = 20_000, 4
+    targets, table = plan_from_findings(result.layers, budget, rank_multiple=step)
+    density = table["importance"] / (table["needed_rank"] * table["cost_per_rank"])
+    assert np.allclose(table["density"], density) and table["density"].is_monotonic_decreasing
+    assert list(table["module"][: len(targets)]) == list(targets)  # the planned layers are the densest
+    spent = 0
+    for row in table.itertuples():
+        affordable = (budget - spent) // row.cost_per_rank // step * step
+        if row.planned_rank == 0:
+            assert row.importance <= 0 or affordable == 0, row.module
+            break
+        fits = spent + row.needed_rank * row.cost_per_rank <= budget
+        assert row.planned_rank == (row.needed_rank if fits else affordable), row.module
+        spent += row.planned_rank * row.cost_per_rank
+    assert spent == plan_cost(result.layers, targets)
+    cut = table[(table["planned_rank"] > 0) & (table["planned_rank"] < table["needed_rank"])]
+    assert len(cut) == 1  # here one layer no longer fits and is cut to what is left of the budget
 
 
 def test_plan_cli_writes_a_plan_the_distiller_reads(comparison):
