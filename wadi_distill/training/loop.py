@@ -71,9 +71,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     separate_generator = roles.generator if roles.separate_generator else None
     nonfinite_in_a_row = skipped = 0
 
+    accelerator.wait_for_everyone()  # the main process has made the run folder every process logs into
     with RunLog(run, total_steps=config.steps, start_step=step, is_main=is_main, rank=accelerator.process_index,
                 progress=progress, record_digests=config.record_digests) as log:
-        accelerator.wait_for_everyone()
         while step < config.steps:
             log.step_started()
             # Generator step: VSD loss on one-step samples of a batch of prompts.
