@@ -39,9 +39,14 @@ def _mean_by_model(results: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def _axes(width: float, height: float):
+    """A standalone figure (no pyplot state) with one axes."""
+    fig = Figure(figsize=(width, height))
+    return fig, fig.add_subplot()
+
+
 def fig_convergence(curves: pd.DataFrame) -> Figure:
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
+    fig, ax = _axes(7, 4)
     for model, part in curves.groupby("student", sort=False):
         mean = part.groupby("step")["frechet_distance"].mean()
         ax.plot(mean.index, mean.values, marker="o", ms=3, label=model)
@@ -52,8 +57,7 @@ def fig_convergence(curves: pd.DataFrame) -> Figure:
 
 
 def fig_1a(analysis: pd.DataFrame) -> Figure:
-    fig = Figure(figsize=(6, 4))
-    ax = fig.add_subplot()
+    fig, ax = _axes(6, 4)
     ax.scatter(analysis["norm_change_mean"], analysis["direction_change_mean"])
     for _, row in analysis.iterrows():
         ax.annotate(row["model"], (row["norm_change_mean"], row["direction_change_mean"]), fontsize=7)
@@ -63,8 +67,7 @@ def fig_1a(analysis: pd.DataFrame) -> Figure:
 
 
 def fig_1b(analysis: pd.DataFrame) -> Figure:
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.add_subplot()
+    fig, ax = _axes(6, 3.5)
     ax.bar(analysis["model"], analysis["residual_energy_top30_mean"])
     ax.set(ylabel="energy in top 30 % rank (%)")
     ax.tick_params(axis="x", rotation=45, labelsize=7)
@@ -76,8 +79,7 @@ def fig_ranks(table: pd.DataFrame) -> Figure | None:
     ranks = table[table["model"].str.match(r"lorad-(r\d+|published)$")]
     if len(ranks) < 2:
         return None
-    fig = Figure(figsize=(5, 3.5))
-    ax = fig.add_subplot()
+    fig, ax = _axes(5, 3.5)
     ranks = ranks.sort_values("trainable")
     ax.plot(ranks["trainable"], ranks["frechet_distance"], marker="o")
     for _, row in ranks.iterrows():
