@@ -11,16 +11,28 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from wadi_analysis.cli_boundary import App, main as run_app
 from wadi_analysis.errors import UserError
 
+from .config import ADAPTERS, EMBEDDED_DEFAULTS, PRECISIONS, RunConfig
 from .embedded.teacher_training import TeacherConfig
 
 # ValueError: validation of options and files; ImportError: an optional extra (peft, torchmetrics) missing
 app = App(expected=(ValueError, ImportError), help="LoRaD adapters and one-step VSD distillation (WaDi, CVPR 2026).")
 console = Console(soft_wrap=True)  # one result per line, never re-wrapped
 TEACHER = TeacherConfig()  # the defaults `wadi-distill teacher` shows: TeacherConfig owns them
+RUN = RunConfig()  # the defaults of `wadi-distill run` with --teacher; without it EMBEDDED_DEFAULTS apply
+
+
+def defaults(name: str) -> str:
+    """The defaults of a `run` option in words: RunConfig's, and the embedded teacher's where they differ."""
+    value = getattr(RUN, name)
+    shown = "the preset's rank" if value is None else value
+    if name not in EMBEDDED_DEFAULTS:
+        return f"default {shown}"
+    return f"default {shown}; without --teacher {EMBEDDED_DEFAULTS[name]}"
 
 
 def say(line: str) -> None:
@@ -62,16 +74,23 @@ def run(
         help="Single-file teacher: local diffusers pipeline folder with its configs, tokenizer and scheduler.")] = None,
     prompts: Annotated[Optional[str], typer.Option(help="Prompt file: .txt (one a line), .jsonl or .csv.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder.")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1)] = None,
-    adapter: Annotated[Optional[str], typer.Option(help="lorad | lora | dora")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help=f"Training steps ({defaults('steps')}).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(
+        min=1, help=f"Prompts per generator step ({defaults('batch_size')}).")] = None,
+    adapter: Annotated[Optional[str], typer.Option(
+        help=f"{' | '.join(ADAPTERS)} (default {RUN.adapter}; full: a fine-tuned copy of the denoiser).")] = None,
     plan: Annotated[Optional[str], typer.Option(help="Generator placement plan JSON (wadi-analyze plan).")] = None,
-    generator_rank: Annotated[Optional[int], typer.Option(min=1)] = None,
-    fake_rank: Annotated[Optional[int], typer.Option(min=1)] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    config: Annotated[Optional[Path], typer.Option(help="TOML file with any of these options (and a [vsd] table).")] = None,
+    generator_rank: Annotated[Optional[int], typer.Option(
+        min=1, help=f"Generator adapter rank ({defaults('generator_rank')}).")] = None,
+    fake_rank: Annotated[Optional[int], typer.Option(
+        min=1, help=f"Fake-score adapter rank ({defaults('fake_rank')}).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help=f"Seed of the adapters and every draw ({defaults('seed')}).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help=escape(
+        "TOML file with any of these options and the rest of the run configuration (a [vsd] table holds the "
+        "VSD options); the command line wins."))] = None,
     resume: Annotated[Optional[str], typer.Option(help="'latest' or a checkpoint folder.")] = None,
-    mixed_precision: Annotated[Optional[str], typer.Option(help="no | fp16 | bf16")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(
+        help=f"{' | '.join(PRECISIONS)} (default {RUN.mixed_precision}).")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:

@@ -2,18 +2,31 @@
 
 Precedence: defaults < ``--config FILE.toml`` < command-line options. The resolved configuration is
 written to ``RUN_DIR/config.json`` so a run records exactly what it did.
+
+Every value is checked against its field's rule (:data:`RULES`, :data:`VSD_RULES`: type and range)
+when it is applied, and the rules that join fields (:func:`check_config`) once all are in: a bad
+value ends in one message naming where it came from, the option, the value and what is expected,
+before anything is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wadi_analysis.errors import InvalidValue
+
 from .vsd import VSDConfig
+
+ADAPTERS = ("lorad", "lora", "dora", "full")
+OPTIMIZERS = ("adamw", "adamw8bit")
+PRECISIONS = ("no", "fp16", "bf16")
 
 
 @dataclass
@@ -65,56 +78,186 @@ class RunConfig:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def _apply(target, values: dict, where: str) -> None:
-    names = {f.name: f for f in dataclasses.fields(target)}
+# The embedded teacher's defaults (used when no teacher is named): ranks near 10 % of its U-Net (LoRaD
+# generator 16, fake 4), and 1000 steps at generator lr 1e-3 (the published 1e-4 moves rank-16 angles
+# too little in a run of minutes), about 7 minutes on two CPU cores.
+EMBEDDED_DEFAULTS = {"out": "wadi-run", "steps": 1000, "batch_size": 16, "generator_rank": 16, "fake_rank": 4,
+                     "generator_lr": 1e-3, "checkpoint_every": 250, "validate_every": 250}
+
+
+class _Expected(Exception):
+    """Raised by a rule: what the value should have been (in words)."""
+
+
+Rule = Callable[[object], object]
+
+
+def _integer(low: int | None = None, high: int | None = None, words: str | None = None) -> Rule:
+    expected = words or ("an integer" + (f" >= {low}" if low is not None else ""))
+
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, int) or \
+                (low is not None and value < low) or (high is not None and value > high):
+            raise _Expected(expected)
+        return value
+    return check
+
+
+def _number(low: float | None = None, high: float | None = None, *, open_low: bool = False,
+            open_high: bool = False, words: str = "") -> Rule:
+    """A finite real number (ints become floats) in the given range."""
+    def check(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                (low is not None and (value <= low if open_low else value < low)) or \
+                (high is not None and (value >= high if open_high else value > high)):
+            raise _Expected(words or "a finite number")
+        return float(value)
+    return check
+
+
+def _flag(value):
+    if not isinstance(value, bool):
+        raise _Expected("true or false (a TOML boolean, not a string)")
+    return value
+
+
+def _text(*, empty: bool = True) -> Rule:
+    def check(value):
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str) or (not empty and not value):
+            raise _Expected("a string" if empty else "a non-empty string")
+        return value
+    return check
+
+
+def _choice(options) -> Rule:
+    def check(value):
+        if value not in tuple(options):
+            raise _Expected(f"one of {', '.join(options)}")
+        return value
+    return check
+
+
+def _optional(rule: Rule) -> Rule:
+    return lambda value: None if value is None else rule(value)
+
+
+def _strings(value):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _Expected("a list of strings")
+    return list(value)
+
+
+def _presets() -> Rule:
+    from .lorad.targets import PRESETS
+    return _choice(PRESETS)
+
+
+POSITIVE = _integer(1)
+SEED = _integer(-2 ** 62, 2 ** 62, words="an integer of magnitude below 2**62")
+LEARNING_RATE = _number(0, open_low=True, words="a number > 0")
+TIMESTEP = _integer(0)
+RULES: dict[str, Rule] = {
+    "teacher": _text(), "teacher_config": _optional(_text()), "prompts": _text(),
+    "prompt_column": _text(empty=False), "cache_dir": _text(), "out": _text(empty=False),
+    "steps": POSITIVE, "batch_size": POSITIVE, "seed": SEED, "adapter": _choice(ADAPTERS),
+    "generator_preset": _presets(), "fake_preset": _presets(),
+    "generator_rank": _optional(POSITIVE), "fake_rank": _optional(POSITIVE), "plan": _optional(_text(empty=False)),
+    "optimizer": _choice(OPTIMIZERS), "generator_lr": LEARNING_RATE, "fake_lr": LEARNING_RATE,
+    "weight_decay": _number(0, words="a number >= 0"), "grad_clip": _number(0, open_low=True, words="a number > 0"),
+    "fake_steps_per_generator_step": POSITIVE, "mixed_precision": _choice(PRECISIONS),
+    "gradient_checkpointing": _flag,
+    "ema_decay": _optional(_number(0, 1, open_low=True, open_high=True, words="a number between 0 and 1 (exclusive)")),
+    # keep_checkpoints 0 would keep every checkpoint (a [:-0] slice), the opposite of what it says
+    "checkpoint_every": POSITIVE, "keep_checkpoints": POSITIVE, "validate_every": POSITIVE,
+    "validation_prompts": _strings, "validation_seed": SEED, "max_nonfinite_in_a_row": _integer(0),
+    "record_digests": _flag,
+}
+VSD_RULES: dict[str, Rule] = {
+    "guidance_real": _number(), "guidance_fake": _number(),
+    "t_min": TIMESTEP, "t_max": TIMESTEP, "fake_t_min": TIMESTEP, "fake_t_max": TIMESTEP,
+    "prompt_dropout": _number(0, 1, words="a number from 0 to 1"),
+    "alpha_T": _optional(_number(0, 1, open_low=True, open_high=True, words="a number between 0 and 1 (exclusive)")),
+}
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _apply(target, values: dict, where: str, rules: dict[str, Rule], prefix: str = "") -> None:
+    """Check each of ``values`` against its rule and set it on ``target``."""
     for key, value in values.items():
-        key = key.replace("-", "_")
-        if key not in names:
-            raise ValueError(f"{where}: unknown option {key!r}")
-        if key == "vsd":
+        key = str(key).replace("-", "_")
+        if key == "vsd" and not prefix:
+            if isinstance(value, VSDConfig):
+                value = dataclasses.asdict(value)
             if not isinstance(value, dict):
-                raise ValueError(f"{where}: [vsd] must be a table")
-            _apply(target.vsd, value, f"{where} [vsd]")
-        else:
-            setattr(target, key, value)
+                raise InvalidValue(f"{where}: [vsd] must be a table of VSD options, not {_shown(value)}")
+            _apply(target.vsd, value, where, VSD_RULES, "[vsd] ")
+            continue
+        if key not in rules:
+            raise InvalidValue(f"{where}: unknown option {prefix}{key!r}")
+        try:
+            setattr(target, key, rules[key](value))
+        except _Expected as expected:
+            raise InvalidValue(f"{where}: {prefix}{key} must be {expected}, not {_shown(value)}") from None
+
+
+def check_config(config: RunConfig) -> RunConfig:
+    """The rules that join fields (each field's own type and range are checked as it is set)."""
+    vsd = config.vsd
+    for low, high in (("t_min", "t_max"), ("fake_t_min", "fake_t_max")):
+        if getattr(vsd, low) > getattr(vsd, high):
+            raise InvalidValue(f"[vsd] {low} ({getattr(vsd, low)}) must not exceed {high} ({getattr(vsd, high)})")
+    return config
+
+
+def check_schedule(vsd: VSDConfig, num_timesteps: int) -> None:
+    """The VSD timestep ranges lie inside the teacher's schedule (timesteps 0 .. num_timesteps - 1)."""
+    for name in ("t_max", "fake_t_max"):
+        if getattr(vsd, name) >= num_timesteps:
+            raise InvalidValue(f"[vsd] {name} = {getattr(vsd, name)} lies outside the teacher's schedule "
+                               f"(timesteps 0 to {num_timesteps - 1})")
 
 
 def embedded_defaults() -> dict:
-    """The defaults for the embedded teacher (used when no teacher is named): its prompts, ranks near
-    10 % of its U-Net (LoRaD generator 16, fake 4), and 1000 steps at generator lr 1e-3 (the published
-    1e-4 moves rank-16 angles too little in a run of minutes), about 7 minutes on two CPU cores."""
+    """The defaults for the embedded teacher (used when no teacher is named): its teacher and prompts,
+    :data:`EMBEDDED_DEFAULTS`, and one validation prompt per class."""
     from .embedded import datasets
     from . import embedded
 
-    return {"teacher": str(embedded.teacher_path()), "prompts": str(embedded.prompts_path()), "out": "wadi-run",
-            "steps": 1000, "batch_size": 16, "generator_rank": 16, "fake_rank": 4, "generator_lr": 1e-3,
-            "checkpoint_every": 250, "validate_every": 250,
+    return {"teacher": str(embedded.teacher_path()), "prompts": str(embedded.prompts_path()), **EMBEDDED_DEFAULTS,
             "validation_prompts": [datasets.caption(datasets.FASHION_CLASSES, c) for c in range(10)]}
+
+
+def read_toml(path: str | os.PathLike) -> dict:
+    """The tables of a ``--config`` file, or a :class:`InvalidValue` saying why it has none."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidValue(f"cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidValue(f"config {path} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})") \
+            from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidValue(f"config {path} is not valid TOML ({exc})") from None
 
 
 def load_config(path: str | os.PathLike | None = None, **overrides) -> RunConfig:
     """Defaults, then the TOML file, then the non-None ``overrides`` (keys as in :class:`RunConfig`).
     Without a teacher in either, the embedded teacher and :func:`embedded_defaults` come first."""
     config = RunConfig()
-    values = {}
-    if path is not None:
-        try:
-            values = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ValueError(f"cannot read config {path}: {exc.strerror or exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config {path} is not valid TOML ({exc})") from None
+    values = read_toml(path) if path is not None else {}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if not values.get("teacher") and not overrides.get("teacher"):
-        _apply(config, embedded_defaults(), "embedded defaults")
-    _apply(config, values, str(path))
-    _apply(config, overrides, "command line")
-    if config.adapter not in ("lorad", "lora", "dora", "full"):
-        raise ValueError(f"adapter must be lorad, lora, dora or full (got {config.adapter!r})")
-    if config.optimizer not in ("adamw", "adamw8bit"):
-        raise ValueError("optimizer must be adamw or adamw8bit")
-    if config.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ValueError("mixed_precision must be no, fp16 or bf16")
-    if config.steps < 1 or config.batch_size < 1:
-        raise ValueError("steps and batch_size must be >= 1")
-    return config
+        _apply(config, embedded_defaults(), "embedded defaults", RULES)
+    _apply(config, values, f"config {path}", RULES)
+    _apply(config, overrides, "command line", RULES)
+    return check_config(config)

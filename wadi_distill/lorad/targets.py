@@ -13,10 +13,11 @@ from pathlib import Path
 
 from torch import nn
 
-from wadi_analysis.plan import PLAN_FORMAT, PRESETS, write_plan
+from wadi_analysis.errors import InvalidValue
+from wadi_analysis.plan import PLAN_FORMAT, PRESETS, Preset, write_plan
 
-__all__ = ["PLAN_FORMAT", "PRESETS", "TargetSpec", "check_targets", "read_plan", "resolve_preset", "resolve_spec",
-           "write_plan"]
+__all__ = ["PLAN_FORMAT", "PRESETS", "TargetSpec", "check_targets", "preset", "read_plan", "resolve_preset",
+           "resolve_spec", "write_plan"]
 
 KINDS = {"linear": nn.Linear, "conv": nn.Conv2d}
 
@@ -51,31 +52,58 @@ def resolve_spec(model: nn.Module, spec: TargetSpec) -> dict[str, int]:
     return targets
 
 
-def resolve_preset(model: nn.Module, preset: str, rank: int | None = None) -> dict[str, int]:
-    """The published placement ``preset`` (see ``wadi_analysis.plan.PRESETS``), optionally at another rank."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    chosen = PRESETS[preset]
-    return {name: rank or chosen.rank for name, module in _modules_of_kinds(model, tuple(KINDS))
+def preset(name: str) -> Preset:
+    """The published placement called ``name`` (``wadi_analysis.plan.PRESETS``), or a message listing them."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise InvalidValue(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _is_rank(value: object) -> bool:
+    """A rank is a positive int; JSON's true is an int to Python, never a rank."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def resolve_preset(model: nn.Module, preset_name: str, rank: int | None = None) -> dict[str, int]:
+    """The published placement ``preset_name``, optionally at another ``rank`` (None: the preset's)."""
+    chosen = preset(preset_name)
+    if rank is not None and not _is_rank(rank):
+        raise InvalidValue(f"rank for preset {preset_name} must be a positive integer, not {rank!r}")
+    rank = chosen.rank if rank is None else rank
+    return {name: rank for name, module in _modules_of_kinds(model, tuple(KINDS))
             if chosen.matches(name, next(k for k, cls in KINDS.items() if isinstance(module, cls)))}
 
 
 def read_plan(path: str | os.PathLike) -> dict[str, int]:
     """A placement plan: ``{"format": "wadi-lorad-plan", "targets": {module: rank}}`` or a bare mapping."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_bytes())
     except OSError as exc:
-        raise ValueError(f"cannot read plan {path}: {exc.strerror or exc}") from None
+        raise InvalidValue(f"cannot read plan {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidValue(f"plan {path} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"plan {path} is not JSON ({exc.msg} at line {exc.lineno})") from None
+        raise InvalidValue(f"plan {path} is not JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise InvalidValue(f"plan {path} is nested too deeply to be a plan") from None
     if not isinstance(data, dict):
-        raise ValueError(f"plan {path} must be a JSON object")
+        raise InvalidValue(f"plan {path} must be a JSON object, not {type(data).__name__}")
     if "format" in data and data["format"] != PLAN_FORMAT:
-        raise ValueError(f"plan {path} has format {data['format']!r}, expected {PLAN_FORMAT!r}")
+        raise InvalidValue(f"plan {path} has format {data['format']!r}, expected {PLAN_FORMAT!r}")
     targets = data.get("targets") if "format" in data else data
-    if not isinstance(targets, dict) or not all(isinstance(r, int) and r > 0 for r in targets.values()):
-        raise ValueError(f"plan {path} must map module names to positive integer ranks")
-    return {str(k): int(v) for k, v in targets.items()}
+    return _plan_targets(path, targets)
+
+
+def _plan_targets(path, targets: object) -> dict[str, int]:
+    """A plan's ``{module name: rank}``: names non-empty strings, ranks positive integers."""
+    if not isinstance(targets, dict) or not targets:
+        raise InvalidValue(f"plan {path}: targets must be a non-empty mapping of module names to ranks")
+    for name, rank in targets.items():
+        if not name.strip():
+            raise InvalidValue(f"plan {path}: a module name is empty")
+        if not _is_rank(rank):
+            raise InvalidValue(f"plan {path}: rank of {name!r} must be a positive integer, not {rank!r}")
+    return dict(targets)
 
 
 def check_targets(model: nn.Module, targets: dict[str, int]) -> dict[str, int]:
