@@ -138,7 +138,9 @@ def sample_command(
 
 @app.command()
 def teacher(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Pipeline folder to write (replaced atomically).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help=(
+        "Pipeline folder to write, renamed into place when complete; an existing non-empty folder only if this "
+        "command wrote it (it holds wadi_teacher.json) or with --overwrite."))],
     steps: Annotated[int, typer.Option(help="Training steps.")] = TEACHER.steps,
     batch_size: Annotated[int, typer.Option(help="Images per step.")] = TEACHER.batch_size,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine to 0).")] = TEACHER.lr,
@@ -154,13 +156,14 @@ def teacher(
     stop_after: Annotated[int, typer.Option(help="End after N steps, keeping the LR schedule of --steps.")] = TEACHER.stop_after,
     init: Annotated[Optional[Path], typer.Option(
         help="Continue from this teacher folder's weights (a second training phase; its provenance is kept).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder this command did not write.")] = False,
 ) -> None:
     """Train a small SD-family text-to-image teacher on Fashion-MNIST (CLIP BPE tokens, ε-prediction,
     SD's scaled-linear schedule) and save it as a StableDiffusionPipeline folder."""
-    options = {k: v for k, v in locals().items() if k != "out"}
+    options = {k: v for k, v in locals().items() if k not in ("out", "overwrite")}
     from .embedded.teacher_training import teacher_config, train_teacher
 
-    train_teacher(teacher_config(**options), out, log=say)
+    train_teacher(teacher_config(**options), out, log=say, overwrite=overwrite)
     say(f"teacher written to {out}")
 
 

@@ -9,14 +9,18 @@ Images come back as float32 tensors (N, 1, size, size) in [-1, 1] (the diffusion
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from wadi_analysis.errors import InvalidValue
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ("t-shirt", "pair of trousers", "pullover", "dress", "coat",
@@ -51,18 +55,47 @@ class ImageDataset:
         return self.subset(torch.cat(picks))
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format): magic, dimensions, then unsigned bytes."""
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """A gzipped IDX file (the MNIST format) of ``ndim`` dimensions: magic, dimensions, then unsigned bytes."""
+    data = _gunzip(path)
+    if len(data) < 4:
+        raise InvalidValue(f"{path} is too short to be an IDX file ({len(data)} bytes)")
+    zero, dtype_code, dims = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    shape = struct.unpack(f">{ndim}I", data[4: 4 + 4 * ndim])
-    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated")
-    return array.reshape(shape)
+        raise InvalidValue(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()}, expected 000008..)")
+    if dims != ndim:
+        raise InvalidValue(f"{path} has {dims} dimensions; {ndim} expected")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise InvalidValue(f"{path}: its IDX header is truncated")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    if len(data) - header != math.prod(shape):
+        raise InvalidValue(f"{path} holds {len(data) - header} bytes of data, but its header says "
+                           f"{'x'.join(map(str, shape))} = {math.prod(shape)} (truncated or not this file's)")
+    if shape[0] == 0:
+        raise InvalidValue(f"{path} holds no items")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _gunzip(path: Path) -> bytes:
+    """The decompressed bytes of a gzip file, or a message naming the file and what is wrong with it."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            return handle.read()
+    except gzip.BadGzipFile:
+        raise InvalidValue(f"{path} is not a gzip file (or its checksum fails)") from None
+    except (EOFError, zlib.error):
+        raise InvalidValue(f"{path} is a truncated or corrupt gzip file") from None
+
+
+def _check_pair(images_file: Path, images: np.ndarray, labels_file: Path, labels: np.ndarray, classes) -> None:
+    """Images and labels belong together: one label per image, each naming one of ``classes``."""
+    if len(images) != len(labels):
+        raise InvalidValue(f"{images_file} holds {len(images)} images but {labels_file} {len(labels)} labels")
+    if labels.max() >= len(classes):
+        raise InvalidValue(f"{labels_file} holds label {labels.max()}; the dataset has {len(classes)} classes")
+    if images.shape[1] < 1 or images.shape[2] < 1:
+        raise InvalidValue(f"{images_file} holds images of {images.shape[1]}x{images.shape[2]} pixels")
 
 
 def resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -84,8 +117,10 @@ def fashion_mnist(split: str = "train", size: int = 16, root: str | os.PathLike 
     if not images_file.is_file() or not labels_file.is_file():
         raise FileNotFoundError(f"Fashion-MNIST not found in {root} (apt-get install dataset-fashion-mnist, "
                                 "or set WADI_FASHION_MNIST)")
-    images = resize(to_diffusion_range(_read_idx(images_file)), size)
-    labels = torch.from_numpy(_read_idx(labels_file).astype(np.int64))
+    pixels, label_values = _read_idx(images_file, 3), _read_idx(labels_file, 1)
+    _check_pair(images_file, pixels, labels_file, label_values, FASHION_CLASSES)
+    images = resize(to_diffusion_range(pixels), size)
+    labels = torch.from_numpy(label_values.astype(np.int64))
     return ImageDataset("fashion-mnist", images.clamp(-1, 1), labels, FASHION_CLASSES)
 
 

@@ -13,12 +13,16 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from wadi_analysis.errors import InvalidValue
+from wadi_analysis.outputs import check_output, staged_folder
 
 from . import datasets
 from .tokenizer import write_clip_tokenizer
@@ -46,22 +50,77 @@ class TeacherConfig:
     init: str = ""                     # continue from this teacher folder's U-Net and text encoder ("": scratch)
 
 
-def teacher_config(channels: str | None = None, **options) -> TeacherConfig:
-    """A :class:`TeacherConfig` from command-line values: ``None`` keeps the default, ``channels`` is
-    comma-separated, ``device`` cuda must exist."""
-    from wadi_analysis.errors import UserError
+PROVENANCE = "wadi_teacher.json"  # the file that marks a folder this command wrote
 
+
+def teacher_config(channels: str | None = None, **options) -> TeacherConfig:
+    """A checked :class:`TeacherConfig` from command-line values: ``None`` keeps the default,
+    ``channels`` is comma-separated."""
     values = {k: v for k, v in options.items() if v is not None}
     if channels is not None:
         try:
             values["channels"] = tuple(int(c) for c in channels.split(","))
         except ValueError:
-            raise UserError(f"--channels must be comma-separated integers, got {channels!r}") from None
-    if values.get("device") == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
+            raise InvalidValue(f"--channels must be comma-separated integers, got {channels!r}") from None
     if "init" in values:
         values["init"] = str(values["init"])
-    return TeacherConfig(**values)
+    return check_teacher_config(TeacherConfig(**values))
+
+
+def _whole(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InvalidValue(f"--{name.replace('_', '-')} must be an integer >= {low}, not {value!r}")
+
+
+def _fraction(name: str, value, *, positive: bool = False, below_one: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value > 0 if positive else value >= 0) and (value < 1 if below_one else True)
+    if not ok:
+        expected = "a number > 0" if positive else "a number from 0 to below 1" if below_one else "a number >= 0"
+        raise InvalidValue(f"--{name.replace('_', '-')} must be {expected}, not {value!r}")
+
+
+def check_teacher_config(config: TeacherConfig) -> TeacherConfig:
+    """Every option in range, and an architecture the U-Net can build, before anything is read or written."""
+    for name in ("steps", "batch_size", "image_size", "warmup", "layers_per_block", "max_tokens"):
+        _whole(name, getattr(config, name), 1)
+    for name in ("save_every", "stop_after", "threads"):
+        _whole(name, getattr(config, name), 0)
+    _whole("seed", config.seed, -2 ** 62)
+    _fraction("lr", config.lr, positive=True)
+    _fraction("ema_decay", config.ema_decay, below_one=True)
+    _fraction("null_caption_rate", config.null_caption_rate, below_one=True)
+    _check_architecture(config)
+    _check_device(config.device)
+    return config
+
+
+def _check_architecture(config: TeacherConfig) -> None:
+    # GroupNorm of 8 groups and 4-wide attention heads: block widths are multiples of 8; the text
+    # encoder has 2 heads; each level below the first halves the image
+    if not config.channels or any(isinstance(c, bool) or not isinstance(c, int) or c < 8 or c % 8
+                                  for c in config.channels):
+        raise InvalidValue(f"--channels must be positive multiples of 8, not {','.join(map(str, config.channels))!r}")
+    if isinstance(config.text_hidden, bool) or not isinstance(config.text_hidden, int) or \
+            config.text_hidden < 2 or config.text_hidden % 2:
+        raise InvalidValue(f"--text-hidden must be an even integer >= 2, not {config.text_hidden!r}")
+    halvings = 2 ** (len(config.channels) - 1)
+    if config.image_size % halvings:
+        raise InvalidValue(f"--image-size {config.image_size} must be a multiple of {halvings} for "
+                           f"{len(config.channels)} U-Net levels")
+
+
+def _check_device(device: str) -> None:
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise InvalidValue(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+    if kind == "cuda" and (not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count()):
+        raise InvalidValue(f"--device {device}: no such CUDA device is available")
+
+
+def is_teacher_folder(folder: Path) -> bool:
+    """A folder this command wrote (it holds the provenance file)."""
+    return (Path(folder) / PROVENANCE).is_file()
 
 
 def unet_config(config: TeacherConfig) -> dict:
@@ -104,49 +163,56 @@ def caption_ids(tokenizer, classes: tuple[str, ...]) -> torch.Tensor:
 
 
 def save_pipeline(folder: Path, unet, text_encoder, tokenizer, info: dict) -> None:
-    """A StableDiffusionPipeline folder without VAE (pixel space), written atomically."""
+    """A StableDiffusionPipeline folder without VAE (pixel space), written into a staged sibling and
+    renamed into place only when complete."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    index = json.loads((tmp / "model_index.json").read_text())
-    (tmp / "model_index.json").write_text(json.dumps({**index, "vae": [None, None]}, indent=2) + "\n")
-    # vocab.json + merges.txt define the tokenizer; the 3.6 MB tokenizer.json is rebuilt from them on load
-    (tmp / "tokenizer" / "tokenizer.json").unlink()
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(Path(tokenizer.init_kwargs["vocab_file"]).with_name(name), tmp / "tokenizer" / name)
-    (tmp / "wadi_teacher.json").write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    with staged_folder(folder) as tmp:
+        pipe.save_pretrained(tmp)
+        index = json.loads((tmp / "model_index.json").read_text())
+        (tmp / "model_index.json").write_text(json.dumps({**index, "vae": [None, None]}, indent=2) + "\n")
+        # vocab.json + merges.txt define the tokenizer; the 3.6 MB tokenizer.json is rebuilt from them on load
+        (tmp / "tokenizer" / "tokenizer.json").unlink()
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(Path(tokenizer.init_kwargs["vocab_file"]).with_name(name), tmp / "tokenizer" / name)
+        (tmp / PROVENANCE).write_text(json.dumps(info, indent=2) + "\n")
 
 
-def train_teacher(config: TeacherConfig, out: str | Path, log=print) -> Path:
-    """Train the teacher and write its pipeline folder to ``out``; returns ``out``."""
+def train_teacher(config: TeacherConfig, out: str | Path, log=print, *, overwrite: bool = False) -> Path:
+    """Train the teacher and write its pipeline folder to ``out``; returns ``out``.
+
+    Everything is checked before anything is written: the options, ``out`` (a non-empty folder this
+    command did not write is replaced only with ``overwrite``), the ``--init`` teacher and the data."""
+    check_teacher_config(config)
+    out = check_output(out, [config.init] if config.init else [], folder=True, replace=True, overwrite=overwrite,
+                       ours=is_teacher_folder)
+    init = _load_init(Path(config.init)) if config.init else None
+    data = datasets.load(config.dataset, "train", config.image_size)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    # the tokenizer's files live in a private temporary folder: beside --out only the output appears
+    with tempfile.TemporaryDirectory(prefix="wadi-teacher-tokenizer-") as work:
+        _train(config, out, data, write_clip_tokenizer(work, config.max_tokens), init, log)
+    return out
+
+
+def _train(config: TeacherConfig, out: Path, data, tokenizer, init, log) -> None:
     import copy
 
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    out = Path(out)
-    data = datasets.load(config.dataset, "train", config.image_size)
     torch.manual_seed(config.seed)
-    work = out.with_name(f".{out.name}.tokenizer")
-    tokenizer = write_clip_tokenizer(work, config.max_tokens)
     device = torch.device(config.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if config.init:
+    if init is not None:
         # a second phase: the architecture is the init's; the data draws, schedule and EMA restart
-        unet, text_encoder, init_info = _load_init(Path(config.init))
-        if unet.config.sample_size != config.image_size:
-            raise ValueError(f"--init {config.init}: its U-Net is for {unet.config.sample_size}px images, "
-                             f"not --image-size {config.image_size}")
+        unet, text_encoder, init_info = init
+        _check_init_fits(Path(config.init), unet, text_encoder, tokenizer, config)
         unet, text_encoder = unet.to(device), text_encoder.to(device)
     else:
         text_encoder = CLIPTextModel(text_encoder_config(config, tokenizer)).to(device)
@@ -199,8 +265,6 @@ def train_teacher(config: TeacherConfig, out: str | Path, log=print) -> Path:
             if init_info is not None:
                 info["init_from"] = init_info
             save_pipeline(out, copy.deepcopy(ema_unet).cpu(), copy.deepcopy(ema_text).cpu(), tokenizer, info)
-    shutil.rmtree(work, ignore_errors=True)
-    return out
 
 
 def _load_init(folder: Path):
@@ -208,12 +272,50 @@ def _load_init(folder: Path):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    if not (folder / "unet").is_dir() or not (folder / "text_encoder").is_dir():
-        raise FileNotFoundError(f"--init {folder}: not a teacher pipeline folder (needs unet/ and text_encoder/)")
-    provenance = folder / "wadi_teacher.json"
-    info = json.loads(provenance.read_text()) if provenance.is_file() else {"folder": str(folder)}
-    return (UNet2DConditionModel.from_pretrained(folder / "unet"),
-            CLIPTextModel.from_pretrained(folder / "text_encoder"), info)
+    if not folder.is_dir():
+        raise InvalidValue(f"--init {folder}: no such folder")
+    for part in ("unet", "text_encoder"):
+        if not (folder / part / "config.json").is_file():
+            raise InvalidValue(f"--init {folder} is not a teacher pipeline folder: {part}/config.json is missing")
+    info = _read_provenance(folder)
+    models = []
+    for part, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)):
+        try:
+            models.append(cls.from_pretrained(folder / part))
+        except Exception:  # diffusers/transformers raise many kinds for a broken folder; all mean the same
+            raise InvalidValue(f"--init {folder}: its {part}/ is not a loadable {cls.__name__}") from None
+    return models[0], models[1], info
+
+
+def _read_provenance(folder: Path) -> dict:
+    """``wadi_teacher.json`` of ``folder`` (another teacher: where it came from)."""
+    path = folder / PROVENANCE
+    if not path.is_file():
+        return {"folder": str(folder)}
+    try:
+        info = json.loads(path.read_bytes())
+    except (ValueError, RecursionError):
+        raise InvalidValue(f"--init {folder}: {PROVENANCE} is not JSON") from None
+    if not isinstance(info, dict):
+        raise InvalidValue(f"--init {folder}: {PROVENANCE} must hold a JSON object")
+    return info
+
+
+def _check_init_fits(folder: Path, unet, text_encoder, tokenizer, config: TeacherConfig) -> None:
+    """The ``--init`` networks fit this training: grey images of ``--image-size``, CLIP tokens, one width."""
+    problems = []
+    if unet.config.in_channels != 1 or unet.config.out_channels != 1:
+        problems.append(f"its U-Net has {unet.config.in_channels} input channels, not 1 (grey images)")
+    if unet.config.sample_size != config.image_size:
+        problems.append(f"its U-Net is for {unet.config.sample_size}px images, not --image-size {config.image_size}")
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        problems.append("its U-Net's cross-attention width is not its text encoder's width")
+    if text_encoder.config.vocab_size != len(tokenizer):
+        problems.append(f"its text encoder has {text_encoder.config.vocab_size} tokens, not CLIP's {len(tokenizer)}")
+    if text_encoder.config.max_position_embeddings < config.max_tokens:
+        problems.append(f"its text encoder takes fewer than {config.max_tokens} tokens")
+    if problems:
+        raise InvalidValue(f"--init {folder}: {problems[0]}")
 
 
 def _device_name(device: torch.device) -> str:
