@@ -77,7 +77,7 @@ def resolve_preset(model: nn.Module, preset_name: str, rank: int | None = None) 
 def read_plan(path: str | os.PathLike) -> dict[str, int]:
     """A placement plan: ``{"format": "wadi-lorad-plan", "targets": {module: rank}}`` or a bare mapping."""
     try:
-        data = json.loads(Path(path).read_bytes())
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
     except OSError as exc:
         raise InvalidValue(f"cannot read plan {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
