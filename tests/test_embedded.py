@@ -189,3 +189,34 @@ def test_lorad_runs_without_peft_and_lora_says_what_is_missing(tmp_path):
                              capture_output=True, text=True, timeout=600, env=env)
     assert refused.returncode == 2 and "needs peft" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+def test_teacher_command_replaces_only_its_own_folders_and_leaves_no_debris(tmp_path):
+    """--out: a folder the command wrote is replaced, a user's folder only with --overwrite; a run that
+    fails leaves the folder as it was and nothing beside it (the tokenizer works in a private folder)."""
+    from wadi_analysis.errors import UserError
+    from wadi_distill.embedded.teacher_training import teacher_config, train_teacher
+
+    tiny = teacher_config(steps=1, batch_size=4, image_size=8, channels="16,32")
+    out = train_teacher(tiny, tmp_path / "t", log=lambda line: None)
+    first = (out / "wadi_teacher.json").read_text()
+    train_teacher(teacher_config(steps=1, batch_size=4, image_size=8, channels="16,32", seed=1), out,
+                  log=lambda line: None)  # its own folder: replaced without --overwrite
+    assert json.loads((out / "wadi_teacher.json").read_text())["config"]["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+    def interrupted(line):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(tiny, out, log=interrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"] and (out / "wadi_teacher.json").read_text() != first
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "keep.txt").write_text("mine\n")
+    with pytest.raises(UserError, match="--overwrite"):
+        train_teacher(tiny, user, log=lambda line: None)
+    assert (user / "keep.txt").read_text() == "mine\n"
+    train_teacher(tiny, user, log=lambda line: None, overwrite=True)
+    assert (user / "wadi_teacher.json").is_file() and not (user / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t", "user"]
