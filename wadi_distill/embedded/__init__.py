@@ -34,5 +34,8 @@ def paths() -> dict[str, Path]:
 
 def provenance() -> str:
     """How the embedded teacher was made: its command, seed and device."""
-    info = json.loads((teacher_path() / "wadi_teacher.json").read_text())
-    return f"{info['command']} (seed {info['config']['seed']}, {info['device']})"
+    try:
+        info = json.loads((teacher_path() / "wadi_teacher.json").read_text())
+        return f"{info['command']} (seed {info['config']['seed']}, {info['device']})"
+    except (OSError, ValueError, KeyError, TypeError):  # a damaged install: say so, the paths still print
+        return "unknown (wadi_teacher.json is missing or damaged)"

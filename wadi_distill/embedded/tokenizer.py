@@ -13,7 +13,10 @@ import gzip
 import importlib.util
 import json
 import os
+import zlib
 from pathlib import Path
+
+from wadi_analysis.errors import UserError
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MERGES = 49152 - 256 - 2  # merges the CLIP vocabulary uses (the file holds more)
@@ -43,12 +46,24 @@ def open_clip_vocabulary() -> Path:
     return path
 
 
+def _vocabulary_lines(path: Path) -> list[str]:
+    """The lines of the gzipped BPE vocabulary, or a message naming the damaged file."""
+    try:
+        with gzip.open(path) as handle:
+            lines = handle.read().decode("utf-8").split("\n")
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error):
+        raise UserError(f"{path} is not a readable CLIP BPE vocabulary (reinstall open-clip-torch)") from None
+    if len(lines) < MERGES + 1:
+        raise UserError(f"{path} holds {len(lines)} lines, fewer than CLIP's {MERGES} merges")
+    return lines
+
+
 def write_clip_tokenizer(folder: str | os.PathLike, max_length: int = 77, vocabulary: str | os.PathLike | None = None):
     """Write ``vocab.json``/``merges.txt`` for the CLIP BPE tokenizer into ``folder`` and return the
     ``transformers.CLIPTokenizer`` (prompts padded/truncated to ``max_length`` tokens)."""
     from transformers import CLIPTokenizer
 
-    lines = gzip.open(vocabulary or open_clip_vocabulary()).read().decode("utf-8").split("\n")
+    lines = _vocabulary_lines(Path(vocabulary or open_clip_vocabulary()))
     merges = [tuple(line.split()) for line in lines[1: MERGES + 1]]
     # SimpleTokenizer's order: the printable bytes first, then the remapped ones
     characters = sorted(byte_characters(), key=lambda c: (ord(c) >= 256, ord(c)))
