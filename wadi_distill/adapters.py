@@ -198,11 +198,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         from peft import LoraConfig, set_peft_model_state_dict
     except ImportError:
         raise AdapterFileError(f"{path} is a LoRA/DoRA adapter, which needs peft: pip install 'wadi[peft]'") from None
+    targets, lora_config = _peft_metadata(path, tensors, metadata)
     name = name or metadata["adapter_name"]
     prefix = metadata["component"] + "."
-    values = {k.removeprefix(prefix): v for k, v in json.loads(metadata["lora_adapter_metadata"]).items()}
-    config = LoraConfig(**values)
-    targets = json.loads(metadata["targets"])
+    values = {k.removeprefix(prefix): v for k, v in lora_config.items()}
+    try:
+        config = LoraConfig(**values)
+    except (TypeError, ValueError):
+        raise AdapterFileError(f"{path}: its 'lora_adapter_metadata' is not a LoRA configuration peft accepts") from None
     modules = dict(model.named_modules())
     missing = [t for t in targets if t not in modules]
     if missing:
@@ -247,18 +250,49 @@ def merge_and_unload(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+def _json_metadata(path: Path, metadata: dict[str, str], key: str, kind: type):
+    try:
+        value = json.loads(metadata[key])
+    except KeyError:
+        raise AdapterFileError(f"{path} has no {key!r} metadata") from None
+    except (ValueError, RecursionError):
+        raise AdapterFileError(f"{path}: its {key!r} metadata is not JSON") from None
+    if not isinstance(value, kind):
+        raise AdapterFileError(f"{path}: its {key!r} metadata must be a JSON {kind.__name__}")
+    return value
+
+
+def _peft_metadata(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[list[str], dict]:
+    """(targets, LoRA config) of a LoRA/DoRA file written by :func:`save_adapter`, validated, and its
+    tensors finite floats."""
+    for key in ("adapter_name", "component", "method"):
+        if not metadata.get(key):
+            raise AdapterFileError(f"{path} has no {key!r} metadata")
+    if metadata["method"] not in ("lora", "dora"):
+        raise AdapterFileError(f"{path}: method {metadata['method']!r} is not lora or dora")
+    targets = _json_metadata(path, metadata, "targets", list)
+    if not targets or not all(isinstance(t, str) for t in targets):
+        raise AdapterFileError(f"{path}: its 'targets' metadata must be a non-empty list of module names")
+    config = _json_metadata(path, metadata, "lora_adapter_metadata", dict)
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all() or 0 in tensor.shape:
+            raise AdapterFileError(f"{path}: {key} is empty, not float, or holds NaN or infinite values")
+    return targets, config
+
+
 def describe_adapter(path: str | os.PathLike) -> dict:
     """What an adapter file holds, whatever its method: name, method, modules, ranks, parameter count,
     and its metadata (LoRaD: pairing, base dtype; every method: the base-weight fingerprint)."""
     path = Path(path)
     tensors, metadata = _read_safetensors(path)
     if metadata.get("wadi_format") == PEFT_ADAPTER_FORMAT:
+        targets, _ = _peft_metadata(path, tensors, metadata)
         ranks = {k: v.shape[0] for k, v in tensors.items() if ".lora_A." in k and v.ndim >= 2}
         details = {"component": metadata.get("component"), "base_fingerprint": metadata.get("base_fingerprint")}
         return {"name": metadata.get("adapter_name"), "method": metadata.get("method"),
-                "modules": len(json.loads(metadata.get("targets", "[]"))), "ranks": sorted(set(ranks.values())),
+                "modules": len(targets), "ranks": sorted(set(ranks.values())),
                 "parameters": sum(t.numel() for t in tensors.values()), "details": details}
-    tensors, metadata = lorad.read_adapter(path)
+    tensors, metadata = lorad.read_adapter(path)  # validated: name, ranks, pairing, factor shapes, finite
     ranks = json.loads(metadata["ranks"])
     details = {key: metadata.get(key) for key in ("pairing", "base_dtype", "base_fingerprint")}
     return {"name": metadata["adapter_name"], "method": "lorad", "modules": len(ranks),
@@ -270,15 +304,28 @@ def merge_file(base: str | os.PathLike, adapter: str | os.PathLike, out: str | o
                component: str | None = None, strict_base: bool = True) -> str:
     """Bake the adapter file ``adapter`` (any method) into the denoiser of ``base`` (a diffusers model
     or pipeline folder) and save a plain diffusers model folder at ``out``; returns the adapter's name.
-    With ``strict_base`` the base weights must be the ones the adapter was trained on."""
+    With ``strict_base`` the base weights must be the ones the adapter was trained on. ``out`` follows
+    the output policy (apart from the inputs, empty or new) and appears only when complete."""
+    from wadi_analysis.errors import UserError
+    from wadi_analysis.outputs import check_output, staged_folder
+
     from .teacher import load_denoiser
 
-    from wadi_analysis.errors import UserError
-
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and not out.is_symlink() and any(out.iterdir()):
         raise UserError(f"{out} exists and is not empty")
+    check_output(out, [base, adapter], folder=True)
     model = load_denoiser(base, component)
     name = load_adapter(model, adapter, strict_base=strict_base)
-    merge_and_unload(model, name).save_pretrained(out)
+    merged = merge_and_unload(model, name)
+    check_finite(merged, adapter)
+    with staged_folder(out) as stage:
+        merged.save_pretrained(stage)
     return name
+
+
+def check_finite(model: nn.Module, source) -> None:
+    """A merged model with NaN or infinite weights is refused (a tampered or diverged adapter)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise AdapterFileError(f"{source}: the merged weight {name} is not finite (NaN or infinite values)")

@@ -21,7 +21,7 @@ from torch import nn
 from wadi_analysis.atomic import atomic_write
 from wadi_analysis.errors import UserError
 
-from .model import add_adapter, adapter_names, adapter_state_dict, base_weight, lorad_modules
+from .model import ADAPTABLE, add_adapter, adapter_names, adapter_state_dict, base_weight, lorad_modules
 
 ADAPTER_FORMAT = "wadi-lorad-adapter"
 PAIRING = ("adjacent columns (2k, 2k+1) of each row of the weight flattened row-major to (out, -1) "
@@ -82,7 +82,47 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         raise AdapterFileError(f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]})") from None
     if metadata.get("format") != ADAPTER_FORMAT:
         raise AdapterFileError(f"{path} is not a LoRaD adapter file (format {metadata.get('format')!r})")
+    check_adapter(path, tensors, metadata)
     return tensors, metadata
+
+
+def adapter_ranks(path, metadata: dict[str, str]) -> dict[str, int]:
+    """The ``ranks`` metadata: a JSON object of module name -> positive integer rank."""
+    try:
+        ranks = json.loads(metadata["ranks"])
+    except KeyError:
+        raise AdapterFileError(f"{path} has no 'ranks' metadata (which modules it adapts, at which rank)") from None
+    except (ValueError, RecursionError):
+        raise AdapterFileError(f"{path}: its 'ranks' metadata is not JSON") from None
+    if not isinstance(ranks, dict) or not ranks:
+        raise AdapterFileError(f"{path}: its 'ranks' metadata must be a non-empty object of module -> rank")
+    for module, rank in ranks.items():
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise AdapterFileError(f"{path}: the rank of {module!r} must be a positive integer (got {rank!r})")
+    return ranks
+
+
+def check_adapter(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A LoRaD file as its readers need it: a name, the pairing this code rotates, and for every module
+    of ``ranks`` a finite float A (out, rank) and B (rank, pairs), nothing else."""
+    if not metadata.get("adapter_name"):
+        raise AdapterFileError(f"{path} has no 'adapter_name' metadata")
+    if metadata.get("pairing") != PAIRING:
+        raise AdapterFileError(f"{path}: its 'pairing' metadata is missing or not the column pairing LoRaD "
+                               "rotates; refusing to guess which columns its angles turn")
+    ranks = adapter_ranks(path, metadata)
+    expected = {f"{module}.{suffix}" for module in ranks for suffix in ("lorad_A", "lorad_B")}
+    if set(tensors) != expected:
+        odd = sorted(set(tensors) ^ expected)[0]
+        raise AdapterFileError(f"{path}: its tensors do not match its 'ranks' metadata ({odd})")
+    for module, rank in ranks.items():
+        a, b = tensors[f"{module}.lorad_A"], tensors[f"{module}.lorad_B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != rank or b.shape[0] != rank or 0 in a.shape + b.shape:
+            raise AdapterFileError(f"{path}: {module}'s factors have shapes {tuple(a.shape)} and {tuple(b.shape)}, "
+                                   f"not (rows, {rank}) and ({rank}, pairs)")
+        for suffix, tensor in (("lorad_A", a), ("lorad_B", b)):
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise AdapterFileError(f"{path}: {module}.{suffix} holds NaN or infinite angles (or is not float)")
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, strict_base: bool = True) -> str:
@@ -92,12 +132,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     """
     tensors, metadata = read_adapter(path)
     name = name or metadata["adapter_name"]
-    ranks = {k: int(v) for k, v in json.loads(metadata["ranks"]).items()}
+    ranks = adapter_ranks(path, metadata)
     modules = dict(model.named_modules())
     missing = [m for m in ranks if m not in modules]
     if missing:
         raise AdapterFileError(f"{path} targets {missing[0]!r}, which this model does not have "
                                f"({len(missing)} of {len(ranks)} targets missing): wrong base model")
+    unadaptable = [m for m in ranks if not isinstance(modules[m], ADAPTABLE)]
+    if unadaptable:
+        raise AdapterFileError(f"{path} targets {unadaptable[0]!r}, a {type(modules[unadaptable[0]]).__name__}; "
+                               "LoRaD adapts Linear and Conv2d layers only")
     for module_name, rank in ranks.items():
         weight = base_weight(modules[module_name])
         expected = {"lorad_A": (weight.shape[0], rank), "lorad_B": (rank, weight[0].numel() // 2)}
