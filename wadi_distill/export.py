@@ -13,28 +13,37 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
+from wadi_analysis.outputs import check_output, staged_folder
+
 from . import adapters
 from .distill import GENERATOR
-from .runs import OneStepModel, load_run_generator, write_one_step_info
+from .runs import OneStepModel, is_export, load_run_generator, source_inputs, write_one_step_info
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, ema: bool = False) -> dict[str, Path]:
     """Merge the run's generator into its teacher's denoiser and write ``out`` (a diffusers model folder) +
-    ``out/one_step.safetensors`` (merged single file) + ``out/generator_adapter.safetensors`` (adapter runs)."""
+    ``out/one_step.safetensors`` (merged single file) + ``out/generator_adapter.safetensors`` (adapter runs).
+
+    ``out`` follows the output policy (:func:`wadi_analysis.outputs.check_output`): apart from the run
+    and its teacher, and an existing non-empty folder only if it is an earlier export; it is written
+    beside its place and renamed there when complete."""
+    out = check_output(out, source_inputs(run_dir), folder=True, replace=True, ours=is_export)
     generator = load_run_generator(run_dir, ema=ema, text=False)
     model = generator.generator
     if generator.adapter_file is not None:
         model = adapters.merge_and_unload(model, GENERATOR)
-    return _write(model, generator, Path(out))
+    adapters.check_finite(model, generator.adapter_file or run_dir)
+    with staged_folder(out) as stage:
+        names = _write(model, generator, stage)
+    return {label: out / name if name else out for label, name in names.items()}
 
 
-def _write(merged: nn.Module, generator: OneStepModel, out: Path) -> dict[str, Path]:
-    out.mkdir(parents=True, exist_ok=True)
+def _write(merged: nn.Module, generator: OneStepModel, out: Path) -> dict[str, str]:
     merged.save_pretrained(out)
     save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, out / "one_step.safetensors")
-    paths = {"model": out, "single_file": out / "one_step.safetensors"}
+    names = {"model": "", "single_file": "one_step.safetensors"}
     if generator.adapter_file is not None:
-        paths["adapter"] = out / "generator_adapter.safetensors"
-        shutil.copyfile(generator.adapter_file, paths["adapter"])
+        names["adapter"] = "generator_adapter.safetensors"
+        shutil.copyfile(generator.adapter_file, out / names["adapter"])
     write_one_step_info(out, generator.teacher, generator.config)
-    return paths
+    return names

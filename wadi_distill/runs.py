@@ -20,8 +20,12 @@ the teacher bundle, the generator network and the VSD settings, side by side.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +70,33 @@ class RunFolder:
         return self.checkpoint_root / f"step-{step:07d}"
 
     def checkpoints(self) -> list[Path]:
-        """Finished checkpoints, oldest first (temporary ``.step-*.tmp`` folders are not)."""
-        return sorted(self.checkpoint_root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        """Finished checkpoints, oldest first (temporary ``.step-*.tmp`` folders and other names are not)."""
+        found = [p for p in self.checkpoint_root.glob("step-*") if re.fullmatch(r"step-\d+", p.name) and p.is_dir()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def written(self) -> list[Path]:
+        """Every path training writes into the run folder (besides the checkpoints' contents)."""
+        return [self.config_file, self.checkpoint_root, self.metrics_file, self.tensorboard_dir, self.path / "samples",
+                *(self.generator(full, ema) for full in (False, True) for ema in (False, True))]
+
+    def refuse_links(self) -> None:
+        """Writes never follow links: a run whose own files are symbolic links is refused."""
+        for path in [self.path, *self.written(), *self.checkpoints()]:
+            if path.is_symlink():
+                raise UserError(f"{path} is a symbolic link; a run writes only its own files, never through links")
+
+    def entries(self) -> set[str] | None:
+        """The names in the run folder now (None: it does not exist), to undo a failed fresh run."""
+        return {p.name for p in self.path.iterdir()} if self.path.is_dir() else None
+
+    def remove_new_entries(self, before: set[str] | None) -> None:
+        """Remove what a failed run added: the folder if it made it, else only the entries it added."""
+        if before is None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for entry in self.path.iterdir() if self.path.is_dir() else ():
+            if entry.name not in before:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     def grid(self, step: int) -> Path:
         return self.path / "samples" / f"step-{step:07d}.png"
@@ -82,13 +111,43 @@ class RunFolder:
         return self.path / (f"generator_model{suffix}" if full else f"generator_adapter{suffix}.safetensors")
 
     def read_config(self) -> dict:
-        """The resolved configuration the run recorded."""
+        """The resolved configuration the run recorded, with the keys that export and sample read checked."""
         try:
-            return json.loads(self.config_file.read_text())
+            config = json.loads(self.config_file.read_text())
         except OSError:
             raise UserError(f"{self.path} is not a run folder ({CONFIG} missing)") from None
-        except ValueError:
+        except (ValueError, RecursionError):
             raise UserError(f"{self.config_file} is not readable JSON") from None
+        check_recorded_config(config, self.config_file)
+        return config
+
+
+def _kind(value: object, kinds: tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+
+
+def check_recorded_config(config: object, where: Path) -> None:
+    """A run's ``config.json`` (or an export's ``wadi_one_step.json``, ``vsd`` absent) as its readers need it:
+    teacher (text), teacher_config (text or null), adapter (a method), vsd (a table of VSDConfig's fields)."""
+    if not isinstance(config, dict):
+        raise UserError(f"{where} is not a JSON object")
+    if not isinstance(config.get("teacher"), str) or not config["teacher"]:
+        raise UserError(f"{where}: 'teacher' must be the teacher's path (text)")
+    if not _kind(config.get("teacher_config"), (str, type(None))):
+        raise UserError(f"{where}: 'teacher_config' must be a path or null")
+    if where.name != CONFIG:
+        return
+    if config.get("adapter") not in adapters.METHODS:
+        raise UserError(f"{where}: 'adapter' must be one of {', '.join(adapters.METHODS)} (got {config.get('adapter')!r})")
+    vsd = config.get("vsd")
+    fields = {f.name: f for f in dataclasses.fields(VSDConfig)}
+    if not isinstance(vsd, dict) or set(vsd) - set(fields):
+        raise UserError(f"{where}: 'vsd' must be a table of VSD settings ({', '.join(fields)})")
+    for name, value in vsd.items():
+        default = getattr(VSDConfig(), name)
+        allowed = (int, float) if isinstance(default, float) else (type(default),) if default is not None else (int, float, type(None))
+        if not _kind(value, allowed) or (isinstance(value, float) and not math.isfinite(value)):
+            raise UserError(f"{where}: vsd.{name} has the wrong type ({value!r})")
 
 
 def source_kind(source: str | os.PathLike) -> str:
@@ -157,10 +216,7 @@ def write_one_step_info(out: Path, teacher: Teacher, config: dict) -> Path:
 def load_export(path: str | os.PathLike) -> OneStepModel:
     """An exported one-step model: the merged denoiser, with its teacher's text encoder and VAE."""
     path = Path(path)
-    try:
-        info = json.loads((path / ONE_STEP_INFO).read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{path / ONE_STEP_INFO} is not readable JSON") from None
+    info = _one_step_info(path)
     return OneStepModel(run_teacher(info), load_denoiser(path), VSDConfig(alpha_T=info["alpha_T"]), info)
 
 
@@ -170,6 +226,33 @@ def load_one_step(source: str | os.PathLike) -> OneStepModel:
     if kind not in (RUN, EXPORT):
         raise UserError(f"{source} is neither a run folder nor an exported one-step model ({ONE_STEP_INFO})")
     return load_run_generator(source) if kind == RUN else load_export(source)
+
+
+def is_export(path: Path) -> bool:
+    """A folder ``export`` wrote (it may be replaced by the next export to it)."""
+    return (Path(path) / ONE_STEP_INFO).is_file()
+
+
+def source_inputs(source: str | os.PathLike) -> list[Path]:
+    """What reading ``source`` (a run, an export or a teacher) reads: itself and, for a run or an export,
+    the teacher folder it records; outputs must keep apart from all of them."""
+    source = Path(source)
+    kind = source_kind(source)
+    if kind == TEACHER:
+        return [source]
+    recorded = RunFolder(source).read_config() if kind == RUN else _one_step_info(source)
+    return [source] + [Path(p) for p in (recorded["teacher"], recorded.get("teacher_config")) if p]
+
+
+def _one_step_info(path: Path) -> dict:
+    try:
+        info = json.loads((path / ONE_STEP_INFO).read_text())
+    except (OSError, ValueError, RecursionError):
+        raise UserError(f"{path / ONE_STEP_INFO} is not readable JSON") from None
+    check_recorded_config(info, path / ONE_STEP_INFO)
+    if not _kind(info.get("alpha_T"), (int, float)) or not 0 < info["alpha_T"] < 1:
+        raise UserError(f"{path / ONE_STEP_INFO}: 'alpha_T' must be a number between 0 and 1")
+    return info
 
 
 def load_sampler(source: str | os.PathLike) -> tuple[Teacher, nn.Module, VSDConfig | None]:

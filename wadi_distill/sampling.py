@@ -10,6 +10,7 @@ writes a run's or an export's one-step images as PNG files.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -74,8 +75,11 @@ def write_samples(source: str | os.PathLike, prompts: list[str], count: int, out
     """``count`` one-step images per prompt from a run or an export, as PNG files plus ``grid.png`` in ``out``."""
     from PIL import Image
 
-    from .runs import load_one_step
+    from wadi_analysis.outputs import check_output, staged_folder
 
+    from .runs import load_one_step, source_inputs
+
+    out = check_output(out, source_inputs(source), folder=True, replace=True, ours=_holds_only_samples)
     model = load_one_step(source)
     teacher, generator = model.teacher, model.generator.eval()
     all_prompts = [p for p in prompts for _ in range(count)]
@@ -83,12 +87,18 @@ def write_samples(source: str | os.PathLike, prompts: list[str], count: int, out
     rng = torch.Generator().manual_seed(seed)
     shape = (len(all_prompts), teacher.latent_channels, teacher.sample_size, teacher.sample_size)
     pixels = decode(teacher, one_step(teacher, generator, torch.randn(shape, generator=rng), conditioning, model.vsd))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index, pixel in enumerate(pixels):
-        path = out / f"{index // count:03d}-{index % count:02d}.png"
-        Image.fromarray(pixel).save(path)
-        paths.append(path)
-    image_grid(pixels, count).save(out / "grid.png")
-    return paths + [out / "grid.png"]
+    names = [f"{index // count:03d}-{index % count:02d}.png" for index in range(len(pixels))] + [GRID]
+    with staged_folder(out) as stage:  # the images appear together, or not at all
+        for name, pixel in zip(names, pixels):
+            Image.fromarray(pixel).save(stage / name)
+        image_grid(pixels, count).save(stage / GRID)
+    return [out / name for name in names]
+
+
+GRID = "grid.png"
+_SAMPLE_NAME = re.compile(r"\d{3}-\d{2}\.png|grid\.png")
+
+
+def _holds_only_samples(folder: Path) -> bool:
+    """An earlier ``sample`` output (only its PNG names): the next ``sample`` to it may replace it."""
+    return all(_SAMPLE_NAME.fullmatch(entry.name) and entry.is_file() for entry in folder.iterdir())

@@ -13,7 +13,9 @@ from contextlib import ExitStack
 
 import torch
 
-from ..distill import FAKE, GENERATOR, Roles
+from wadi_analysis.atomic import atomic_write_text
+
+from ..distill import FAKE, GENERATOR, Roles, TrainingError
 from ..runs import RunFolder
 
 METRIC_COLUMNS = ["step", "generator_loss", "fake_loss", "seconds", "skipped"]
@@ -29,13 +31,28 @@ def digest(named_tensors) -> str:
     return sha.hexdigest()[:16]
 
 
+def metric_rows(path) -> list[list[str]]:
+    """The rows of a run's ``metrics.csv`` (none when absent), refused unless they are this format's:
+    the header, then rows whose first column is a step number."""
+    if not path.is_file():
+        return []
+    try:
+        rows = [r for r in csv.reader(path.read_text(encoding="utf-8").splitlines()) if r]
+    except (UnicodeDecodeError, csv.Error):
+        raise TrainingError(f"{path} is not a metrics file (CSV text)") from None
+    if rows and rows[0] != METRIC_COLUMNS or any(not r[0].isdigit() for r in rows[1:]):
+        raise TrainingError(f"{path} is not this run's metrics file (header {', '.join(METRIC_COLUMNS)}, "
+                            "then one row per step)")
+    return rows
+
+
 def truncate_metrics(path, step: int) -> None:
     """On resume, drop metric rows after the checkpoint's step (they will be recomputed)."""
     if not path.is_file():
         return
-    rows = list(csv.reader(path.read_text().splitlines()))
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= step] if rows else []
-    path.write_text("".join(",".join(r) + "\n" for r in kept))
+    rows = metric_rows(path)
+    kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= step] if rows else []
+    atomic_write_text(path, "".join(",".join(r) + "\n" for r in kept))
 
 
 def _tensorboard(run: RunFolder):
