@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..embedded import datasets
@@ -100,7 +100,9 @@ def make_classifier(out: str | Path, epochs: int = 4, seed: int = 0, dataset: st
     """Train the evaluation classifier and write it to ``out`` (atomically) with its provenance: test
     accuracy, the command that remakes it, dataset and image size. Returns the test accuracy."""
     from wadi_analysis.atomic import atomic_write
+    from wadi_analysis.outputs import check_output
 
+    check_output(out, folder=False)  # before minutes of training
     model, accuracy = train_classifier(dataset=dataset, epochs=epochs, seed=seed, log=log)
     info = {"test_accuracy": accuracy, "command": f"wadi-distill classifier --epochs {epochs} --seed {seed}",
             "dataset": dataset, "image_size": model.image_size}
@@ -109,10 +111,37 @@ def make_classifier(out: str | Path, epochs: int = 4, seed: int = 0, dataset: st
 
 
 def load_classifier(path: str | Path) -> Classifier:
+    """The classifier of ``path`` (written by :func:`make_classifier`), checked: a safetensors file whose
+    ``config`` metadata is the network's shape and whose tensors are exactly that network's."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as handle:
-        config = json.loads(handle.metadata()["config"])
+    from wadi_analysis.errors import UserError
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {k: handle.get_tensor(k) for k in handle.keys()}
+    except FileNotFoundError:
+        raise UserError(f"classifier {path} does not exist") from None
+    except Exception:  # safetensors' own error, OSError or ValueError: a damaged or foreign file
+        raise UserError(f"classifier {path} is not a readable safetensors file") from None
+    try:
+        config = json.loads(metadata["config"])
+    except KeyError:
+        raise UserError(f"classifier {path} has no 'config' metadata (write it with `wadi-distill classifier`)") from None
+    except (ValueError, RecursionError):
+        raise UserError(f"classifier {path}: its 'config' metadata is not JSON") from None
+    fields = ("num_classes", "image_size", "width", "features")
+    if (not isinstance(config, dict) or set(config) - set(fields)
+            or any(not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 4096 for v in config.values())
+            or config.get("image_size", 16) % 4):
+        raise UserError(f"classifier {path}: its 'config' metadata must give positive integer {', '.join(fields)} "
+                        "(image_size a multiple of 4)")
     classifier = Classifier(**config)
-    classifier.load_state_dict(load_file(str(path)))
+    expected = classifier.state_dict()
+    if state.keys() != expected.keys() or any(state[k].shape != expected[k].shape for k in expected):
+        raise UserError(f"classifier {path}: its tensors are not those of the network its 'config' describes")
+    if any(not t.is_floating_point() or not torch.isfinite(t).all() for t in state.values()):
+        raise UserError(f"classifier {path} holds non-float, NaN or infinite weights")
+    classifier.load_state_dict(state)
     return classifier.eval().requires_grad_(False)
