@@ -68,14 +68,19 @@ def encoder_fingerprint(teacher: Teacher) -> str:
 
 
 def cached_embeddings(teacher: Teacher, prompts: list[str], cache_dir: str | os.PathLike,
-                      batch_size: int = 64) -> tuple[Conditioning, Conditioning, bool]:
-    """(conditioning of every prompt, null-prompt conditioning, cache hit?) — computed once, then read."""
+                      batch_size: int = 64, warn=None) -> tuple[Conditioning, Conditioning, bool]:
+    """(conditioning of every prompt, null-prompt conditioning, cache hit?) — computed once, then read.
+
+    A damaged cache entry is a miss: it is recomputed and rewritten, and ``warn(line)`` says so."""
     cache_dir = Path(cache_dir)
     key = hashlib.sha256(json.dumps([encoder_fingerprint(teacher), teacher.family, prompts]).encode()).hexdigest()[:24]
     path = cache_dir / f"prompts-{key}.pt"
     if path.is_file():
-        stored = torch.load(path, weights_only=True)
-        return Conditioning(**stored["all"]), Conditioning(**stored["null"]), True
+        stored = _read_entry(path, len(prompts))
+        if stored is not None:
+            return stored[0], stored[1], True
+        if warn is not None:
+            warn(f"warning: the prompt-embedding cache entry {path} is damaged; recomputing and rewriting it")
     parts = [teacher.encode(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
     everything, null = Conditioning.cat(parts), teacher.encode([""])
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -85,3 +90,22 @@ def cached_embeddings(teacher: Teacher, prompts: list[str], cache_dir: str | os.
              "null": {"hidden_states": null.hidden_states, "extra": null.extra}}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     return everything, null, False
+
+
+def _read_entry(path: Path, count: int) -> tuple[Conditioning, Conditioning] | None:
+    """A cache entry's (all, null) conditioning, or None when it is not one (damaged, truncated, foreign);
+    read with ``weights_only``, so a tampered entry never runs code."""
+    try:
+        stored = torch.load(path, weights_only=True)
+        parts = [stored[name] for name in ("all", "null")]
+        conditionings = [Conditioning(part["hidden_states"], part["extra"]) for part in parts]
+    except Exception:  # unpickling, zip or key errors of a damaged file all mean: recompute
+        return None
+    for conditioning, rows in zip(conditionings, (count, 1)):
+        states = conditioning.hidden_states
+        if (not isinstance(states, torch.Tensor) or not isinstance(conditioning.extra, dict) or states.ndim != 3
+                or states.shape[0] != rows or not states.is_floating_point() or not torch.isfinite(states).all()):
+            return None
+    if conditionings[0].hidden_states.shape[1:] != conditionings[1].hidden_states.shape[1:]:
+        return None
+    return conditionings[0], conditionings[1]
