@@ -298,3 +298,75 @@ def test_cli_missing_teacher_parts_and_unwritable_output(pipeline, teacher_witho
     assert result.exit_code == 2 and result.stderr.startswith("error: "), result.output
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
     assert not out.exists()
+
+
+def _no_processes():
+    """What ``_update`` asks of accelerate, for one process on the CPU."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(reduce=lambda tensor, reduction=None: tensor, num_processes=1, device=torch.device("cpu"))
+
+
+def test_fp16_generator_gradients_with_loss_scaling_agree_with_fp32(pipeline, tmp_path):
+    """The loop's update on an fp16-autocast generator step: with the loss scaler the gradients match fp32
+    (cosine > 0.999, none flushed to zero); without it small ones underflow. CPU autocast stands in for
+    the GPU's (accelerate does not autocast fp16 on the CPU; the loop enables its scalers only where it does)."""
+    from wadi_distill.distill import FAKE, GENERATOR, attach_roles, generator_step
+    from wadi_distill.teacher import load_teacher
+    from wadi_distill.training.loop import STEPPED, _update
+
+    config = config_for(pipeline, tmp_path / "run")
+    teacher = load_teacher(config.teacher)
+    roles, _ = attach_roles(teacher, config)
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # generator and fake score away from the teacher: a VSD gradient to measure
+        for role in (GENERATOR, FAKE):
+            for parameter in roles.parameters(role):
+                parameter.add_(0.3 * torch.randn(parameter.shape, generator=noise))
+    parameters = roles.parameters(GENERATOR)
+    conditioning, null = teacher.encode(["a photo of a bag", "a photo of a shirt"]), teacher.encode([""])
+
+    def gradients(fp16: bool, scaler=None) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            loss, _ = generator_step(teacher, roles.base, conditioning, null, config.vsd, torch.Generator().manual_seed(0))
+        assert _update(loss, torch.optim.SGD(parameters, lr=0.0), parameters, _no_processes(), 1e9, scaler) == STEPPED
+        return torch.cat([p.grad.flatten() for p in parameters]).double()
+
+    reference = gradients(False)
+    scaled = gradients(True, torch.amp.GradScaler("cpu", init_scale=2.0 ** 16))
+    unscaled = gradients(True)
+    cosine = torch.nn.functional.cosine_similarity
+    assert cosine(scaled, reference, dim=0) > 0.999
+    assert (scaled == 0).float().mean() < (unscaled == 0).float().mean()
+
+
+def test_an_fp16_overflow_skips_the_step_and_lowers_the_scale():
+    from wadi_distill.training.loop import OVERFLOW, STEPPED, _update
+
+    layer = torch.nn.Linear(3, 1)
+    before = layer.weight.detach().clone()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    hook = layer.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    loss = layer(torch.ones(1, 3)).sum()
+    assert _update(loss, torch.optim.SGD(layer.parameters(), lr=1.0), list(layer.parameters()), _no_processes(), 1.0,
+                   scaler) == OVERFLOW
+    assert torch.equal(layer.weight, before) and scaler.get_scale() == 2.0 ** 15
+    hook.remove()
+    loss = layer(torch.ones(1, 3)).sum()
+    assert _update(loss, torch.optim.SGD(layer.parameters(), lr=1.0), list(layer.parameters()), _no_processes(), 1.0,
+                   scaler) == STEPPED
+    assert not torch.equal(layer.weight, before)
+
+
+def test_fp16_loss_scalers_only_where_accelerate_autocasts_in_fp16(pipeline, tmp_path):
+    from types import SimpleNamespace
+
+    from wadi_distill.training.loop import loss_scalers
+
+    config = config_for(pipeline, tmp_path / "run", mixed_precision="fp16")
+    cpu = SimpleNamespace(native_amp=False, device=torch.device("cpu"))  # Accelerator(fp16, cpu=True) here
+    assert not any(s.is_enabled() for s in loss_scalers(config, cpu).values())
+    gpu = SimpleNamespace(native_amp=True, device=torch.device("cpu"))
+    assert all(s.is_enabled() for s in loss_scalers(config, gpu).values())
+    assert not any(s.is_enabled() for s in loss_scalers(config_for(pipeline, tmp_path / "r", mixed_precision="bf16"),
+                                                        gpu).values())

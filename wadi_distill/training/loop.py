@@ -9,9 +9,12 @@ averaged across processes, and rank 0 writes the outputs.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 from torch import nn
+
+from wadi_analysis.outputs import check_output
 
 from ..config import RunConfig
 from ..distill import FAKE, GENERATOR, Roles, TrainingError, attach_roles, fake_step, generator_step, one_step
@@ -22,7 +25,7 @@ from . import sharding
 from .checkpoint import CheckpointIO, resolve_resume
 from .ema import AdapterEMA
 from .prompts import cached_embeddings, read_prompts
-from .runlog import RunLog, digest
+from .runlog import RunLog, digest, metric_rows
 
 __all__ = ["TrainingError", "train", "save_generator"]  # TrainingError: where callers of train() catch it
 
@@ -40,6 +43,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     if fsdp is not None and (reason := sharding.unsupported(fsdp, config, on_validate)):
         raise TrainingError(reason)
     run = RunFolder(config.out)
+    check_output(run.path, [p for p in (config.teacher, config.teacher_config, config.prompts, config.plan) if p],
+                 folder=True)
+    run.refuse_links()  # writes never follow links: metrics.csv, config.json, ... must be the run's own files
     if run.checkpoints() and not resume:
         raise TrainingError(f"{run.path} already holds a run; continue it with --resume latest or choose another --out")
 
@@ -49,78 +55,96 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     prompts = read_prompts(config.prompts, config.prompt_column)
     teacher = load_teacher(config.teacher, config=config.teacher_config)
     roles, counts = attach_roles(teacher, config)
-    if is_main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        config.write(run.config_file)
     base_before = digest(roles.frozen_parameters()) if config.record_digests else None
     _place(roles, accelerator, fsdp, config)
 
-    # Prompts, optimisers, the sampling RNG, the EMA; resume.
-    all_prompts, null_prompt, cache_hit = cached_embeddings(teacher, prompts, config.embedding_cache())
+    # Prompts, optimisers, the sampling RNG, the EMA; resume (the checkpoint is validated before any write).
+    all_prompts, null_prompt, cache_hit = cached_embeddings(teacher, prompts, config.embedding_cache(),
+                                                            warn=_warn if is_main else None)
     validation = teacher.encode(config.validation_prompts or prompts[:4]).to(accelerator.device)
     optimizer_class = _optimizer_class(config.optimizer)
     optimizers = {role: optimizer_class(roles.parameters(role), lr=lr, weight_decay=config.weight_decay)
                   for role, lr in ((GENERATOR, config.generator_lr), (FAKE, config.fake_lr))}
+    scalers = loss_scalers(config, accelerator)
     rng = torch.Generator().manual_seed(config.seed + 1000 * accelerator.process_index)
     ema = AdapterEMA(roles.named_parameters(GENERATOR), config.ema_decay) if config.ema_decay is not None else None
-    checkpoints = CheckpointIO(run, roles, optimizers, rng, ema, accelerator, keep=config.keep_checkpoints)
+    checkpoints = CheckpointIO(run, roles, optimizers, rng, ema, accelerator, keep=config.keep_checkpoints,
+                               scalers=scalers)
     step = 0
     if (checkpoint := resolve_resume(run, resume)) is not None:
         step = checkpoints.load(checkpoint)
     all_prompts, null_prompt = all_prompts.to(accelerator.device), null_prompt.to(accelerator.device)
     separate_generator = roles.generator if roles.separate_generator else None
     nonfinite_in_a_row = skipped = 0
-
-    accelerator.wait_for_everyone()  # the main process has made the run folder every process logs into
-    with RunLog(run, total_steps=config.steps, start_step=step, is_main=is_main, rank=accelerator.process_index,
-                progress=progress, record_digests=config.record_digests) as log:
-        while step < config.steps:
-            log.step_started()
-            # Generator step: VSD loss on one-step samples of a batch of prompts.
-            conditioning = all_prompts.select(torch.randint(0, len(all_prompts), (config.batch_size,), generator=rng))
-            with accelerator.autocast():
-                loss, x0 = generator_step(teacher, roles.base, conditioning, null_prompt, config.vsd, rng,
-                                          separate_generator)
-            if _update(loss, optimizers[GENERATOR], roles.parameters(GENERATOR), accelerator, config.grad_clip):
-                if ema is not None:
-                    ema.update()
-                nonfinite_in_a_row = 0
-            else:  # every process skips together, so the adapters stay identical
-                skipped += 1
-                nonfinite_in_a_row += 1
-                if nonfinite_in_a_row > config.max_nonfinite_in_a_row:
-                    raise TrainingError(f"{nonfinite_in_a_row} non-finite generator losses in a row at step {step}; "
-                                        "the last good checkpoint is kept")
-
-            # Fake-score steps: denoising on the generator's (detached) samples.
-            fake_losses = []
-            for _ in range(config.fake_steps_per_generator_step):
+    metric_rows(run.metrics_file)  # a damaged metrics.csv is refused before config.json is rewritten
+    fresh, before = is_main and step == 0, run.entries()  # a fresh run: what a failure must not remove
+    if is_main:
+        run.path.mkdir(parents=True, exist_ok=True)
+        config.write(run.config_file)
+    try:
+        accelerator.wait_for_everyone()  # the main process has made the run folder every process logs into
+        with RunLog(run, total_steps=config.steps, start_step=step, is_main=is_main, rank=accelerator.process_index,
+                    progress=progress, record_digests=config.record_digests) as log:
+            while step < config.steps:
+                log.step_started()
+                # Generator step: VSD loss on one-step samples of a batch of prompts.
+                conditioning = all_prompts.select(torch.randint(0, len(all_prompts), (config.batch_size,), generator=rng))
                 with accelerator.autocast():
-                    fake_loss = fake_step(teacher, roles.base, x0, conditioning, null_prompt, config.vsd, rng)
-                _update(fake_loss, optimizers[FAKE], roles.parameters(FAKE), accelerator, config.grad_clip)
-                fake_losses.append(fake_loss.item())
-            step += 1
-            log.step_done(step, loss.item(), fake_losses, skipped, roles)
+                    loss, x0 = generator_step(teacher, roles.base, conditioning, null_prompt, config.vsd, rng,
+                                              separate_generator)
+                outcome = _update(loss, optimizers[GENERATOR], roles.parameters(GENERATOR), accelerator, config.grad_clip,
+                                  scalers[GENERATOR])
+                if outcome == STEPPED:
+                    if ema is not None:
+                        ema.update()
+                    nonfinite_in_a_row = 0
+                elif outcome == OVERFLOW:  # fp16: the loss scaler lowered its scale, as it does early on
+                    skipped += 1
+                else:  # every process skips together, so the adapters stay identical
+                    skipped += 1
+                    nonfinite_in_a_row += 1
+                    if nonfinite_in_a_row > config.max_nonfinite_in_a_row:
+                        raise TrainingError(f"{nonfinite_in_a_row} non-finite generator losses in a row at step {step}; "
+                                            "the last good checkpoint is kept")
 
-            # Save checkpoint; validate.
-            last = step == config.steps
-            if step % config.checkpoint_every == 0 or last:
-                checkpoints.save(step)
-            if (is_main or fsdp) and (step % config.validate_every == 0 or last):
-                save_validation_grid(teacher, roles.generator, validation, config, run.grid(step) if is_main else None)
-                if on_validate is not None:
-                    on_validate(step, teacher, roles.generator, config.vsd)
+                # Fake-score steps: denoising on the generator's (detached) samples.
+                fake_losses = []
+                for _ in range(config.fake_steps_per_generator_step):
+                    with accelerator.autocast():
+                        fake_loss = fake_step(teacher, roles.base, x0, conditioning, null_prompt, config.vsd, rng)
+                    _update(fake_loss, optimizers[FAKE], roles.parameters(FAKE), accelerator, config.grad_clip,
+                            scalers[FAKE])
+                    fake_losses.append(fake_loss.item())
+                step += 1
+                log.step_done(step, loss.item(), fake_losses, skipped, roles)
 
-        # Save the generator where export and sample find it.
-        with sharding.full_weights(roles.base):  # FSDP: the adapter file fingerprints the whole base
-            if base_before:
-                log.base_digests(base_before, digest(roles.frozen_parameters()))
-            if is_main:
-                save_generator(teacher, roles, run, ema)
-    accelerator.wait_for_everyone()
-    if fsdp is not None and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # gloo may abort at exit with collectives' threads alive
-    return {"steps": step, "trainable": counts, "skipped": skipped, "cache_hit": cache_hit, "run_dir": str(run.path)}
+                # Save checkpoint; validate.
+                last = step == config.steps
+                if step % config.checkpoint_every == 0 or last:
+                    checkpoints.save(step)
+                if (is_main or fsdp) and (step % config.validate_every == 0 or last):
+                    save_validation_grid(teacher, roles.generator, validation, config, run.grid(step) if is_main else None)
+                    if on_validate is not None:
+                        on_validate(step, teacher, roles.generator, config.vsd)
+
+            # Save the generator where export and sample find it.
+            with sharding.full_weights(roles.base):  # FSDP: the adapter file fingerprints the whole base
+                if base_before:
+                    log.base_digests(base_before, digest(roles.frozen_parameters()))
+                if is_main:
+                    save_generator(teacher, roles, run, ema)
+        accelerator.wait_for_everyone()
+        if fsdp is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # gloo may abort at exit with collectives' threads alive
+        return {"steps": step, "trainable": counts, "skipped": skipped, "cache_hit": cache_hit, "run_dir": str(run.path)}
+    except BaseException:
+        if fresh and not run.checkpoints():
+            run.remove_new_entries(before)  # a run that failed before its first checkpoint leaves nothing
+        raise
+
+
+def _warn(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _accelerator(config: RunConfig):
@@ -148,22 +172,44 @@ def _place(roles: Roles, accelerator, fsdp, config: RunConfig) -> None:
             network.train()  # diffusers checkpoints activations only in training mode
 
 
-def _update(loss: torch.Tensor, optimizer, parameters: list[nn.Parameter], accelerator, grad_clip: float) -> bool:
-    """One optimiser step of ``parameters`` on ``loss``: backward, gradients averaged over processes
-    (by hand: the adapters alternate roles on one module, which DDP's single-backward bookkeeping
-    cannot follow), clipped. Skipped on every process when the loss is non-finite on any; returns
-    whether it stepped."""
+STEPPED, SKIPPED, OVERFLOW = "stepped", "skipped", "overflow"
+
+
+def loss_scalers(config: RunConfig, accelerator) -> dict[str, torch.amp.GradScaler]:
+    """One fp16 loss scaler per role (their losses differ in scale), enabled where the forward runs in
+    fp16: accelerate's autocast with ``mixed_precision="fp16"`` on a GPU. On the CPU accelerate accepts
+    fp16 but neither autocasts nor scales (the math stays float32), so the scalers are disabled there
+    and training is bit-identical to ``no``. Disabled scalers are no-ops."""
+    enabled = config.mixed_precision == "fp16" and bool(getattr(accelerator, "native_amp", False))
+    return {role: torch.amp.GradScaler(accelerator.device.type, enabled=enabled) for role in (GENERATOR, FAKE)}
+
+
+def _update(loss: torch.Tensor, optimizer, parameters: list[nn.Parameter], accelerator, grad_clip: float,
+            scaler: torch.amp.GradScaler | None = None) -> str:
+    """One optimiser step of ``parameters`` on ``loss``: backward (fp16: of the scaled loss), gradients
+    averaged over processes (by hand: the adapters alternate roles on one module, which DDP's
+    single-backward bookkeeping cannot follow), unscaled, clipped. Skipped on every process when the
+    loss is non-finite on any (``SKIPPED``), or, fp16, when the averaged gradients overflowed: they are
+    the same on every process, so all skip together and lower the scale (``OVERFLOW``)."""
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     optimizer.zero_grad(set_to_none=True)
     if accelerator.reduce(torch.isfinite(loss).float().to(accelerator.device), "min").item() <= 0:
-        return False
-    loss.backward()
+        return SKIPPED
+    scaler.scale(loss).backward()
     if accelerator.num_processes > 1:
         for parameter in parameters:
             if parameter.grad is not None:
                 parameter.grad = accelerator.reduce(parameter.grad, reduction="mean")
+    if not scaler.is_enabled():
+        torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        optimizer.step()
+        return STEPPED
+    scaler.unscale_(optimizer)
+    finite = all(bool(torch.isfinite(p.grad).all()) for p in parameters if p.grad is not None)
     torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
-    optimizer.step()
-    return True
+    scaler.step(optimizer)  # skips the step when unscale_ found inf/NaN
+    scaler.update()
+    return STEPPED if finite else OVERFLOW
 
 
 @torch.no_grad()
