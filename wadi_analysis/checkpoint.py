@@ -10,6 +10,15 @@ time, so a comparison never holds two whole models in memory:
 
 :func:`open_checkpoint` resolves a path (file, sharded index, diffusers model or pipeline folder)
 to a source and normalises its key names (see :mod:`wadi_analysis.keymap`).
+
+Every structured field is validated before it is used, and each bad one is a :class:`CheckpointError`
+naming the file and the problem: safetensors headers (JSON nesting, dtype names, shapes of non-negative
+ints whose byte size fits, ``__metadata__`` a mapping of strings), sharded indexes (``weight_map`` of
+plain shard file names, ``metadata`` a mapping), and torch pickles (a zip storage must hold the bytes
+its tensors need; only dense strided tensors are read).
+
+Links: a shard that is a symbolic link must stay inside its index's folder (links inside it are
+fine); see :mod:`wadi_analysis.locate` for folders.
 """
 
 from __future__ import annotations
@@ -64,6 +73,32 @@ SAFETENSORS_DTYPES = {
 }
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+_MAX_TENSOR_BYTES = 2 ** 62  # beyond any file; keeps every size an int64 for torch
+_MAX_NESTING = 4  # state dicts nested under state_dict/model/... at most this deep
+
+
+def _count(value) -> bool:
+    """A non-negative int (not a bool: JSON's true is no dimension)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_json_bytes(data: bytes | str, what: str):
+    """Parsed JSON, or a :class:`CheckpointError` ``"{what} is not JSON)"`` / nests too deeply."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{what} is not JSON)") from None
+    except RecursionError:  # e.g. 100k nested arrays: refused, not a crash
+        raise CheckpointError(f"{what} nests too deeply to be read)") from None
+
+
+def string_mapping(value, what: str) -> dict[str, str]:
+    """A metadata field: absent (None) or a mapping of strings to strings, else a :class:`CheckpointError`."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise CheckpointError(f"{what} is not a mapping of strings to strings")
+    return dict(value)
 
 
 class CheckpointSource(ABC):
@@ -97,6 +132,10 @@ class CheckpointSource(ABC):
 
     def close(self) -> None:
         pass
+
+    def files(self) -> list[Path]:
+        """The files this source reads (outputs must stay apart from them)."""
+        return [self.path]
 
     @property
     def raw_source(self) -> CheckpointSource:
@@ -148,15 +187,12 @@ class SafetensorsFile(CheckpointSource):
                 header_bytes = fh.read(header_len)
         except OSError as exc:
             raise CheckpointError(f"cannot read {self.path}: {exc.strerror or exc}") from None
-        try:
-            header = json.loads(header_bytes)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{self.path} is not a safetensors file (header is not JSON)") from None
+        header = read_json_bytes(header_bytes, f"{self.path} is not a safetensors file (header")
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path} is not a safetensors file (header is not a mapping)")
         self._data_start = 8 + header_len
         data_len = size - self._data_start
-        self.metadata = {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+        self.metadata = string_mapping(header.pop("__metadata__", None), f"{self.path}: __metadata__")
         self._offsets: dict[str, tuple[int, int]] = {}
         spans = []
         for name, entry in header.items():
@@ -179,18 +215,23 @@ class SafetensorsFile(CheckpointSource):
                 self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
 
     def _validate_entry(self, name, entry):
-        bad = CheckpointError(f"{self.path} is corrupt: bad header entry for tensor {str(name)[:80]!r}")
+        bad = f"{self.path} is corrupt: bad header entry for tensor {str(name)[:80]!r}"
         if not isinstance(entry, dict):
-            raise bad
-        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype"))
-        shape = entry.get("shape")
-        offsets = entry.get("data_offsets")
-        if (dtype is None or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(d, int) and d >= 0 for d in shape + offsets)):
-            raise bad
+            raise CheckpointError(f"{bad}: not a mapping")
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        dtype = SAFETENSORS_DTYPES.get(code) if isinstance(code, str) else None
+        if dtype is None:
+            raise CheckpointError(f"{bad}: dtype {str(code)[:40]!r} is not a safetensors dtype")
+        if not isinstance(shape, list) or not all(_count(d) for d in shape):
+            raise CheckpointError(f"{bad}: shape {str(shape)[:60]} is not a list of non-negative integers")
+        if prod(d for d in shape if d) * dtype.itemsize >= _MAX_TENSOR_BYTES:
+            raise CheckpointError(f"{bad}: shape {str(shape)[:60]} is larger than any file")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(d) for d in offsets):
+            raise CheckpointError(f"{bad}: data_offsets is not a pair of non-negative integers")
         begin, end = offsets
         if end - begin != prod(shape) * dtype.itemsize:
-            raise bad
+            raise CheckpointError(f"{bad}: data_offsets span {end - begin} bytes, shape and dtype need "
+                                  f"{prod(shape) * dtype.itemsize}")
         return dtype, tuple(shape), (begin, end)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -233,33 +274,47 @@ class ShardedSafetensors(CheckpointSource):
         super().__init__()
         self.path = Path(index_path)
         try:
-            index = json.loads(self.path.read_text())
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise TypeError
+            text = self.path.read_text()
         except OSError as exc:
             raise CheckpointError(f"cannot read {self.path}: {exc.strerror or exc}") from None
-        except (ValueError, KeyError, TypeError):
-            raise CheckpointError(f"{self.path} is not a safetensors index (no weight_map)") from None
-        self.metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.path} is not a safetensors index (not text)") from None
+        index = read_json_bytes(text, f"{self.path} is not a safetensors index (it")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{self.path} is not a safetensors index (no weight_map)")
+        metadata = index.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise CheckpointError(f"{self.path}: metadata is not a mapping")
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}  # total_size is a number
         self._shards: dict[str, SafetensorsFile] = {}
         self._shard_of: dict[str, SafetensorsFile] = {}
         for name, shard_name in weight_map.items():
-            shard_path = self.path.parent / str(shard_name)
-            if Path(shard_name).name != shard_name:
-                raise CheckpointError(f"{self.path}: shard name {str(shard_name)[:80]!r} is not a plain file name")
-            if shard_name not in self._shards:
-                if not shard_path.is_file():
-                    raise CheckpointError(f"{self.path}: shard {shard_name} is missing")
-                self._shards[shard_name] = SafetensorsFile(shard_path)
-            shard = self._shards[shard_name]
+            shard = self._shards.get(shard_name) if isinstance(shard_name, str) else None
+            if shard is None:
+                shard = self._open_shard(name, shard_name)
             if name not in shard._infos:
                 raise CheckpointError(f"{self.path}: tensor {name!r} is not in shard {shard_name}")
             self._shard_of[name] = shard
             self._infos[name] = shard.info(name)
 
+    def _open_shard(self, name: str, shard_name) -> SafetensorsFile:
+        """The shard ``shard_name``: a plain file name in the index's folder, not a link out of it."""
+        if not isinstance(shard_name, str) or not shard_name or Path(shard_name).name != shard_name:
+            raise CheckpointError(f"{self.path}: the shard of {name[:80]!r} ({str(shard_name)[:80]!r}) "
+                                  f"is not a plain file name")
+        shard_path = self.path.parent / shard_name
+        if not shard_path.is_file():
+            raise CheckpointError(f"{self.path}: shard {shard_name} is missing")
+        check_link_inside(shard_path, self.path.parent)
+        self._shards[shard_name] = SafetensorsFile(shard_path)
+        return self._shards[shard_name]
+
     def tensor(self, name: str) -> torch.Tensor:
         return self._shard_of[name].tensor(name)
+
+    def files(self) -> list[Path]:
+        return [self.path, *(shard.path for shard in self._shards.values())]
 
     def release(self, name: str) -> None:
         self._shard_of[name].release(name)
@@ -267,6 +322,77 @@ class ShardedSafetensors(CheckpointSource):
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()
+
+
+def _persistent_ids(pickled: bytes) -> list[tuple]:
+    """The persistent ids (torch's storage references) a pickle holds, found by simulating its stack
+    with :mod:`pickletools` (nothing is imported or executed; unknown values are ``None``)."""
+    import pickletools
+
+    stack, memo = [], {}
+    found = []
+    for op, arg, _ in pickletools.genops(pickled):
+        before, after = op.stack_before, op.stack_after
+        if op.name in ("BINPUT", "LONG_BINPUT", "PUT") and stack:
+            memo[arg] = stack[-1]
+            continue
+        if op.name == "MEMOIZE" and stack:
+            memo[len(memo)] = stack[-1]
+            continue
+        if pickletools.markobject in before:  # pops everything down to the last MARK
+            mark = max((i for i, v in enumerate(stack) if v is pickletools.markobject), default=0)
+            popped, stack = stack[mark + 1:], stack[:mark]
+        else:
+            popped = stack[len(stack) - len(before):] if before else []
+            stack = stack[:len(stack) - len(before)] if before else stack
+        if op.name == "MARK":
+            value = pickletools.markobject
+        elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+            value = memo.get(arg)
+        elif op.name in ("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3"):
+            value = tuple(popped)
+        elif op.name == "STACK_GLOBAL":
+            value = " ".join(map(str, popped))
+        elif op.name == "BINPERSID":
+            found.append(popped[0] if popped else None)
+            value = None
+        else:
+            value = arg if arg is not None and not isinstance(arg, bytes) else None
+        stack += [value] * len(after)
+    return found
+
+
+_STORAGE_ITEMSIZE = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
+                     "Char": 1, "Byte": 1, "Bool": 1, "ComplexDouble": 16, "ComplexFloat": 8,
+                     "Float8_e4m3fn": 1, "Float8_e5m2": 1}
+
+
+def check_zip_storages(path: Path) -> None:
+    """Every storage a torch zip checkpoint references must be a record of the size its pickle says:
+    memory-mapped loading does not check, and would read the neighbouring bytes of a truncated record."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = {info.filename: info for info in archive.infolist()}
+            pickles = [name for name in records if name.endswith("data.pkl")]
+            if len(pickles) != 1:
+                raise CheckpointError(f"{path} is not a torch checkpoint (a zip without one data.pkl)")
+            prefix = pickles[0][:-len("data.pkl")]
+            ids = _persistent_ids(archive.read(pickles[0]))
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({str(exc)[:120]})") from None
+    for saved in ids:
+        if not (isinstance(saved, tuple) and len(saved) == 5 and saved[0] == "storage"):
+            continue  # not a tensor storage: torch.load judges it
+        _, kind, key, _, numel = saved
+        itemsize = _STORAGE_ITEMSIZE.get(str(kind).rsplit(" ", 1)[-1].removesuffix("Storage"))
+        record = records.get(f"{prefix}data/{key}")
+        if record is None:
+            raise CheckpointError(f"{path} is corrupt: storage {str(key)[:20]!r} is missing")
+        if itemsize and isinstance(numel, int) and record.file_size != numel * itemsize:
+            raise CheckpointError(f"{path} is truncated or corrupt: storage {key} holds {record.file_size:,} "
+                                  f"bytes, its tensors need {numel * itemsize:,}")
+        if record.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"{path} is corrupt: storage {key} is compressed")
 
 
 class TorchPickleFile(CheckpointSource):
@@ -280,7 +406,13 @@ class TorchPickleFile(CheckpointSource):
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path} does not exist")
+        with open(self.path, "rb") as fh:
+            magic = fh.read(2)
         mmap_ok = zipfile.is_zipfile(self.path)  # only the zip format can be memory-mapped
+        if not mmap_ok and magic[:1] != b"\x80":  # neither torch's zip format nor a raw pickle
+            raise CheckpointError(f"{self.path} is not a torch checkpoint (neither a zip archive nor a pickle)")
+        if mmap_ok:
+            check_zip_storages(self.path)
         try:
             with warnings.catch_warnings():  # e.g. pickle-protocol notices: the outcome is reported below
                 warnings.simplefilter("ignore")
@@ -288,27 +420,36 @@ class TorchPickleFile(CheckpointSource):
         except pickle.UnpicklingError as exc:
             first = str(exc).strip().splitlines()
             detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), "")
+            if not any(word in detail.lower() for word in ("global", "reduce", "call", "class")):  # a bad opcode
+                raise CheckpointError(f"{self.path} is not a readable torch checkpoint (a broken pickle)") from None
             raise CheckpointError(
                 f"{self.path} needs full unpickling (arbitrary code) and was refused; convert it to "
-                f"safetensors in a trusted environment{': ' + detail.strip() if detail else ''}") from None
-        except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as exc:
+                f"safetensors in a trusted environment ({detail.split(' was not an allowed')[0].strip()[:160]})") from None
+        except RecursionError:
+            raise CheckpointError(f"{self.path} nests too deeply to be read") from None
+        except Exception as exc:  # torch.load's failures on foreign bytes are many (KeyError, EOFError, ...)
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(f"{self.path} is not a readable torch checkpoint ({message[:200]})") from None
         state = self._find_state_dict(obj)
         if state is None:
             raise CheckpointError(f"{self.path} holds no state dict of tensors")
+        for name, tensor in state.items():
+            if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_meta:
+                raise CheckpointError(f"{self.path}: tensor {name[:80]!r} is {str(tensor.layout).removeprefix('torch.')}"
+                                      f"{' quantized' if tensor.is_quantized else ''}"
+                                      f"{' meta' if tensor.is_meta else ''}; only dense tensors are read")
         self._tensors = state
         self._infos = {name: TensorInfo(tuple(t.shape), t.dtype) for name, t in state.items()}
 
     @classmethod
-    def _find_state_dict(cls, obj) -> dict[str, torch.Tensor] | None:
-        if not isinstance(obj, dict):
+    def _find_state_dict(cls, obj, depth: int = 0) -> dict[str, torch.Tensor] | None:
+        if not isinstance(obj, dict) or depth > _MAX_NESTING:
             return None
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         if tensors and len(tensors) >= len(obj) / 2:
             return tensors
         for key in cls._NESTED_KEYS:
-            nested = cls._find_state_dict(obj.get(key))
+            nested = cls._find_state_dict(obj.get(key), depth + 1)
             if nested:
                 return nested
         return tensors or None
@@ -333,6 +474,9 @@ class TensorDictSource(CheckpointSource):
 
     def tensor(self, name: str) -> torch.Tensor:
         return self._tensors[name].detach()
+
+    def files(self) -> list[Path]:
+        return []
 
 
 def write_safetensors(path: str | os.PathLike, infos: dict[str, TensorInfo], tensor_for,
@@ -360,6 +504,20 @@ def write_safetensors(path: str | os.PathLike, infos: dict[str, TensorInfo], ten
                     fh.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
     return atomic_write(path, write)
+
+
+def check_link_inside(path: Path, folder: Path) -> None:
+    """Refuse ``path`` when it is (or passes through) a link that leads out of ``folder``: a checkpoint
+    is read from the folder the user named. Links that stay inside it are fine, and so are the links
+    of a Hugging Face cache (``snapshots/REV/...`` into the same repository's ``blobs/``)."""
+    target, root = path.resolve(), folder.resolve()
+    if target == root or root in target.parents:
+        return
+    cache = next((p for p in root.parents if p.name.startswith(("models--", "datasets--"))), None)
+    if cache is not None and root.is_relative_to(cache / "snapshots") and target.parent == cache / "blobs":
+        return
+    raise CheckpointError(f"{path} is a symbolic link that leads out of {folder} (to {target}); "
+                          f"links out of the named folder are not followed: copy the file in, or name it itself")
 
 
 def open_file(path: Path) -> CheckpointSource:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .checkpoint import CheckpointSource, KeyMapping, TensorInfo
+from .errors import one_line
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_EMA_PREFIX = "model_ema."
@@ -51,7 +52,13 @@ def ldm_unet_mapping(names: list[str], ema: bool = False) -> KeyMapping:
     previous_level = diffusers_logger.level
     diffusers_logger.setLevel(logging.ERROR)  # it warns about EMA weights it is told to skip
     try:
+        if config["layers_per_block"] < 1:  # a downsampler at input_blocks.0 or 1: no level has layers
+            raise ValueError("a downsampler at input_blocks.0 or 1, where the first level's layers belong")
         converted = convert_ldm_unet_checkpoint(name_checkpoint, config, extract_ema=ema)
+    except Exception as exc:  # the converter assumes a well-formed U-Net: any failure means these keys are not one
+        detail = one_line(exc)[:160] or type(exc).__name__
+        raise ValueError(f"its LDM U-Net keys (model.diffusion_model.*) do not form a U-Net diffusers' "
+                         f"converter can map ({type(exc).__name__}: {detail})") from None
     finally:
         diffusers_logger.setLevel(previous_level)
     mapping = {new: old for new, old in converted.items() if isinstance(old, str)}
@@ -100,6 +107,9 @@ class RenamedSource(CheckpointSource):
 
     def close(self) -> None:
         self.inner.close()
+
+    def files(self) -> list:
+        return self.inner.files()
 
     @property
     def raw_source(self) -> CheckpointSource:

@@ -4,6 +4,12 @@ Accepted: a ``.safetensors`` file, a sharded ``*.safetensors.index.json`` (or a 
 a diffusers model folder (``config.json`` + ``diffusion_pytorch_model[.VARIANT].safetensors``, sharded
 or not, ``.bin`` as a fallback), a diffusers pipeline folder (``model_index.json``; the ``unet/`` or
 ``transformer/`` component, or the one named), and ``.bin/.pt/.pth/.ckpt`` state dicts.
+
+Symbolic links: a checkpoint is read from the path the user named. That path may itself be a link,
+and links inside a named folder are followed; a component folder (``unet/``), weights file or shard
+that is a link leading *out of* the named folder is refused with a :class:`CheckpointError` naming
+the link (a Hugging Face cache snapshot, whose files link into the same repository's ``blobs/``, is
+the one exception). Nothing is ever written through a link (:mod:`wadi_analysis.outputs`).
 """
 
 from __future__ import annotations
@@ -12,19 +18,30 @@ import json
 import os
 from pathlib import Path
 
-from .checkpoint import PICKLE_SUFFIXES, CheckpointError, CheckpointSource, open_file
+from .checkpoint import PICKLE_SUFFIXES, CheckpointError, CheckpointSource, check_link_inside, open_file, read_json_bytes
 from .keymap import RenamedSource, normalize_names
 
 DENOISER_COMPONENTS = ("unet", "transformer", "prior", "decoder")
 WEIGHTS_STEM = "diffusion_pytorch_model"
 
 
-def _pick_component(folder: Path, component: str | None) -> Path:
+def _pipeline_index(folder: Path) -> dict:
+    """``model_index.json`` of a pipeline folder: a JSON mapping, else a :class:`CheckpointError`."""
     try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, ValueError):
-        raise CheckpointError(f"{folder}/model_index.json is not readable JSON") from None
+        text = (folder / "model_index.json").read_text()
+    except (OSError, UnicodeDecodeError):
+        raise CheckpointError(f"{folder}/model_index.json is not readable text") from None
+    index = read_json_bytes(text, f"{folder}/model_index.json is not a pipeline index (it")
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{folder}/model_index.json is not a pipeline index (not a mapping of components)")
+    return index
+
+
+def _pick_component(folder: Path, component: str | None) -> Path:
+    index = _pipeline_index(folder)
     if component:
+        if Path(component).name != component or component in (".", ".."):
+            raise CheckpointError(f"--component {component!r} is not a component folder name")
         if not (folder / component).is_dir():
             listed = ", ".join(k for k in index if not k.startswith("_")) or "none"
             raise CheckpointError(f"pipeline {folder} has no component {component!r} (components: {listed})")
@@ -33,6 +50,19 @@ def _pick_component(folder: Path, component: str | None) -> Path:
         if name in index and (folder / name).is_dir():
             return folder / name
     raise CheckpointError(f"pipeline {folder} has no unet/ or transformer/ component; name one with --component")
+
+
+def _component_folder(path: Path, component: str | None) -> Path:
+    """The model folder inside the folder ``path`` the user named (itself, or a pipeline component),
+    which must not be a link out of ``path``."""
+    if (path / "model_index.json").is_file():
+        chosen = _pick_component(path, component)
+    elif component and (path / component).is_dir():
+        chosen = path / component
+    else:
+        return path
+    check_link_inside(chosen, path)
+    return chosen
 
 
 def _model_folder_file(folder: Path, variant: str | None) -> Path | None:
@@ -69,10 +99,7 @@ def model_folder(path: str | os.PathLike, component: str | None = None) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder (a diffusers model or pipeline folder is needed)")
-    if (path / "model_index.json").is_file():
-        path = _pick_component(path, component)
-    elif component and (path / component).is_dir():
-        path = path / component
+    path = _component_folder(path, component)
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} has no config.json: not a diffusers model folder")
     return path
@@ -87,13 +114,15 @@ def resolve_path(path: str | os.PathLike, component: str | None = None, variant:
         return path
     if not path.is_dir():
         raise CheckpointError(f"{path} is neither a file nor a folder")
-    if (path / "model_index.json").is_file():
-        path = _pick_component(path, component)
-    elif component and (path / component).is_dir():
-        path = path / component
-    weights = _model_folder_file(path, variant)
-    if weights is not None:
-        return weights
+    named = path
+    path = _component_folder(path, component)
+    weights = _model_folder_file(path, variant) or _only_checkpoint(path)
+    check_link_inside(weights, named)
+    return weights
+
+
+def _only_checkpoint(path: Path) -> Path:
+    """The one checkpoint file of a folder that is not a diffusers model folder."""
     indexes = sorted(path.glob("*.safetensors.index*.json"))
     singles = sorted(path.glob("*.safetensors"))
     pickles = sorted(p for p in path.iterdir() if p.name.endswith(PICKLE_SUFFIXES))

@@ -191,11 +191,52 @@ def _adapter_config(metadata: dict[str, str]) -> dict:
     return config
 
 
-def _config_alpha(config: dict, module: str) -> float | None:
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):  # peft's get_pattern_key
-            return float(alpha)
-    return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
+def _number(value, what: str) -> float:
+    """A finite number from a LoRA's metadata (JSON true or "4" are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{what} is {str(value)[:40]!r}, not a finite number")
+    return float(value)
+
+
+def _alpha_patterns(path: Path, config: dict) -> list[tuple[re.Pattern, float]]:
+    """peft's ``alpha_pattern`` (regex -> alpha), validated: compiled as peft's ``get_pattern_key`` matches."""
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, dict):
+        raise CheckpointError(f"{path}: alpha_pattern in its metadata is not a mapping of patterns to alphas")
+    compiled = []
+    for pattern, alpha in patterns.items():
+        try:
+            regex = re.compile(rf"(.*\.)?({pattern})$")
+        except re.error as exc:
+            raise CheckpointError(f"{path}: alpha_pattern {pattern[:60]!r} is not a regular expression ({exc})") from None
+        compiled.append((regex, _number(alpha, f"{path}: alpha_pattern {pattern[:60]!r}")))
+    return compiled
+
+
+def _config_alpha(path: Path, config: dict, module: str) -> float | None:
+    for regex, alpha in _alpha_patterns(path, config):
+        if regex.match(module):
+            return alpha
+    alpha = config.get("lora_alpha")
+    return None if alpha is None else _number(alpha, f"{path}: lora_alpha in its metadata")
+
+
+def _tensor_alpha(path: Path, key: str, value: torch.Tensor) -> float:
+    """A module's ``alpha`` tensor: one finite number."""
+    if value.numel() != 1:
+        raise CheckpointError(f"{path}: {key!r} holds {value.numel()} values; an alpha is one number")
+    return _number(value.float().item(), f"{path}: {key!r}")
+
+
+def _check_factors(path: Path, module: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    """down (rank, in[, kh, kw]) and up (out, rank[, 1, 1]) of one module: float, rank >= 1, matching."""
+    shapes = f"down {tuple(down.shape)}, up {tuple(up.shape)}"
+    if not (down.is_floating_point() and up.is_floating_point()):
+        raise CheckpointError(f"{path}: LoRA factors of {module!r} are not floating point ({down.dtype}, {up.dtype})")
+    if down.ndim not in (2, 4) or up.ndim not in (2, 4) or down.shape[0] != math.prod(up.shape[1:]):
+        raise CheckpointError(f"{path}: LoRA factors of {module!r} do not fit together ({shapes})")
+    if down.shape[0] == 0 or 0 in up.shape or 0 in down.shape:
+        raise CheckpointError(f"{path}: LoRA factors of {module!r} are empty (rank 0 or no rows: {shapes})")
 
 
 def read_lora(path: str | os.PathLike, base_names=None) -> LoraWeights:
@@ -205,8 +246,13 @@ def read_lora(path: str | os.PathLike, base_names=None) -> LoraWeights:
     layers per block (default 2, as in SD1.x/SD2.x/SDXL).
     """
     path = Path(path)
-    if path.is_dir() and (path / LORA_FILE_NAME).is_file():
+    if path.is_dir():
+        if not (path / LORA_FILE_NAME).is_file():
+            raise CheckpointError(f"{path} is a folder without {LORA_FILE_NAME}; name the LoRA file")
         path = path / LORA_FILE_NAME
+    if not path.is_file():
+        raise CheckpointError(f"cannot read the LoRA file {path}: "
+                              + ("it does not exist" if not path.exists() else "not a file"))
     source = open_file(path)
     try:
         ignored = [k for k in source.names() if k.startswith(IGNORED_PREFIXES)]
@@ -230,11 +276,10 @@ def read_lora(path: str | os.PathLike, base_names=None) -> LoraWeights:
         modules = {}
         for module, group in groups.items():
             down, up = read(group["down"]), read(group["up"])
-            if down.ndim not in (2, 4) or up.ndim not in (2, 4) or up[0].numel() != down.shape[0]:
-                raise CheckpointError(f"{path}: LoRA factors of {module!r} do not fit together "
-                                      f"(down {tuple(down.shape)}, up {tuple(up.shape)})")
-            alpha = read(group["alpha"]).float().item() if "alpha" in group else _config_alpha(config, module)
-            modules[module + ".weight"] = LoraModule(down, up, alpha, group["down"], bool(config.get("use_rslora")))
+            _check_factors(path, module, down, up)
+            alpha = (_tensor_alpha(path, group["alpha"], read(group["alpha"])) if "alpha" in group
+                     else _config_alpha(path, config, module))
+            modules[module + ".weight"] = LoraModule(down, up, alpha, group["down"], config.get("use_rslora") is True)
     finally:
         source.close()
     return LoraWeights(path, layout, modules, ignored)
@@ -251,6 +296,8 @@ class LoraStudentSource(CheckpointSource):
     def __init__(self, base: CheckpointSource, lora_path: str | os.PathLike, scale: float = 1.0) -> None:
         super().__init__()
         self.base = base
+        if isinstance(scale, bool) or not math.isfinite(float(scale)):
+            raise CheckpointError(f"the LoRA scale {scale!r} is not a finite number")
         self.scale = float(scale)
         self.lora = read_lora(lora_path, base.names())
         self.path = self.lora.path
@@ -280,6 +327,9 @@ class LoraStudentSource(CheckpointSource):
 
     def release(self, name: str) -> None:
         self.base.release(name)
+
+    def files(self) -> list[Path]:
+        return [*self.base.files(), self.lora.path]
 
     def close(self) -> None:
         self.base.close()
