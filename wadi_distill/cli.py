@@ -84,7 +84,8 @@ def run(
         min=1, help=f"Generator adapter rank ({defaults('generator_rank')}).")] = None,
     fake_rank: Annotated[Optional[int], typer.Option(
         min=1, help=f"Fake-score adapter rank ({defaults('fake_rank')}).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help=f"Seed of the adapters and every draw ({defaults('seed')}).")] = None,
+    seed: Annotated[Optional[int], typer.Option(
+        help=f"Seed of the adapters and every draw ({defaults('seed')}).")] = None,
     config: Annotated[Optional[Path], typer.Option(help=escape(
         "TOML file with any of these options and the rest of the run configuration (a [vsd] table holds the "
         "VSD options); the command line wins."))] = None,
