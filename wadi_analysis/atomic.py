@@ -25,3 +25,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def probe_writable(path: str | os.PathLike) -> None:
+    """Refuse (``OSError`` naming the place) an output whose nearest existing folder cannot take new
+    files, e.g. ``/proc/x``: found before any work, with an unnamed temporary file that leaves nothing."""
+    folder = Path(os.path.abspath(path)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write there ({exc.strerror or exc})", str(path)) from None

@@ -20,15 +20,16 @@ import pandas as pd
 import torch
 from threadpoolctl import threadpool_limits
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, probe_writable
 from .checkpoint import CheckpointError, CheckpointSource, TensorDictSource
 from .decompose import layer_statistics, row_norms
 from .spectrum import DEFAULT_SPECTRUM_FRACTIONS, PAPER_RANK_FRACTION, lorad_fit, residual_spectra
-from .errors import InvalidValue, UserError
+from .errors import InvalidValue, UserError, terminal_safe
 from .keymap import align
 from .layers import label
 from .locate import open_checkpoint
 from .lora_student import LoraStudentSource
+from .outputs import check_output
 
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 STAT_NAMES = ("norm_change", "direction_change", "angle_deg")
@@ -67,7 +68,7 @@ class Comparison:
     def write(self, out_dir: str | os.PathLike, report: bool = False) -> list[Path]:
         """Write ``layers.csv`` and ``summary.json`` atomically (temp file + rename), and with ``report``
         also ``report.html`` and ``report.pdf`` (see :func:`wadi_analysis.report.write_report`)."""
-        out_dir = Path(out_dir)
+        out_dir = check_comparison_output(out_dir, report=report)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for file_name, text in (("layers.csv", self.layers.to_csv(index=False)),
@@ -78,6 +79,87 @@ class Comparison:
 
             written += write_report(out_dir, self.layers, self.summary).values()
         return written
+
+
+COMPARISON_FILES = ("layers.csv", "summary.json")
+REPORT_FILES = ("report.html", "report.pdf")
+
+
+def check_comparison_output(out_dir: str | os.PathLike, inputs: Iterable = (), *, report: bool = False) -> Path:
+    """``out_dir`` if a comparison may be written there (:mod:`wadi_analysis.outputs`), checked before any
+    work: a folder and no link, and each file written into it (never replaced whole, so it may hold
+    other files, inputs too) no folder, no link, and apart from the ``inputs``."""
+    out_dir = Path(out_dir)
+    inputs = [i for i in inputs if i is not None and not isinstance(i, (CheckpointSource, Mapping))]
+    check_output(out_dir, folder=True)
+    for name in COMPARISON_FILES + (REPORT_FILES if report else ()):
+        check_output(out_dir / name, inputs, folder=False)
+    probe_writable(out_dir / COMPARISON_FILES[0])
+    return out_dir
+
+
+TEXT_COLUMNS = ("name", "kind", "block", "role", "group", "shape", "dtype", "student_dtype", "status")
+REQUIRED_COLUMNS = ("name", "kind", "block", "group", "shape", "numel", "rows", "direction_change_mean", "status")
+
+
+def read_layers(path: str | os.PathLike) -> pd.DataFrame:
+    """``layers.csv`` as :meth:`Comparison.write` writes it: text columns kept verbatim (a block named
+    ``NA`` stays ``NA``), every other column numeric (empty cells become NaN); a cell that is not a
+    number, or a file that is no CSV table, is a :class:`UserError` naming the file, column and row."""
+    path = Path(path)
+    try:
+        layers = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path} is empty: not a table of layers") from None
+    except (pd.errors.ParserError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a CSV table of layers") from None
+    for column in layers.columns:
+        if column in TEXT_COLUMNS:
+            continue
+        text = layers[column]
+        numbers = pd.to_numeric(text.replace("", float("nan")), errors="coerce")
+        bad = numbers.isna() & (text != "") & (text.str.lower() != "nan")
+        if bad.any():
+            row = int(bad.to_numpy().argmax())
+            raise UserError(f"{path}: column {str(column)[:40]!r} holds {text.iloc[row][:40]!r} in row {row + 1}, "
+                            f"not a number")
+        layers[column] = numbers
+    return layers
+
+
+def read_summary(path: str | os.PathLike) -> dict:
+    """``summary.json``: a JSON object whose ``teacher``/``student`` entries, when present, are objects."""
+    path = Path(path)
+    try:
+        summary = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise UserError(f"{path} is not JSON") from None
+    if not isinstance(summary, dict):
+        kind = {list: "a list", type(None): "null", str: "a string", bool: "true or false"}.get(type(summary), "a number")
+        raise UserError(f"{path} is not a comparison summary (a JSON object is needed, not {kind})")
+    for side in ("teacher", "student"):
+        if summary.get(side) is not None and not isinstance(summary[side], dict):
+            raise UserError(f"{path}: {side} is not an object")
+    return summary
+
+
+def read_comparison(folder: str | os.PathLike, product: str) -> tuple[pd.DataFrame, dict]:
+    """``layers.csv`` (with the columns every product needs) and ``summary.json`` of a comparison folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a comparison folder (not a folder)")
+    with reading_comparison(folder, product):
+        try:
+            layers, summary = read_layers(folder / "layers.csv"), read_summary(folder / "summary.json")
+        except UserError as exc:
+            raise UserError(f"cannot build {product} from {folder}: {exc}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in layers.columns]
+    if missing:
+        raise UserError(f"cannot build {product} from {folder}: layers.csv has no column {', '.join(missing)}")
+    twice = layers["name"][layers["name"].duplicated()]
+    if len(twice):
+        raise UserError(f"cannot build {product} from {folder}: layers.csv lists {twice.iloc[0][:80]!r} twice")
+    return layers, summary
 
 
 @contextmanager
@@ -109,7 +191,7 @@ def _progress_bar(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     return Progress(TextColumn("[bold]comparing"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                    TimeRemainingColumn(), TextColumn("{task.fields[layer]}"),
+                    TimeRemainingColumn(), TextColumn("{task.fields[layer]}", markup=False),
                     console=Console(stderr=True), transient=True)
 
 
@@ -135,13 +217,15 @@ def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, sel
         raise CheckpointError(
             f"no common weights: the teacher has {len(teacher)} tensors and the student {len(student)}, "
             f"but no name is shared (teacher e.g. {teacher.names()[0]!r}, student e.g. {student.names()[0]!r})")
-    skipped_vectors = skipped_non_float = deselected = 0
+    skipped_vectors = skipped_non_float = deselected = skipped_empty = 0
     todo = []
     for name in alignment.common:
         info = teacher.info(name)
         layer = label(name, len(info.shape))
         if len(info.shape) < 2:
             skipped_vectors += 1
+        elif info.numel == 0:  # no rows (or empty rows): no norm, no direction to compare
+            skipped_empty += 1
         elif not (info.dtype.is_floating_point and student.info(name).dtype.is_floating_point):
             skipped_non_float += 1
         elif not selection(name, layer.kind):
@@ -149,7 +233,8 @@ def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, sel
         else:
             todo.append((name, layer))
     if not todo:
-        raise CheckpointError(f"none of the {len(alignment.common)} shared weights is a selected weight with ≥ 2 dims")
+        raise CheckpointError(f"none of the {len(alignment.common)} shared weights is a selected, non-empty "
+                              f"weight with ≥ 2 dims")
 
     def measure(item):
         name, _ = item
@@ -182,13 +267,14 @@ def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, sel
                 **stats, "status": status,
             })
             if bar:
-                bar.update(task, advance=info.numel, layer=name[-60:])
+                bar.update(task, advance=info.numel, layer=terminal_safe(name[-60:]))
     layers = pd.DataFrame.from_records(records)
     layers = layers[LAYER_COLUMNS + [c for c in layers.columns if c not in LAYER_COLUMNS]]
     summary = summarize(layers)
     summary.update({
         "n_skipped_vectors": skipped_vectors,
         "n_skipped_non_float": skipped_non_float,
+        "n_skipped_empty": skipped_empty,
         "n_deselected": deselected,
         "missing_in_teacher": alignment.missing_in_teacher,
         "missing_in_student": alignment.missing_in_student,

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from .atomic import probe_writable
 from .decompose import rows
+from .outputs import check_output, staged_folder
 
 CONFIGS = ("sd15_unet", "sd21_unet", "sdxl_unet", "pixart_alpha_xl2_transformer")
 
@@ -92,17 +94,27 @@ def planted_student(teacher_state: dict[str, torch.Tensor], seed: int = 0, mean_
     return student, truth
 
 
-def make_example_pair(out_dir: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
-    """Write ``teacher/`` and ``student/`` (diffusers folders, fp32) and ``planted.csv`` under ``out_dir``."""
+def is_example_pair(folder: Path) -> bool:
+    """A folder :func:`make_example_pair` wrote (so it may be replaced): its three entries, nothing else."""
+    return sorted(p.name for p in folder.iterdir()) == ["planted.csv", "student", "teacher"]
+
+
+def make_example_pair(out_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
+    """Write ``teacher/`` and ``student/`` (diffusers folders, fp32) and ``planted.csv`` under ``out_dir``.
+
+    ``out_dir`` follows :mod:`wadi_analysis.outputs`: a new or empty folder, an earlier example pair, or
+    (``overwrite``) any folder is replaced whole once the pair is complete."""
     import pandas as pd
     from diffusers import UNet2DConditionModel
 
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, folder=True, replace=True, overwrite=overwrite, ours=is_example_pair)
+    probe_writable(out_dir)
     torch.manual_seed(seed)
     teacher = UNet2DConditionModel(**tiny_sd15_config())
     student_state, truth = planted_student(teacher.state_dict(), seed=seed)
-    teacher.save_pretrained(out_dir / "teacher")
-    teacher.load_state_dict(student_state)
-    teacher.save_pretrained(out_dir / "student")
-    pd.DataFrame(truth).to_csv(out_dir / "planted.csv", index=False)
+    with staged_folder(out_dir) as stage:
+        teacher.save_pretrained(stage / "teacher")
+        teacher.load_state_dict(student_state)
+        teacher.save_pretrained(stage / "student")
+        pd.DataFrame(truth).to_csv(stage / "planted.csv", index=False)
     return {"teacher": out_dir / "teacher", "student": out_dir / "student", "planted": out_dir / "planted.csv"}

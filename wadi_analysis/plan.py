@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .atomic import atomic_write_text
-from .compare import reading_comparison
-from .errors import InvalidValue
+from .atomic import atomic_write_text, probe_writable
+from .compare import COMPARISON_FILES, read_comparison
+from .errors import InvalidValue, UserError
+from .outputs import check_output
 from .geometry import angle_field_shape, cost_per_rank, row_width
 from .spectrum import PAPER_RANK_FRACTION
 
@@ -65,14 +66,45 @@ PRESETS = {
 
 def _geometry(layers: pd.DataFrame) -> pd.DataFrame:
     """Module name, rows, column pairs and LoRaD cost per rank of each Linear/Conv weight LoRaD can rotate."""
-    frame = layers[layers["kind"].isin(["linear", "conv"]) & layers["name"].str.endswith(".weight")].copy()
-    shapes = frame["shape"].astype(str).str.split("x").map(lambda s: tuple(int(d) for d in s))
+    frame = layers[layers["kind"].isin(["linear", "conv"]) & layers["name"].astype(str).str.endswith(".weight")].copy()
+    frame["name"] = frame["name"].astype(str)
+    shapes = frame["shape"].map(_shape)
     frame["module"] = frame["name"].str.removesuffix(".weight")
     frame["out"] = shapes.map(lambda s: s[0])
     frame["width"] = shapes.map(row_width)
     frame["pairs"] = shapes.map(lambda s: angle_field_shape(s)[1])
     frame["cost_per_rank"] = shapes.map(cost_per_rank)
     return frame[frame["pairs"] >= 1]
+
+
+def _shape(text, where: str = "layers.csv") -> tuple[int, ...]:
+    """``"320x320x1x1"`` (the shape column) as ints; anything else is a :class:`UserError`."""
+    parts = str(text).split("x")
+    if len(parts) < 2 or not all(p.isdigit() and p.isascii() and int(p) > 0 for p in parts):
+        raise UserError(f"{where}: shape {str(text)[:40]!r} is not a shape like 320x320 of positive sizes")
+    return tuple(int(p) for p in parts)
+
+
+def _model_params(summary: dict, layers: pd.DataFrame, where: Path) -> int:
+    """The teacher's parameter count from the summary, else the table's."""
+    count = (summary.get("teacher") or {}).get("n_params")
+    if count is None:
+        return int(layers["numel"].fillna(0).sum())
+    if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+        raise UserError(f"{where}: teacher n_params {str(count)[:40]!r} is not a positive integer")
+    return count
+
+
+def check_plan_options(budget: float, max_rank: int, rank_multiple: int) -> None:
+    """The planner's options in range: a finite budget > 0, ranks of whole positive sizes, the cap a
+    multiple's worth (else every planned rank would break the multiple)."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise InvalidValue(f"--budget {budget} is not a positive finite number (a fraction <= 1 or a count)")
+    for flag, value in (("--max-rank", max_rank), ("--rank-multiple", rank_multiple)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidValue(f"{flag} {value!r} is not a positive integer")
+    if max_rank < rank_multiple:
+        raise InvalidValue(f"--max-rank {max_rank} is below --rank-multiple {rank_multiple}")
 
 
 def preset_plan(layers: pd.DataFrame, preset: str, rank: int | None = None) -> dict[str, int]:
@@ -139,19 +171,26 @@ def make_plan(comparison_dir: str | os.PathLike, out: str | os.PathLike, *, budg
     is reported beside it for comparison). A folder that does not make a plan is a :class:`UserError`.
     """
     comparison_dir = Path(comparison_dir)
-    with reading_comparison(comparison_dir, "a plan"):
-        layers = pd.read_csv(comparison_dir / "layers.csv")
-        summary = json.loads((comparison_dir / "summary.json").read_text())
-        model_params = int(summary.get("teacher", {}).get("n_params") or layers["numel"].sum())
-        budget_params = int(budget * model_params) if budget <= 1 else int(budget)
-        findings, _ = plan_from_findings(layers, budget_params, max_rank=max_rank, rank_multiple=rank_multiple,
-                                         kinds=kinds)
-        targets = preset_plan(layers, preset) if preset else findings
-        info = {
-            "method": f"preset {preset}" if preset else "findings (see wadi_analysis.plan)",
-            "source": str(comparison_dir), "model_params": model_params, "budget_params": budget_params,
-            "trainable_params": plan_cost(layers, targets), "findings_plan_params": plan_cost(layers, findings),
-            "used_columns": [c for c in ("angle_field_rank_90", "residual_rank_90", "lorad_fit") if c in layers],
-        }
+    check_plan_options(budget, max_rank, rank_multiple)
+    layers, summary = read_comparison(comparison_dir, "a plan")
+    check_output(out, [comparison_dir / name for name in COMPARISON_FILES], folder=False)
+    probe_writable(out)
+    for text in layers.loc[layers["kind"].isin(["linear", "conv"]), "shape"]:
+        _shape(text, str(comparison_dir / "layers.csv"))
+    model_params = _model_params(summary, layers, comparison_dir / "summary.json")
+    budget_params = int(budget * model_params) if budget <= 1 else int(budget)
+    findings, _ = plan_from_findings(layers, budget_params, max_rank=max_rank, rank_multiple=rank_multiple,
+                                     kinds=kinds)
+    targets = preset_plan(layers, preset) if preset else findings
+    if not targets:
+        raise UserError(f"no layer of {comparison_dir} fits a plan: the budget of {budget_params:,} parameters "
+                        f"is too small, or no {'/'.join(kinds)} layer rotates" if not preset
+                        else f"preset {preset} matches no layer of {comparison_dir}")
+    info = {
+        "method": f"preset {preset}" if preset else "findings (see wadi_analysis.plan)",
+        "source": str(comparison_dir), "model_params": model_params, "budget_params": budget_params,
+        "trainable_params": plan_cost(layers, targets), "findings_plan_params": plan_cost(layers, findings),
+        "used_columns": [c for c in ("angle_field_rank_90", "residual_rank_90", "lorad_fit") if c in layers],
+    }
     write_plan(out, targets, **info)
     return {**info, "targets": targets}

@@ -18,12 +18,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, CheckpointSource, write_safetensors
+from .atomic import probe_writable
+from .checkpoint import CheckpointError, CheckpointSource, SafetensorsFile, write_safetensors
 from .decompose import rows
+from .errors import InvalidValue
 from .keymap import align
-from .locate import model_folder, open_checkpoint
+from .locate import WEIGHTS_STEM, model_folder, open_checkpoint
+from .outputs import check_output, staged_folder
 
 SIDES = ("teacher", "student")
+WEIGHTS_FILE = f"{WEIGHTS_STEM}.safetensors"
 
 
 def hybrid_rows(norm_source: torch.Tensor, direction_source: torch.Tensor) -> torch.Tensor:
@@ -47,9 +51,9 @@ def swap_sources(teacher: CheckpointSource, student: CheckpointSource, out: str 
                  norm_from: str = "teacher", direction_from: str = "student") -> SwapResult:
     """Write the hybrid of two opened sources to the safetensors file ``out``."""
     if norm_from not in SIDES or direction_from not in SIDES:
-        raise ValueError("norm_from and direction_from must be 'teacher' or 'student'")
+        raise InvalidValue("norm_from and direction_from must be 'teacher' or 'student'")
     alignment = align(teacher, student)
-    swappable = {n for n in alignment.common if len(teacher.info(n).shape) >= 2
+    swappable = {n for n in alignment.common if len(teacher.info(n).shape) >= 2 and teacher.info(n).numel > 0
                  and teacher.info(n).dtype.is_floating_point and student.info(n).dtype.is_floating_point}
     if not swappable:
         raise CheckpointError("no common weights with >= 2 dims: nothing to swap")
@@ -76,33 +80,44 @@ def swap_sources(teacher: CheckpointSource, student: CheckpointSource, out: str 
     return SwapResult(path, hybrids, len(infos) - hybrids)
 
 
+def is_swap_folder(folder: Path) -> bool:
+    """A folder :func:`swap` wrote: its weights say so in their metadata (so it may be replaced)."""
+    weights = folder / WEIGHTS_FILE
+    try:
+        return weights.is_file() and "wadi_swap" in SafetensorsFile(weights).metadata
+    except CheckpointError:
+        return False
+
+
 def swap(teacher, student, out: str | os.PathLike, *, norm_from: str = "teacher", direction_from: str = "student",
-         component: str | None = None, variant: str | None = None) -> SwapResult:
+         component: str | None = None, variant: str | None = None, overwrite: bool = False) -> SwapResult:
     """Build a hybrid checkpoint. ``out`` ending in ``.safetensors`` gets a single file; any other path
     becomes a diffusers model folder (the student's ``config.json`` + weights) that ``from_pretrained`` loads.
-    A folder created here is removed again when the swap fails."""
+
+    ``out`` follows :mod:`wadi_analysis.outputs`: never an input (nor inside or around one), checked
+    before anything is written; a folder is staged and replaces ``out`` only when complete, and an
+    existing non-empty folder only when a swap wrote it or ``overwrite`` is given."""
     out = Path(out)
     folder_output = not out.name.endswith(".safetensors")
-    config = None
-    if folder_output:
-        try:
-            config = model_folder(student, component) / "config.json"
-        except CheckpointError:
-            raise CheckpointError(f"{student} is not a diffusers model folder: give --out a .safetensors file name") from None
+    if norm_from not in SIDES or direction_from not in SIDES:
+        raise InvalidValue("norm_from and direction_from must be 'teacher' or 'student'")
     with open_checkpoint(teacher, component=component, variant=variant) as t, \
             open_checkpoint(student, component=component, variant=variant) as s:
+        check_output(out, [teacher, student, *t.files(), *s.files()], folder=folder_output,
+                     replace=folder_output, overwrite=overwrite, ours=is_swap_folder)
+        config = None
         if folder_output:
-            created = not out.exists()
-            out.mkdir(parents=True, exist_ok=True)
             try:
-                result = swap_sources(t, s, out / "diffusion_pytorch_model.safetensors",
-                                      norm_from=norm_from, direction_from=direction_from)
-                shutil.copyfile(config, out / "config.json")
-            except BaseException:
-                if created and not any(out.iterdir()):  # the weights are written atomically: nothing half-done
-                    out.rmdir()
-                raise
-            result.path = out
-            return result
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return swap_sources(t, s, out, norm_from=norm_from, direction_from=direction_from)
+                config = model_folder(student, component) / "config.json"
+            except CheckpointError:
+                raise CheckpointError(f"{student} is not a diffusers model folder: give --out a .safetensors "
+                                      f"file name") from None
+        probe_writable(out)
+        if not folder_output:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            return swap_sources(t, s, out, norm_from=norm_from, direction_from=direction_from)
+        with staged_folder(out) as stage:
+            result = swap_sources(t, s, stage / WEIGHTS_FILE, norm_from=norm_from, direction_from=direction_from)
+            shutil.copyfile(config, stage / "config.json")
+        result.path = out
+        return result

@@ -11,14 +11,15 @@ produces (or its ``layers.csv``/``summary.json``), never a checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pandas as pd
 
-from ..atomic import atomic_write
-from ..compare import reading_comparison
+from ..atomic import atomic_write, probe_writable
+from ..compare import COMPARISON_FILES, REPORT_FILES, read_comparison, read_summary
+from ..errors import UserError
+from ..outputs import check_output
 from .figures import CAPTIONS, make_figures
 from .html import render_html
 from .pdf import page_count, write_pdf
@@ -47,9 +48,9 @@ def write_report(out_dir: str | os.PathLike, layers: pd.DataFrame | None = None,
     if layers is None:
         layers = read_layers(out_dir / "layers.csv")
     if summary is None:
-        summary = json.loads((out_dir / "summary.json").read_text())
+        summary = read_summary(out_dir / "summary.json")
     if swaps is None and (out_dir / "swaps.csv").exists():
-        swaps = pd.read_csv(out_dir / "swaps.csv")
+        swaps = read_swaps(out_dir / "swaps.csv")
     layers = layers.reset_index(drop=True)
     figures = make_figures(layers, summary, swaps)
     written = {}
@@ -64,10 +65,32 @@ def write_report(out_dir: str | os.PathLike, layers: pd.DataFrame | None = None,
     return written
 
 
+def read_swaps(path: str | os.PathLike) -> pd.DataFrame:
+    """A CSV of swap results (``hybrid`` + metric columns), or a :class:`UserError` saying why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"swap results {path} {'is not a file' if path.exists() else 'do not exist'}")
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"swap results {path} are empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError):
+        raise UserError(f"swap results {path} are not a CSV table") from None
+
+
 def report_comparison(comparison_dir: str | os.PathLike, swaps: str | os.PathLike | None = None, html: bool = True,
                       pdf: bool = True) -> dict[str, Path]:
     """:func:`write_report` on a folder ``compare --out`` wrote, with ``swaps`` a CSV file of swap results
-    (default ``comparison_dir/swaps.csv`` if present); inputs that do not make a report are a ``UserError``."""
-    with reading_comparison(comparison_dir, "the report"):
-        table = pd.read_csv(swaps) if swaps else None
-        return write_report(comparison_dir, swaps=table, html=html, pdf=pdf)
+    (default ``comparison_dir/swaps.csv`` if present); inputs that do not make a report are a ``UserError``,
+    found before anything is written."""
+    comparison_dir = Path(comparison_dir)
+    layers, summary = read_comparison(comparison_dir, "the report")
+    default_swaps = comparison_dir / "swaps.csv"
+    swaps = swaps or (default_swaps if default_swaps.exists() else None)
+    table = read_swaps(swaps) if swaps else None
+    inputs = [comparison_dir / name for name in COMPARISON_FILES] + ([swaps] if swaps else [])
+    for name, wanted in zip(REPORT_FILES, (html, pdf)):
+        if wanted:
+            check_output(comparison_dir / name, inputs, folder=False)
+    probe_writable(comparison_dir / REPORT_FILES[0])
+    return write_report(comparison_dir, layers, summary, swaps=table, html=html, pdf=pdf)

@@ -1,4 +1,4 @@
-"""Data helpers shared by figures, HTML and PDF: reading ``layers.csv``, aggregation per block/group,
+"""Data helpers shared by figures, HTML and PDF: aggregation per block/group,
 and the text content (headline table, counts, warnings, columns).
 
 Everything here returns plain Python strings and numbers; escaping is the job of the renderer (HTML
@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-TEXT_COLUMNS = ("name", "kind", "block", "role", "group", "shape", "dtype", "student_dtype", "status")
+from ..compare import read_layers  # noqa: F401  (the layers.csv reader, re-exported for the report)
+
 # Optional spectrum / LoRaD columns: shown wherever present, never required.
 OPTIONAL_COLUMNS = {
     "residual_energy_top30": "energy top 30 % (%)",
@@ -220,14 +221,3 @@ def versions_line(summary: dict) -> str:
     if not isinstance(versions, dict):
         return "n/a"
     return ", ".join(f"{clean(k)} {clean(v)}" for k, v in versions.items())
-
-
-def read_layers(path: str | Path) -> pd.DataFrame:
-    """``layers.csv`` as written by ``compare``: text columns kept verbatim (a block named ``NA`` stays
-    ``NA``), every other column numeric (empty cells become NaN)."""
-    layers = pd.read_csv(path, dtype=str, keep_default_na=False)
-    for column in layers.columns:
-        if column not in TEXT_COLUMNS:
-            layers[column] = pd.to_numeric(layers[column].replace("", np.nan), errors="coerce")
-    return layers
-
