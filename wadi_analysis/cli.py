@@ -9,15 +9,23 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import cli_boundary
 from .cli_boundary import App, fail
+from .errors import terminal_safe
 from .spectrum import DEFAULT_SPECTRUM_FRACTIONS
 
 app = App(help="Compare diffusion checkpoints weight by weight: norm vs direction (WaDi, CVPR 2026).")
-console = Console()
-error_console = Console(stderr=True)
+console = Console(emoji=False)
+error_console = Console(stderr=True, emoji=False)
+
+
+def shown(text: object) -> str:
+    """An untrusted string (tensor name, path, metadata) for a rich line with markup: visible escapes
+    for control characters, and brackets that rich reads as text, not as style tags."""
+    return escape(terminal_safe(text))
 
 
 class Precision(str, Enum):
@@ -71,7 +79,8 @@ def print_summary(summary: dict, layers) -> None:
         f"{len(summary['nonfinite_layers'])} non-finite), skipped 1-D {summary['n_skipped_vectors']}, "
         f"missing in teacher {len(summary['missing_in_teacher'])}, missing in student "
         f"{len(summary['missing_in_student'])}, shape mismatches {len(summary['shape_mismatches'])}, "
-        f"zero-norm rows {summary['zero_norm_rows']}")
+        f"zero-norm rows {summary['zero_norm_rows']}"
+        + (f", empty weights skipped {summary['n_skipped_empty']}" if summary.get("n_skipped_empty") else ""))
     if summary.get("residual_energy_top30_mean") is not None:
         console.print(f"residual energy in the top 30 % of the rank: {summary['residual_energy_top30_mean']:.1f} % "
                       f"(direction residual {_fmt(summary.get('direction_residual_energy_top30_mean'), 1)} %)")
@@ -79,9 +88,9 @@ def print_summary(summary: dict, layers) -> None:
         console.print(f"share of the change a pure pair rotation (LoRaD) expresses: {summary['lorad_fit_mean']:.1f} %")
     if summary.get("max_layer_direction_change_name"):
         console.print(f"largest mean direction change: {summary['max_layer_direction_change_mean']:.3f} % in "
-                      f"{summary['max_layer_direction_change_name']}", markup=False)
+                      f"{shown(summary['max_layer_direction_change_name'])}")
     for item in summary["shape_mismatches"][:5]:
-        console.print(f"[yellow]shape mismatch[/] {item['name']}: {item['teacher_shape']} vs {item['student_shape']}")
+        console.print(f"[yellow]shape mismatch[/] {shown(item['name'])}: {item['teacher_shape']} vs {item['student_shape']}")
 
 
 @app.command()
@@ -108,12 +117,14 @@ def compare(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Compare TEACHER and STUDENT weight by weight: per-row norm and direction change."""
-    from .compare import compare as run_compare
+    from .compare import check_comparison_output, compare as run_compare
 
     if (student is None) == (student_lora is None):
         fail("give either STUDENT or --student-lora FILE")
     if report and out is None:
         fail("--report needs --out DIR")
+    if out is not None:
+        check_comparison_output(out, [teacher, student, student_lora], report=report)
     result = run_compare(teacher, student, student_lora=student_lora, lora_scale=lora_scale, include=include or (),
                          exclude=exclude or (), kinds=kind or (), component=component, variant=variant,
                          ema=ema.value if ema else None, precision=precision.value, progress=not (quiet or as_json),
@@ -126,7 +137,7 @@ def compare(
         return
     print_summary(result.summary, result.layers)
     if written:
-        console.print(f"wrote {', '.join(path.name for path in written)} to {out}", markup=False)
+        console.print(terminal_safe(f"wrote {', '.join(path.name for path in written)} to {out}"), markup=False)
 
 
 class Side(str, Enum):
@@ -143,14 +154,16 @@ def swap(
     direction_from: Annotated[Side, typer.Option(help="Which checkpoint gives the row directions.")] = Side.student,
     component: Annotated[Optional[str], typer.Option(help="Pipeline component folder.")] = None,
     variant: Annotated[Optional[str], typer.Option(help="diffusers weight variant.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder a swap did not write.")] = False,
 ) -> None:
     """Write a hybrid checkpoint: row norms from one side, row directions from the other (WaDi Fig 1c)."""
     from .swap import swap as run_swap
 
     result = run_swap(teacher, student, out, norm_from=norm_from.value, direction_from=direction_from.value,
-                      component=component, variant=variant)
-    console.print(f"wrote {result.path}: {result.hybrid_tensors} hybrid weights (norm from {norm_from.value}, "
-                  f"direction from {direction_from.value}), {result.copied_tensors} tensors copied", markup=False)
+                      component=component, variant=variant, overwrite=overwrite)
+    console.print(terminal_safe(f"wrote {result.path}: {result.hybrid_tensors} hybrid weights (norm from "
+                                f"{norm_from.value}, direction from {direction_from.value}), "
+                                f"{result.copied_tensors} tensors copied"), markup=False)
 
 
 @app.command()
@@ -171,7 +184,7 @@ def plan(
                        rank_multiple=rank_multiple, kinds=tuple(kind or ("linear", "conv")))
     console.print(f"{result['method']}: {len(result['targets'])} modules, {result['trainable_params']:,} trainable "
                   f"parameters (budget {result['budget_params']:,}; the findings plan uses "
-                  f"{result['findings_plan_params']:,}); wrote {out}", markup=False)
+                  f"{result['findings_plan_params']:,}); wrote {terminal_safe(out)}", markup=False)
 
 
 @app.command("report")
@@ -187,7 +200,7 @@ def report_command(
 
     paths = report_comparison(comparison, swaps, html=html, pdf=pdf)
     for path in paths.values():
-        console.print(f"wrote {path}", markup=False)
+        console.print(terminal_safe(f"wrote {path}"), markup=False)
 
 
 @app.command()
@@ -200,19 +213,20 @@ def info(
     from .compare import describe_checkpoint
 
     for key, value in describe_checkpoint(checkpoint, component=component, variant=variant).items():
-        console.print(f"{key}: {value}", markup=False)
+        console.print(terminal_safe(f"{key}: {value}"), markup=False)
 
 
 @app.command("example-pair")
 def example_pair(
     out: Annotated[Path, typer.Argument(help="Folder for teacher/, student/ and planted.csv.")],
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty OUT folder that is not an example pair.")] = False,
 ) -> None:
     """Write a tiny SD1.5-layout teacher/student pair with known, planted row rotations and rescalings."""
     from .examples import make_example_pair
 
-    paths = make_example_pair(out, seed=seed)
-    console.print(f"wrote {paths['teacher']}, {paths['student']} and {paths['planted']}", markup=False)
+    paths = make_example_pair(out, seed=seed, overwrite=overwrite)
+    console.print(terminal_safe(f"wrote {paths['teacher']}, {paths['student']} and {paths['planted']}"), markup=False)
 
 
 def main() -> None:
