@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from tests.support.hostile import MARKER, check_refused, snapshot
 from tests.support.runs import config_for, sd_teacher_with_prompts
 from wadi_distill.cli import app
+from wadi_distill.export import export_run
 from wadi_distill.training.loop import train
 
 CHECKPOINT = Path("run/checkpoints/step-0000002")
@@ -31,7 +32,21 @@ def pristine(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("hostile-runs")
     pipeline = sd_teacher_with_prompts(base)
     train(config_for(pipeline, base / "run", steps=2, checkpoint_every=2))
+    export_run(base / "run", base / "export")
+    lora_file(base)
     return base
+
+
+def lora_file(base: Path) -> None:
+    """A LoRA adapter file (peft, diffusers' layout) on the LoRaD run's targets."""
+    from wadi_distill import adapters
+    from wadi_distill.teacher import load_denoiser
+
+    with safe_open(str(base / ADAPTER), "pt") as handle:
+        targets = json.loads(handle.metadata()["ranks"])
+    model = load_denoiser(base / "pipe")
+    adapters.attach(model, "lora", {name: 2 for name in targets}, name="generator")
+    adapters.save_adapter(model, "generator", base / "lora.safetensors")
 
 
 @pytest.fixture
@@ -39,11 +54,13 @@ def root(pristine, tmp_path) -> Path:
     """The case's folder: a copy of the run and its teacher; config.json names the copies."""
     root = tmp_path / "case"
     root.mkdir()
-    for name in ("run", "pipe", "prompts.txt"):
+    for name in ("run", "export", "pipe", "prompts.txt", "lora.safetensors"):
         (shutil.copytree if (pristine / name).is_dir() else shutil.copy)(pristine / name, root / name)
     config = json.loads((root / "run/config.json").read_text())
     config.update(teacher=str(root / "pipe"), prompts=str(root / "prompts.txt"), out=str(root / "run"))
     (root / "run/config.json").write_text(json.dumps(config, indent=2) + "\n")
+    info = json.loads((root / "export/wadi_one_step.json").read_text())
+    (root / "export/wadi_one_step.json").write_text(json.dumps({**info, "teacher": str(root / "pipe")}))
     (root / "file.txt").write_text("the user's file\n")
     (root / "user").mkdir()
     (root / "user/keep.txt").write_text("the user's folder\n")
@@ -104,6 +121,13 @@ def edit_metadata(relative: str | Path, change):
 def edit_config(change):
     def tamper(root: Path) -> None:
         path = root / "run/config.json"
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    return tamper
+
+
+def edit_info(change):
+    def tamper(root: Path) -> None:
+        path = root / "export/wadi_one_step.json"
         path.write_text(json.dumps(change(json.loads(path.read_text()))))
     return tamper
 
@@ -175,6 +199,10 @@ EXPORT = ["export", "{root}/run", "--out", "{root}/export"]
 SAMPLE = ["sample", "{root}/run", "-p", "a bag", "--n", "1", "--out", "{root}/images"]
 INFO = ["adapter-info", "{root}/" + str(ADAPTER)]
 MERGE = ["merge", "{root}/pipe", "{root}/" + str(ADAPTER), "--out", "{root}/merged"]
+LORA = "lora.safetensors"
+SAMPLE_EXPORT = ["sample", "{root}/export", "-p", "a bag", "--n", "1", "--out", "{root}/images"]
+INFO_LORA = ["adapter-info", "{root}/lora.safetensors"]
+MERGE_LORA = ["merge", "{root}/pipe", "{root}/lora.safetensors", "--out", "{root}/merged"]
 EVALUATE = ["evaluate", "{root}/run", "--per-class", "4", "--classifier", "{root}/classifier.safetensors"]
 
 
@@ -274,6 +302,22 @@ CASES = [
     ("merge-out-inside-the-base", nothing, MERGE[:-1] + ["{root}/pipe/merged"], "lies inside"),
     ("merge-out-under-a-file", nothing, MERGE[:-1] + ["{root}/file.txt/merged"], "is a file"),
     ("merge-out-is-a-file", nothing, MERGE[:-1] + ["{root}/file.txt"], "is a file"),
+    ("sample-export-info-not-json", write_text("export/wadi_one_step.json", "{"), SAMPLE_EXPORT, "JSON"),
+    ("sample-export-alpha-a-string", edit_info(lambda i: {**i, "alpha_T": "x"}), SAMPLE_EXPORT, "alpha_T"),
+    ("sample-export-alpha-above-one", edit_info(lambda i: {**i, "alpha_T": 2.0}), SAMPLE_EXPORT, "alpha_T"),
+    ("sample-export-without-teacher", edit_info(without("teacher")), SAMPLE_EXPORT, "teacher"),
+    ("sample-out-is-the-export", nothing, SAMPLE_EXPORT[:-1] + ["{root}/export"], "is the input"),
+    ("lora-info-targets-not-json", edit_metadata(LORA, lambda m: m.update(targets="{")), INFO_LORA, "not JSON"),
+    ("lora-info-targets-an-object", edit_metadata(LORA, lambda m: m.update(targets="{}")), INFO_LORA, "list"),
+    ("lora-info-without-name", edit_metadata(LORA, lambda m: m.pop("adapter_name")), INFO_LORA, "adapter_name"),
+    ("lora-info-method-unknown", edit_metadata(LORA, lambda m: m.update(method="vera")), INFO_LORA, "method"),
+    ("lora-info-nan-tensor", edit_tensors(LORA, set_first(float("nan"))), INFO_LORA, "NaN"),
+    ("lora-merge-config-a-list", edit_metadata(LORA, lambda m: m.update(lora_adapter_metadata="[1]")), MERGE_LORA,
+     "lora_adapter_metadata"),
+    ("lora-merge-config-unknown-option", edit_metadata(LORA, lambda m: m.update(
+        lora_adapter_metadata=json.dumps({"unet.bogus": 1}))), MERGE_LORA, "lora_adapter_metadata"),
+    ("lora-merge-inf-tensor", edit_tensors(LORA, set_first(float("inf"))), MERGE_LORA, "infinite"),
+    ("merge-out-in-proc", nothing, MERGE[:-1] + ["/proc/wadi-merged"], ""),
     # --- evaluation files (part 4)
     ("evaluate-classifier-random-bytes", write_bytes("classifier.safetensors"), EVALUATE, "classifier"),
     ("evaluate-classifier-without-metadata", classifier_file(), EVALUATE, "metadata"),
@@ -286,6 +330,12 @@ CASES = [
     ("evaluate-json-inside-the-run", GOOD_CLASSIFIER, EVALUATE + ["--json", "{root}/run/scores.json"], "lies inside"),
     ("classifier-out-under-a-file", nothing, ["classifier", "--out", "{root}/file.txt/c.safetensors"], "is a file"),
     ("classifier-out-is-a-folder", nothing, ["classifier", "--out", "{root}/user"], "is a folder"),
+    # --- reproduce (part 1)
+    ("reproduce-out-under-a-file", nothing, ["reproduce", "--quick", "--out", "{root}/file.txt/r"], "is a file"),
+    ("reproduce-out-is-a-file", nothing, ["reproduce", "--quick", "--out", "{root}/file.txt"], "is a file"),
+    ("reproduce-out-is-a-user-folder", nothing, ["reproduce", "--quick", "--out", "{root}/user"], "non-empty folder"),
+    ("reproduce-out-is-a-symlink", lambda root: (root / "link").symlink_to(root / "user"),
+     ["reproduce", "--quick", "--out", "{root}/link"], "symbolic link"),
 ]
 
 
@@ -339,3 +389,21 @@ def test_a_damaged_embedding_cache_entry_is_a_miss_rewritten(root, pristine, dam
     assert result.exit_code == 0, result.output
     assert result.stderr.count("\n") == 1 and "cache entry" in result.stderr and "damaged" in result.stderr
     assert _read_entry(entry, 3) is not None  # rewritten whole (the prompt file holds 3 prompts)
+
+
+@pytest.mark.parametrize("out", ["new", "empty"])
+def test_a_failed_reproduction_leaves_nothing(root, monkeypatch, out):
+    """reproduce fails after it made its folder: the folder it made is gone, an empty one stays empty."""
+    from wadi_distill.experiments import reproduce
+
+    def failing(settings, final):
+        (root / out / "runs").mkdir()  # something written before the failure
+        raise ValueError("the teacher cannot be evaluated")
+
+    monkeypatch.setattr(reproduce, "teacher_rows", failing)
+    monkeypatch.setattr(reproduce, "Benchmark", lambda per_class: None)
+    if out == "empty":
+        (root / out).mkdir()
+    before = snapshot(root)
+    result = CliRunner().invoke(app, ["reproduce", "--quick", "--out", str(root / out)])
+    check_refused(result, root, before, "cannot be evaluated")

@@ -144,13 +144,36 @@ def plan_student(out: Path, budget: int) -> dict:
 
 
 def reproduce(out: str | Path, settings: Settings | None = None, log=print) -> Path:
-    """Run every experiment; write CSVs, the figures and report.html/report.pdf into ``out``."""
+    """Run every experiment; write CSVs, the figures and report.html/report.pdf into ``out`` (a new folder,
+    or one an earlier reproduction wrote). A failed call removes what it added to ``out``."""
+    from wadi_analysis.outputs import check_output
+
+    from ..runs import RunFolder
+
+    settings = settings or Settings()
+    out = check_output(out, [embedded.teacher_path()], folder=True, replace=True, ours=_is_reproduction)
+    folder = RunFolder(out)  # only for its undo of a failed call: remove what this call added
+    before = folder.entries()
+    try:
+        return _reproduce(out, settings, log)
+    except BaseException:
+        folder.remove_new_entries(before)
+        raise
+
+
+REPRODUCTION_FILES = ("settings.json", "results.csv", "report.html", "runs", "cache")
+
+
+def _is_reproduction(folder: Path) -> bool:
+    """A folder an earlier ``reproduce`` wrote into (it may write there again)."""
+    return any((folder / name).exists() for name in REPRODUCTION_FILES)
+
+
+def _reproduce(out: Path, settings: Settings, log) -> Path:
     import pandas as pd
 
     from .report import write_reproduction_report
 
-    settings = settings or Settings()
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     curve, final = Benchmark(per_class=settings.curve_per_class), Benchmark(per_class=settings.final_per_class)
