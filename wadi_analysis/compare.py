@@ -240,9 +240,10 @@ def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, sel
         name, _ = item
         teacher_weight, student_weight = teacher.tensor(name), student.tensor(name)
         stats = layer_statistics(row_norms(teacher_weight, student_weight, compute_dtype))
-        if spectrum:
+        finite = not stats["nonfinite_rows"]  # a spectrum of NaN/inf has no meaning (and LAPACK fails on it)
+        if spectrum and finite:
             stats.update(residual_spectra(teacher_weight, student_weight, fractions=spectrum_fractions))
-        if fit:
+        if fit and finite:
             stats.update(lorad_fit(teacher_weight, student_weight))
         del teacher_weight, student_weight
         teacher.release(name)

@@ -14,8 +14,8 @@ the one exception). Nothing is ever written through a link (:mod:`wadi_analysis.
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from pathlib import Path
 
 from .checkpoint import PICKLE_SUFFIXES, CheckpointError, CheckpointSource, check_link_inside, open_file, read_json_bytes
@@ -40,8 +40,6 @@ def _pipeline_index(folder: Path) -> dict:
 def _pick_component(folder: Path, component: str | None) -> Path:
     index = _pipeline_index(folder)
     if component:
-        if Path(component).name != component or component in (".", ".."):
-            raise CheckpointError(f"--component {component!r} is not a component folder name")
         if not (folder / component).is_dir():
             listed = ", ".join(k for k in index if not k.startswith("_")) or "none"
             raise CheckpointError(f"pipeline {folder} has no component {component!r} (components: {listed})")
@@ -55,6 +53,8 @@ def _pick_component(folder: Path, component: str | None) -> Path:
 def _component_folder(path: Path, component: str | None) -> Path:
     """The model folder inside the folder ``path`` the user named (itself, or a pipeline component),
     which must not be a link out of ``path``."""
+    if component and (Path(component).name != component or component in (".", "..")):
+        raise CheckpointError(f"--component {component!r} is not a component folder name")
     if (path / "model_index.json").is_file():
         chosen = _pick_component(path, component)
     elif component and (path / component).is_dir():
@@ -75,6 +75,8 @@ def _model_folder_file(folder: Path, variant: str | None) -> Path | None:
                 folder / f"{WEIGHTS_STEM}{infix}.bin"]
 
     if variant:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", variant):
+            raise CheckpointError(f"--variant {variant!r} is not a variant name (letters, digits, - and _)")
         found = [p for p in candidates(variant) if p.is_file()]
         if not found:
             raise CheckpointError(f"{folder} has no {variant!r} variant of {WEIGHTS_STEM}")
