@@ -502,7 +502,31 @@ COMPARISON_CASES = [
     ("report-of-an-empty-folder", lambda base, root: (root / "e").mkdir() or ["report", root / "e"], "layers.csv missing"),
 ]
 
-CASES = OUTPUT_CASES + READER_CASES + LORA_CASES + COMPARISON_CASES
+def as_student(build):
+    """The reader case ``build`` with its file as the student of a comparison (the teacher is sound)."""
+    def compare_build(base, root):
+        args = build(base, root)
+        copy(base, root, "t.safetensors")
+        return ["compare", root / "t.safetensors", *args[1:], "--quiet"]
+    return compare_build
+
+
+COMPARE_READER_CASES = [(f"compare-{i}", as_student(b), e) for i, b, e in READER_CASES
+                        if i.startswith(("st-dtype", "st-shape-2", "pt-", "bin-", "index-shard-link", "pipeline-unet",
+                                         "ldm-label", "ckpt-payload"))]
+OPTION_CASES = [
+    ("variant-with-a-path", lambda base, root: copy(base, root, "tdir") or ["info", root / "tdir", "--variant", "../x"],
+     "not a variant name"),
+    ("component-with-a-path", lambda base, root: copy(base, root, "tdir") or
+     ["info", root / "tdir", "--component", "../tdir"], "tdir"),
+    ("swap-teacher-missing", lambda base, root: copy(base, root, "s.safetensors") or
+     ["swap", root / "nope.safetensors", root / "s.safetensors", "--out", root / "h.safetensors"], "does not exist"),
+    ("swap-nothing-in-common", lambda base, root: (save_file({"x.weight": torch.ones(2, 2)}, root / "x.safetensors"),
+                                                  copy(base, root, "s.safetensors"))
+     and ["swap", root / "x.safetensors", root / "s.safetensors", "--out", root / "h.safetensors"], "no common"),
+]
+
+CASES = OUTPUT_CASES + READER_CASES + COMPARE_READER_CASES + LORA_CASES + COMPARISON_CASES + OPTION_CASES
 
 
 @pytest.mark.parametrize("build, expect", [pytest.param(b, e, id=i) for i, b, e in CASES])
@@ -606,3 +630,14 @@ def test_the_html_report_escapes_injected_names(tmp_path):
     run_ok(["report", tmp_path / "cmp", "--no-pdf"])
     text = (tmp_path / "cmp" / "report.html").read_text()
     assert "<script>alert" not in text and "<img src=x" not in text and "&lt;script&gt;alert(1)" in text
+
+
+def test_a_non_finite_layer_gets_no_spectrum(tmp_path):
+    teacher, student = weights(0), weights(1)
+    student["down_blocks.0.attentions.0.proj_in.weight"][0, 0] = float("nan")
+    save_file(teacher, tmp_path / "t.safetensors")
+    save_file(student, tmp_path / "s.safetensors")
+    summary = json.loads(run_ok(["compare", tmp_path / "t.safetensors", tmp_path / "s.safetensors", "--json",
+                                 "--spectrum", "--lorad-fit"]).stdout)
+    assert summary["nonfinite_layers"] == ["down_blocks.0.attentions.0.proj_in.weight"]
+    assert summary["residual_energy_top30_mean"] is not None  # from the finite layer
