@@ -91,8 +91,8 @@ def test_adapter_files_refuse_other_base_weights(run, tmp_path):
 
 
 @pytest.mark.parametrize("command", [
-    lambda run: ["export", str(run), "--out", str(run.with_name(run.name + "-e"))],  # an --out apart from the run
-    lambda run: ["sample", str(run), "-p", "x", "--out", str(run.with_name(run.name + "-s"))],
+    lambda run: ["export", str(run), "--out", str(run / "e")],
+    lambda run: ["sample", str(run), "-p", "x", "--out", str(run / "s")],
 ], ids=["export", "sample"])
 def test_export_of_an_unfinished_run_is_one_error_line(pipeline, tmp_path, command):
     from typer.testing import CliRunner

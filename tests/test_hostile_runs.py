@@ -54,8 +54,12 @@ def root(pristine, tmp_path) -> Path:
     """The case's folder: a copy of the run and its teacher; config.json names the copies."""
     root = tmp_path / "case"
     root.mkdir()
-    for name in ("run", "export", "pipe", "prompts.txt", "lora.safetensors"):
+    for name in ("run", "prompts.txt", "lora.safetensors"):  # what cases tamper with: copies
         (shutil.copytree if (pristine / name).is_dir() else shutil.copy)(pristine / name, root / name)
+    for name in ("pipe", "export"):  # only read (or refused as outputs): hard links, which are cheap
+        shutil.copytree(pristine / name, root / name, copy_function=os.link)
+    (root / "export/wadi_one_step.json").unlink()  # tampered by some cases: a copy of its own
+    shutil.copy(pristine / "export/wadi_one_step.json", root / "export/wadi_one_step.json")
     config = json.loads((root / "run/config.json").read_text())
     config.update(teacher=str(root / "pipe"), prompts=str(root / "prompts.txt"), out=str(root / "run"))
     (root / "run/config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -255,9 +259,14 @@ CASES = [
      "is a file"),
     ("run-out-is-a-file", nothing, ["run", "--config", "{root}/run.toml", "--out", "{root}/file.txt", "-q"], "is a file"),
     # --- export (parts 1 and 2)
-    ("export-out-is-the-run", nothing, ["export", "{root}/run", "--out", "{root}/run"], "is the input"),
-    ("export-out-inside-the-run", nothing, ["export", "{root}/run", "--out", "{root}/run/export"], "lies inside"),
-    ("export-out-contains-the-run", nothing, ["export", "{root}/run", "--out", "{root}"], "contains"),
+    ("export-out-is-the-run", nothing, ["export", "{root}/run", "--out", "{root}/run"], "is the run"),
+    ("export-out-is-the-runs-checkpoints", nothing, ["export", "{root}/run", "--out", "{root}/run/checkpoints"],
+     "the run's own checkpoints"),
+    ("export-out-inside-the-runs-samples", nothing, ["export", "{root}/run", "--out", "{root}/run/samples/x"],
+     "the run's own samples"),
+    ("export-out-is-the-runs-config", nothing, ["export", "{root}/run", "--out", "{root}/run/config.json"],
+     "the run's own config.json"),
+    ("export-out-contains-the-run", nothing, ["export", "{root}/run", "--out", "{root}"], "contains the run"),
     ("export-out-is-the-teacher", nothing, ["export", "{root}/run", "--out", "{root}/pipe"], "is the input"),
     ("export-out-under-a-file", nothing, ["export", "{root}/run", "--out", "{root}/file.txt/export"], "is a file"),
     ("export-out-is-a-file", nothing, ["export", "{root}/run", "--out", "{root}/file.txt"], "is a file"),
@@ -275,7 +284,8 @@ CASES = [
     ("export-adapter-random-bytes", write_bytes(ADAPTER), EXPORT, "safetensors"),
     ("export-adapter-nan-angles", edit_tensors(ADAPTER, set_first(float("nan"))), EXPORT, "NaN"),
     # --- sample
-    ("sample-out-is-the-run", nothing, SAMPLE[:-1] + ["{root}/run"], "is the input"),
+    ("sample-out-is-the-run", nothing, SAMPLE[:-1] + ["{root}/run"], "is the run"),
+    ("sample-out-is-the-runs-checkpoint", nothing, SAMPLE[:-1] + ["{root}/" + str(CHECKPOINT)], "own checkpoints"),
     ("sample-out-under-a-file", nothing, SAMPLE[:-1] + ["{root}/file.txt/images"], "is a file"),
     ("sample-out-is-a-user-folder", nothing, SAMPLE[:-1] + ["{root}/user"], "non-empty folder"),
     ("sample-config-without-adapter", edit_config(without("adapter")), SAMPLE, "adapter"),
@@ -327,7 +337,10 @@ CASES = [
                                                           metadata={"config": "{}"}), EVALUATE, "tensors"),
     ("evaluate-json-under-a-file", GOOD_CLASSIFIER, EVALUATE + ["--json", "{root}/file.txt/out.json"], "is a file"),
     ("evaluate-json-is-a-folder", GOOD_CLASSIFIER, EVALUATE + ["--json", "{root}/user"], "is a folder"),
-    ("evaluate-json-inside-the-run", GOOD_CLASSIFIER, EVALUATE + ["--json", "{root}/run/scores.json"], "lies inside"),
+    ("evaluate-json-is-the-runs-metrics", GOOD_CLASSIFIER, EVALUATE + ["--json", "{root}/run/metrics.csv"],
+     "own metrics.csv"),
+    ("evaluate-json-is-the-classifier", GOOD_CLASSIFIER, EVALUATE + ["--json", "{root}/classifier.safetensors"],
+     "is the input"),
     ("classifier-out-under-a-file", nothing, ["classifier", "--out", "{root}/file.txt/c.safetensors"], "is a file"),
     ("classifier-out-is-a-folder", nothing, ["classifier", "--out", "{root}/user"], "is a folder"),
     # --- reproduce (part 1)
@@ -371,10 +384,9 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_nothing(root, prist
 
 
 @pytest.mark.parametrize("damage", [
-    lambda path: path.write_bytes(os.urandom(512)),
     lambda path: path.write_bytes(path.read_bytes()[:100]),
     lambda path: torch.save({"all": {"hidden_states": torch.zeros(1, 2, 3), "extra": {}}}, path),
-], ids=["random-bytes", "truncated", "wrong-structure"])
+], ids=["truncated", "wrong-structure"])
 def test_a_damaged_embedding_cache_entry_is_a_miss_rewritten(root, pristine, damage):
     """A damaged entry does not break every later run: it is recomputed and rewritten, with one warning."""
     from wadi_distill.training.prompts import _read_entry
@@ -407,3 +419,28 @@ def test_a_failed_reproduction_leaves_nothing(root, monkeypatch, out):
     before = snapshot(root)
     result = CliRunner().invoke(app, ["reproduce", "--quick", "--out", str(root / out)])
     check_refused(result, root, before, "cannot be evaluated")
+
+
+def test_a_refused_resume_with_a_damaged_cache_entry_says_one_line(root, pristine, tmp_path):
+    cache = tmp_path / "cache"  # outside the case folder: the entry is rewritten before the refusal
+    shutil.copytree(pristine / "embedding-cache", cache)
+    for entry in cache.glob("prompts-*.pt"):
+        entry.write_bytes(os.urandom(64))
+    (root / "run.toml").write_text(resume_toml(root, cache))
+    write_bytes(CHECKPOINT / "generator.safetensors")(root)
+    before = snapshot(root)
+    result = CliRunner().invoke(app, ["run", "--config", str(root / "run.toml"), "--resume", "latest", "-q"])
+    check_refused(result, root, before, "generator.safetensors")
+
+
+def test_an_export_inside_its_run_as_the_quick_start_does(root):
+    """`export RUN --out RUN/one-step` writes a new folder of the run's and touches none of its files; a
+    second export replaces the first (its own output)."""
+    run_files = {k: v for k, v in snapshot(root / "run").items()}
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["export", str(root / "run"), "--out", str(root / "run/one-step")])
+        assert result.exit_code == 0, result.output
+    after = snapshot(root / "run")
+    assert {k: v for k, v in after.items() if not k.startswith("one-step")} == run_files
+    assert (root / "run/one-step/one_step.safetensors").is_file()
+    assert not [p for p in (root / "run").iterdir() if p.name.startswith(".")]  # no staging debris

@@ -13,21 +13,21 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from wadi_analysis.outputs import check_output, staged_folder
+from wadi_analysis.outputs import staged_folder
 
 from . import adapters
 from .distill import GENERATOR
-from .runs import OneStepModel, is_export, load_run_generator, source_inputs, write_one_step_info
+from .runs import OneStepModel, check_output_for, is_export, load_run_generator, write_one_step_info
 
 
 def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, ema: bool = False) -> dict[str, Path]:
     """Merge the run's generator into its teacher's denoiser and write ``out`` (a diffusers model folder) +
     ``out/one_step.safetensors`` (merged single file) + ``out/generator_adapter.safetensors`` (adapter runs).
 
-    ``out`` follows the output policy (:func:`wadi_analysis.outputs.check_output`): apart from the run
-    and its teacher, and an existing non-empty folder only if it is an earlier export; it is written
-    beside its place and renamed there when complete."""
-    out = check_output(out, source_inputs(run_dir), folder=True, replace=True, ours=is_export)
+    ``out`` follows the output policy (:func:`wadi_distill.runs.check_output_for`): apart from the
+    teacher and the run's own files, and an existing non-empty folder only if it is an earlier export;
+    it is written beside its place and renamed there when complete."""
+    out = check_output_for(run_dir, out, ours=is_export)
     generator = load_run_generator(run_dir, ema=ema, text=False)
     model = generator.generator
     if generator.adapter_file is not None:

@@ -33,6 +33,7 @@ from torch import nn
 
 from wadi_analysis.atomic import atomic_write_text
 from wadi_analysis.errors import UserError
+from wadi_analysis.outputs import check_output
 
 from . import adapters
 from .distill import GENERATOR
@@ -118,36 +119,41 @@ class RunFolder:
             raise UserError(f"{self.path} is not a run folder ({CONFIG} missing)") from None
         except (ValueError, RecursionError):
             raise UserError(f"{self.config_file} is not readable JSON") from None
-        check_recorded_config(config, self.config_file)
+        check_run_config(config, self.config_file)
         return config
 
 
 def _kind(value: object, kinds: tuple[type, ...]) -> bool:
+    """``isinstance``, except that a JSON true/false is no number."""
     return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
 
 
-def check_recorded_config(config: object, where: Path) -> None:
-    """A run's ``config.json`` (or an export's ``wadi_one_step.json``, ``vsd`` absent) as its readers need it:
-    teacher (text), teacher_config (text or null), adapter (a method), vsd (a table of VSDConfig's fields)."""
-    if not isinstance(config, dict):
+_JSON_TYPES = {"int": (int,), "float": (int, float), "float | None": (int, float, type(None))}
+
+
+def check_teacher_keys(recorded: object, where: Path) -> None:
+    """What a run's ``config.json`` and an export's ``wadi_one_step.json`` both record: the teacher's
+    path (text) and teacher_config (a path or null)."""
+    if not isinstance(recorded, dict):
         raise UserError(f"{where} is not a JSON object")
-    if not isinstance(config.get("teacher"), str) or not config["teacher"]:
+    if not isinstance(recorded.get("teacher"), str) or not recorded["teacher"]:
         raise UserError(f"{where}: 'teacher' must be the teacher's path (text)")
-    if not _kind(config.get("teacher_config"), (str, type(None))):
+    if not _kind(recorded.get("teacher_config"), (str, type(None))):
         raise UserError(f"{where}: 'teacher_config' must be a path or null")
-    if where.name != CONFIG:
-        return
+
+
+def check_run_config(config: object, where: Path) -> None:
+    """A run's ``config.json`` as export and sample read it: the teacher keys, the adapter method and
+    ``vsd``, a table of :class:`VSDConfig`'s fields with values of their types."""
+    check_teacher_keys(config, where)
     if config.get("adapter") not in adapters.METHODS:
         raise UserError(f"{where}: 'adapter' must be one of {', '.join(adapters.METHODS)} (got {config.get('adapter')!r})")
-    vsd = config.get("vsd")
-    fields = {f.name: f for f in dataclasses.fields(VSDConfig)}
+    vsd, fields = config.get("vsd"), {f.name: f.type for f in dataclasses.fields(VSDConfig)}
     if not isinstance(vsd, dict) or set(vsd) - set(fields):
         raise UserError(f"{where}: 'vsd' must be a table of VSD settings ({', '.join(fields)})")
     for name, value in vsd.items():
-        default = getattr(VSDConfig(), name)
-        allowed = (int, float) if isinstance(default, float) else (type(default),) if default is not None else (int, float, type(None))
-        if not _kind(value, allowed) or (isinstance(value, float) and not math.isfinite(value)):
-            raise UserError(f"{where}: vsd.{name} has the wrong type ({value!r})")
+        if not _kind(value, _JSON_TYPES[fields[name]]) or (isinstance(value, float) and not math.isfinite(value)):
+            raise UserError(f"{where}: vsd.{name} must be of type {fields[name]} (got {value!r})")
 
 
 def source_kind(source: str | os.PathLike) -> str:
@@ -233,6 +239,26 @@ def is_export(path: Path) -> bool:
     return (Path(path) / ONE_STEP_INFO).is_file()
 
 
+def check_output_for(source: str | os.PathLike, out: str | os.PathLike, *, folder: bool = True, ours=None,
+                     inputs: tuple = ()) -> Path:
+    """The output policy (:func:`wadi_analysis.outputs.check_output`) for ``out`` made from ``source``
+    (and ``inputs``): apart from the teacher (and an export read); a folder replaced whole, if non-empty
+    only when ``ours``. A run may hold outputs in a new entry of its own (``export RUN --out
+    RUN/one-step``, as the quick start does), never in its files nor the run itself or a folder around it."""
+    inputs = [*source_inputs(source), *inputs]
+    if source_kind(source) == RUN:
+        run, inputs = RunFolder(source), inputs[1:]
+        run_path, target = run.path.resolve(), Path(os.path.abspath(out)).resolve()
+        if target == run_path or target in run_path.parents:
+            relation = "is" if target == run_path else "contains"
+            raise UserError(f"{out} {relation} the run {source}; choose an output apart from it")
+        if run_path in target.parents:
+            entry = run_path / target.relative_to(run_path).parts[0]
+            if entry in {p.resolve() for p in run.written()} or entry.name.startswith("."):
+                raise UserError(f"{out} lies inside the run's own {entry.name}; choose a new name")
+    return check_output(out, inputs, folder=folder, replace=folder, ours=ours)
+
+
 def source_inputs(source: str | os.PathLike) -> list[Path]:
     """What reading ``source`` (a run, an export or a teacher) reads: itself and, for a run or an export,
     the teacher folder it records; outputs must keep apart from all of them."""
@@ -245,11 +271,12 @@ def source_inputs(source: str | os.PathLike) -> list[Path]:
 
 
 def _one_step_info(path: Path) -> dict:
+    """An export's ``wadi_one_step.json``, checked: the teacher keys and a_T in (0, 1)."""
     try:
         info = json.loads((path / ONE_STEP_INFO).read_text())
     except (OSError, ValueError, RecursionError):
         raise UserError(f"{path / ONE_STEP_INFO} is not readable JSON") from None
-    check_recorded_config(info, path / ONE_STEP_INFO)
+    check_teacher_keys(info, path / ONE_STEP_INFO)
     if not _kind(info.get("alpha_T"), (int, float)) or not 0 < info["alpha_T"] < 1:
         raise UserError(f"{path / ONE_STEP_INFO}: 'alpha_T' must be a number between 0 and 1")
     return info

@@ -75,11 +75,11 @@ def write_samples(source: str | os.PathLike, prompts: list[str], count: int, out
     """``count`` one-step images per prompt from a run or an export, as PNG files plus ``grid.png`` in ``out``."""
     from PIL import Image
 
-    from wadi_analysis.outputs import check_output, staged_folder
+    from wadi_analysis.outputs import staged_folder
 
-    from .runs import load_one_step, source_inputs
+    from .runs import check_output_for, load_one_step
 
-    out = check_output(out, source_inputs(source), folder=True, replace=True, ours=_holds_only_samples)
+    out = check_output_for(source, out, ours=_holds_only_samples)
     model = load_one_step(source)
     teacher, generator = model.teacher, model.generator.eval()
     all_prompts = [p for p in prompts for _ in range(count)]

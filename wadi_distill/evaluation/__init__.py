@@ -30,12 +30,10 @@ def evaluate_source(source: str | os.PathLike | None = None, *, per_class: int =
     if not source.exists():
         raise UserError(f"{source} does not exist")
     if json_out is not None:  # checked before minutes of sampling, not after
-        from wadi_analysis.outputs import check_output
+        from ..runs import check_output_for
 
-        from ..runs import source_inputs
-
-        inputs = [*source_inputs(source), *(p for p in (classifier, prompts, reference_stats, inception, clip) if p)]
-        check_output(json_out, inputs, folder=False)
+        inputs = tuple(p for p in (classifier, prompts, reference_stats, inception, clip) if p)
+        check_output_for(source, json_out, folder=False, inputs=inputs)
     if prompts is None and reference_stats is None and inception is None and clip is None:
         from .benchmark import evaluate, summary_line
 

@@ -59,8 +59,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     _place(roles, accelerator, fsdp, config)
 
     # Prompts, optimisers, the sampling RNG, the EMA; resume (the checkpoint is validated before any write).
+    warnings: list[str] = []  # said once the run is known to start: a refused run says one error line only
     all_prompts, null_prompt, cache_hit = cached_embeddings(teacher, prompts, config.embedding_cache(),
-                                                            warn=_warn if is_main else None)
+                                                            warn=warnings.append)
     validation = teacher.encode(config.validation_prompts or prompts[:4]).to(accelerator.device)
     optimizer_class = _optimizer_class(config.optimizer)
     optimizers = {role: optimizer_class(roles.parameters(role), lr=lr, weight_decay=config.weight_decay)
@@ -81,6 +82,8 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     if is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         config.write(run.config_file)
+        for line in warnings:
+            print(line, file=sys.stderr)
     try:
         accelerator.wait_for_everyone()  # the main process has made the run folder every process logs into
         with RunLog(run, total_steps=config.steps, start_step=step, is_main=is_main, rank=accelerator.process_index,
@@ -141,10 +144,6 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
         if fresh and not run.checkpoints():
             run.remove_new_entries(before)  # a run that failed before its first checkpoint leaves nothing
         raise
-
-
-def _warn(line: str) -> None:
-    print(line, file=sys.stderr)
 
 
 def _accelerator(config: RunConfig):
