@@ -304,6 +304,12 @@ CASES = [
     ("adapter-info-tensor-of-the-wrong-shape", edit_tensors(ADAPTER, narrow_first), INFO, "shapes"),
     ("adapter-info-a-tensor-missing", edit_tensors(ADAPTER, drop_first), INFO, "do not match"),
     ("adapter-info-random-bytes", write_bytes(ADAPTER), INFO, "safetensors"),
+    ("adapter-info-an-empty-file", write_text(ADAPTER, ""), INFO, "safetensors"),
+    ("adapter-info-a-folder", nothing, ["adapter-info", "{root}/user"], "user"),
+    ("adapter-info-a-missing-file", nothing, ["adapter-info", "{root}/missing.safetensors"], "does not exist"),
+    ("adapter-info-not-lorad-format", edit_metadata(ADAPTER, lambda m: m.update(format="other")), INFO, "not a LoRaD"),
+    ("adapter-info-angles-not-float", edit_tensors(ADAPTER, lambda t: t.update(
+        {first_key(t): t[first_key(t)].to(torch.int32)})), INFO, "not float"),
     ("merge-nan-angles", edit_tensors(ADAPTER, set_first(float("nan"))), MERGE, "NaN"),
     ("merge-inf-angles", edit_tensors(ADAPTER, set_first(float("inf"))), MERGE, "infinite"),
     ("merge-target-a-groupnorm", both(edit_metadata(ADAPTER, groupnorm_target), edit_tensors(ADAPTER, groupnorm_tensors)),

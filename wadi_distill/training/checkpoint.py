@@ -69,8 +69,9 @@ class CheckpointIO:
         return final
 
     def load(self, path: Path) -> int:
-        """Restore everything from checkpoint ``path``; returns its step. Every file is validated
-        against this run before any state changes, so a tampered checkpoint is refused whole."""
+        """Restore everything from checkpoint ``path``; returns its step. Every file is validated against
+        this run before it is used, and the loop loads before it writes: a tampered checkpoint is refused
+        with one line and no file of the run changed."""
         step = read_step(path)
         processes = self.accelerator.num_processes if self.accelerator else 1
         written_by = len(list(path.glob("rng-*.pt")))
@@ -98,8 +99,11 @@ class CheckpointIO:
         for role, optimizer in self.optimizers.items():
             _load_optimizer(optimizer, states[role], path / "optimizers.pt", role)
         for role, scaler in (self.scalers or {}).items():
-            if isinstance(states.get(f"{role}_scaler"), dict):
-                scaler.load_state_dict(states[f"{role}_scaler"])
+            if scaler.is_enabled() and isinstance(states.get(f"{role}_scaler"), dict):
+                try:
+                    scaler.load_state_dict(states[f"{role}_scaler"])
+                except (KeyError, TypeError, ValueError, RuntimeError):
+                    raise TrainingError(f"{path / 'optimizers.pt'}: the {role} loss-scaler state is damaged") from None
         self.rng.set_state(rng)
         return step
 
