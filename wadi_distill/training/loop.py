@@ -59,9 +59,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     _place(roles, accelerator, fsdp, config)
 
     # Prompts, optimisers, the sampling RNG, the EMA; resume (the checkpoint is validated before any write).
-    warnings: list[str] = []  # said once the run is known to start: a refused run says one error line only
+    notices: list[str] = []  # said once the run is known to start: a refused run says one error line only
     all_prompts, null_prompt, cache_hit = cached_embeddings(teacher, prompts, config.embedding_cache(),
-                                                            warn=warnings.append)
+                                                            warn=notices.append)
     validation = teacher.encode(config.validation_prompts or prompts[:4]).to(accelerator.device)
     optimizer_class = _optimizer_class(config.optimizer)
     optimizers = {role: optimizer_class(roles.parameters(role), lr=lr, weight_decay=config.weight_decay)
@@ -82,7 +82,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     if is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         config.write(run.config_file)
-        for line in warnings:
+        for line in notices:
             print(line, file=sys.stderr)
     try:
         accelerator.wait_for_everyone()  # the main process has made the run folder every process logs into
