@@ -450,3 +450,15 @@ def test_an_export_inside_its_run_as_the_quick_start_does(root):
     assert {k: v for k, v in after.items() if not k.startswith("one-step")} == run_files
     assert (root / "run/one-step/one_step.safetensors").is_file()
     assert not [p for p in (root / "run").iterdir() if p.name.startswith(".")]  # no staging debris
+
+
+def test_overwrite_lets_export_and_sample_replace_a_user_folder(root):
+    """What a command's --overwrite passes to the library: the user's folder is replaced whole."""
+    from wadi_distill.sampling import write_samples
+
+    export_run(root / "run", root / "user", overwrite=True)
+    assert (root / "user/one_step.safetensors").is_file() and not (root / "user/keep.txt").exists()
+    (root / "user2").mkdir()
+    (root / "user2/keep.txt").write_text("x")
+    write_samples(root / "run", ["a bag"], 1, root / "user2", overwrite=True)
+    assert sorted(p.name for p in (root / "user2").iterdir()) == ["000-00.png", "grid.png"]

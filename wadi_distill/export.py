@@ -20,14 +20,15 @@ from .distill import GENERATOR
 from .runs import OneStepModel, check_output_for, is_export, load_run_generator, write_one_step_info
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, ema: bool = False) -> dict[str, Path]:
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, ema: bool = False,
+               overwrite: bool = False) -> dict[str, Path]:
     """Merge the run's generator into its teacher's denoiser and write ``out`` (a diffusers model folder) +
     ``out/one_step.safetensors`` (merged single file) + ``out/generator_adapter.safetensors`` (adapter runs).
 
     ``out`` follows the output policy (:func:`wadi_distill.runs.check_output_for`): apart from the
-    teacher and the run's own files, and an existing non-empty folder only if it is an earlier export;
-    it is written beside its place and renamed there when complete."""
-    out = check_output_for(run_dir, out, ours=is_export)
+    teacher and the run's own files, and an existing non-empty folder only if it is an earlier export
+    (or ``overwrite``); it is written beside its place and renamed there when complete."""
+    out = check_output_for(run_dir, out, ours=is_export, overwrite=overwrite)
     generator = load_run_generator(run_dir, ema=ema, text=False)
     model = generator.generator
     if generator.adapter_file is not None:

@@ -240,10 +240,10 @@ def is_export(path: Path) -> bool:
 
 
 def check_output_for(source: str | os.PathLike, out: str | os.PathLike, *, folder: bool = True, ours=None,
-                     inputs: tuple = ()) -> Path:
+                     inputs: tuple = (), overwrite: bool = False) -> Path:
     """The output policy (:func:`wadi_analysis.outputs.check_output`) for ``out`` made from ``source``
     (and ``inputs``): apart from the teacher (and an export read); a folder replaced whole, if non-empty
-    only when ``ours``. A run may hold outputs in a new entry of its own (``export RUN --out
+    only when ``ours`` or ``overwrite``. A run may hold outputs in a new entry of its own (``export RUN --out
     RUN/one-step``, as the quick start does), never in its files nor the run itself or a folder around it."""
     inputs = [*source_inputs(source), *inputs]
     if source_kind(source) == RUN:
@@ -256,7 +256,7 @@ def check_output_for(source: str | os.PathLike, out: str | os.PathLike, *, folde
             entry = run_path / target.relative_to(run_path).parts[0]
             if entry in {p.resolve() for p in run.written()} or entry.name.startswith("."):
                 raise UserError(f"{out} lies inside the run's own {entry.name}; choose a new name")
-    return check_output(out, inputs, folder=folder, replace=folder, ours=ours)
+    return check_output(out, inputs, folder=folder, replace=folder, overwrite=overwrite, ours=ours)
 
 
 def source_inputs(source: str | os.PathLike) -> list[Path]:

@@ -71,15 +71,16 @@ def image_grid(pixels, columns: int):
 
 @torch.no_grad()
 def write_samples(source: str | os.PathLike, prompts: list[str], count: int, out: str | os.PathLike,
-                  seed: int = 0) -> list[Path]:
-    """``count`` one-step images per prompt from a run or an export, as PNG files plus ``grid.png`` in ``out``."""
+                  seed: int = 0, overwrite: bool = False) -> list[Path]:
+    """``count`` one-step images per prompt from a run or an export, as PNG files plus ``grid.png`` in ``out``
+    (replaced whole: if it exists, an earlier ``sample`` output, or ``overwrite``)."""
     from PIL import Image
 
     from wadi_analysis.outputs import staged_folder
 
     from .runs import check_output_for, load_one_step
 
-    out = check_output_for(source, out, ours=_holds_only_samples)
+    out = check_output_for(source, out, ours=_holds_only_samples, overwrite=overwrite)
     model = load_one_step(source)
     teacher, generator = model.teacher, model.generator.eval()
     all_prompts = [p for p in prompts for _ in range(count)]

@@ -143,15 +143,16 @@ def plan_student(out: Path, budget: int) -> dict:
     return {"adapter": "lorad", "plan": str(plan)}
 
 
-def reproduce(out: str | Path, settings: Settings | None = None, log=print) -> Path:
+def reproduce(out: str | Path, settings: Settings | None = None, log=print, overwrite: bool = False) -> Path:
     """Run every experiment; write CSVs, the figures and report.html/report.pdf into ``out`` (a new folder,
-    or one an earlier reproduction wrote). A failed call removes what it added to ``out``."""
+    one an earlier reproduction wrote, or with ``overwrite`` any). A failed call removes what it added to ``out``."""
     from wadi_analysis.outputs import check_output
 
     from ..runs import RunFolder
 
     settings = settings or Settings()
-    out = check_output(out, [embedded.teacher_path()], folder=True, replace=True, ours=_is_reproduction)
+    out = check_output(out, [embedded.teacher_path()], folder=True, replace=True, overwrite=overwrite,
+                       ours=_is_reproduction)
     folder = RunFolder(out)  # only for its undo of a failed call: remove what this call added
     before = folder.entries()
     try:
