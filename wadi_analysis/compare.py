@@ -143,6 +143,26 @@ def read_summary(path: str | os.PathLike) -> dict:
     return summary
 
 
+def _check_statistics(layers: pd.DataFrame, path: Path) -> None:
+    """What :func:`compare_sources` writes, and nothing else: statistics finite (or empty) and >= 0,
+    counts and ranks whole numbers, energy shares and the LoRaD fit percentages of at most 100."""
+    for column in layers.columns:
+        if column in TEXT_COLUMNS:
+            continue
+        values = layers[column]
+        count = (column in ("numel", "rows", "valid_rows", "zero_norm_rows", "nonfinite_rows")
+                 or ("_rank" in column and "_rank_rel" not in column))
+        share = "energy" in column or column == "lorad_fit"
+        known = values.dropna()
+        bad = (known < 0) | ~known.map(math.isfinite).astype(bool) | (share & (known > 100.001))
+        bad |= count & ((known % 1 != 0) | (known > 2.0 ** 53))
+        if bad.any():
+            row = int(values.index.get_loc(bad[bad].index[0]))
+            raise UserError(f"{path}: column {str(column)[:40]!r} holds {known[bad].iloc[0]!r} in row {row + 1}, "
+                            f"which no comparison writes ({'a whole number' if count else 'a percentage' if share else 'a finite value'} "
+                            f">= 0{', at most 100' if share else ''} is expected)")
+
+
 def read_comparison(folder: str | os.PathLike, product: str) -> tuple[pd.DataFrame, dict]:
     """``layers.csv`` (with the columns every product needs) and ``summary.json`` of a comparison folder."""
     folder = Path(folder)
@@ -156,6 +176,7 @@ def read_comparison(folder: str | os.PathLike, product: str) -> tuple[pd.DataFra
     missing = [c for c in REQUIRED_COLUMNS if c not in layers.columns]
     if missing:
         raise UserError(f"cannot build {product} from {folder}: layers.csv has no column {', '.join(missing)}")
+    _check_statistics(layers, folder / "layers.csv")
     twice = layers["name"][layers["name"].duplicated()]
     if len(twice):
         raise UserError(f"cannot build {product} from {folder}: layers.csv lists {twice.iloc[0][:80]!r} twice")

@@ -132,9 +132,10 @@ def _kohya_groups(path: Path, keys: list[str], base_names) -> dict[str, dict[str
     try:
         renamed = _sgm_to_diffusers(names, _layers_per_block(base_names))
         converted = convert_unet_state_dict_to_peft(_convert_non_diffusers_lora_to_diffusers(renamed)[0])
-    except (KeyError, ValueError, IndexError) as exc:
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise CheckpointError(f"{path}: diffusers cannot rename this kohya LoRA ({detail})") from None
+    except Exception as exc:  # diffusers' converters assume well-formed names: any failure means these are not
+        detail = f": {str(exc)[:120]}" if isinstance(exc, KeyError) else ""  # a missing key says which
+        raise CheckpointError(f"{path}: diffusers cannot rename this kohya LoRA: its module names are not "
+                              f"those of an SD U-Net ({type(exc).__name__}{detail})") from None
     groups: dict[str, dict[str, str]] = {}
     for new, old in converted.items():
         if not (match := _DIFFUSERS_KEY.fullmatch(new.removeprefix("unet."))) or not match["factor"]:
@@ -158,7 +159,11 @@ def _diffusers_groups(path: Path, keys: list[str]) -> tuple[str, dict[str, dict[
         stripped[key[len(prefix):]] = key
     layout = "diffusers/peft"
     if not any(".lora_A." in k or ".lora_B." in k for k in stripped):
-        stripped = convert_unet_state_dict_to_peft(stripped)  # old attention-processor names, as diffusers does
+        try:
+            stripped = convert_unet_state_dict_to_peft(stripped)  # old attention-processor names, as diffusers does
+        except Exception as exc:  # what diffusers' renaming throws on names it does not know
+            raise CheckpointError(f"{path}: diffusers cannot rename its LoRA keys ({type(exc).__name__}: "
+                                  f"{str(exc)[:120]})") from None
         layout = "diffusers (attention processors)"
     groups: dict[str, dict[str, str]] = {}
     for name, key in stripped.items():
