@@ -318,7 +318,7 @@ READER_CASES = [
     ("st-too-short", info_of(lambda path, root: path.write_bytes(b"abc")), "too short"),
     ("pt-sparse-coo", info_of(torch_file({"w": torch.eye(4).to_sparse(), "v": torch.ones(2, 2)}), "x.pt"),
      "only dense tensors"),
-    ("pt-sparse-csr", info_of(torch_file({"w": torch.eye(4).to_sparse_csr()}), "x.pt"), "only dense"),
+    ("pt-sparse-csr", info_of(torch_file(lambda root: {"w": torch.eye(4).to_sparse_csr()}), "x.pt"), "only dense"),
     ("pt-truncated-storage", info_of(truncated_storage, "x.pt"), "truncated"),
     ("pt-no-tensors", info_of(torch_file({"a": 1, "b": "x"}), "x.pt"), "no state dict"),
     ("pt-not-a-dict", info_of(torch_file([torch.ones(2, 2)]), "x.pt"), "no state dict"),
@@ -403,6 +403,17 @@ LORA_CASES = [
     ("lora-missing-suffixless", lora_path(lambda root: root / "no-such-lora"), "does not exist"),
     ("lora-text-file", lora_path(lambda root: (root / "l.bin").write_text("text") and root / "l.bin"),
      "not a torch checkpoint"),
+    ("lora-kohya-block-not-a-number", lora_path(lambda root: save_file(
+        {f"lora_unet_output_blocks_x_1_proj_in.{k}.weight": torch.ones(2, 6) for k in ("lora_down", "lora_up")},
+        root / "k.safetensors") or root / "k.safetensors"), "not those of an SD U-Net"),
+    ("lora-kohya-only-alpha", lora_path(lambda root: save_file(
+        {"lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(1.0)}, root / "k.safetensors")
+        or root / "k.safetensors"), "no lora_down"),
+    ("lora-int-factors", lora(extra={f"{LORA_MODULE}.lora_A.weight": torch.ones(2, 6, dtype=torch.int32)}),
+     "not floating point"),
+    ("lora-bias-terms", lora(extra={f"{LORA_MODULE}.lora_A.bias": torch.ones(2)}), "bias"),
+    ("lora-matches-no-weight", lora(extra={"mid_block.x.lora_A.weight": torch.ones(2, 6),
+                                           "mid_block.x.lora_B.weight": torch.ones(8, 2)}), "match no weight"),
     ("lora-payload", lora_path(lambda root: torch.save({"x.lora_A.weight": Payload(root)}, root / "l.bin")
                                or root / "l.bin"), "refused"),
 ]
@@ -481,7 +492,11 @@ COMPARISON_CASES = [
           ("no-shape-column", drop_column("shape"), "no column shape"),
           ("no-name-column", drop_column("name"), "no column name"),
           ("empty-layers", lambda text: "", "empty"),
-          ("duplicate-layer", lambda text: text + text.splitlines()[1] + "\n", "twice"))],
+          ("duplicate-layer", lambda text: text + text.splitlines()[1] + "\n", "twice"),
+          ("negative-direction", csv_cell("direction_change_mean", "-1"), "no comparison writes"),
+          ("infinite-norm", csv_cell("norm_change_std", "-inf"), "no comparison writes"),
+          ("numel-1e308", csv_cell("numel", "1e308"), "whole number"),
+          ("rows-fractional", csv_cell("rows", "2.5"), "whole number"))],
     ("plan-shape-malformed", tampered("plan", "layers.csv", csv_cell("shape", "8xA")), "not a shape"),
     ("plan-shape-zero", tampered("plan", "layers.csv", csv_cell("shape", "0x6")), "not a shape"),
     ("plan-layers-not-utf8", tampered("plan", "layers.csv", lambda text: b"name,shape\n\xff\xfe,8x6\n"), "layers.csv"),
