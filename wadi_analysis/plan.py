@@ -107,11 +107,16 @@ def check_plan_options(budget: float, max_rank: int, rank_multiple: int) -> None
         raise InvalidValue(f"--max-rank {max_rank} is below --rank-multiple {rank_multiple}")
 
 
+def find_preset(name: str) -> Preset:
+    """The published placement called ``name``, or a message listing them."""
+    if not isinstance(name, str) or name not in PRESETS:
+        raise InvalidValue(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
 def preset_plan(layers: pd.DataFrame, preset: str, rank: int | None = None) -> dict[str, int]:
     """The published placement ``preset`` on the modules of a per-layer table."""
-    if preset not in PRESETS:
-        raise InvalidValue(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    chosen = PRESETS[preset]
+    chosen = find_preset(preset)
     frame = _geometry(layers)
     return {m: rank or chosen.rank for m, k in zip(frame["module"], frame["kind"]) if chosen.matches(m, k)}
 

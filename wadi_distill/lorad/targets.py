@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from wadi_analysis.errors import InvalidValue
-from wadi_analysis.plan import PLAN_FORMAT, PRESETS, Preset, write_plan
+from wadi_analysis.plan import PLAN_FORMAT, PRESETS, Preset, find_preset, write_plan
 
 __all__ = ["PLAN_FORMAT", "PRESETS", "TargetSpec", "check_targets", "preset", "read_plan", "resolve_preset",
            "resolve_spec", "write_plan"]
@@ -54,9 +54,7 @@ def resolve_spec(model: nn.Module, spec: TargetSpec) -> dict[str, int]:
 
 def preset(name: str) -> Preset:
     """The published placement called ``name`` (``wadi_analysis.plan.PRESETS``), or a message listing them."""
-    if not isinstance(name, str) or name not in PRESETS:
-        raise InvalidValue(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return find_preset(name)
 
 
 def _is_rank(value: object) -> bool:
