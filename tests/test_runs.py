@@ -66,3 +66,20 @@ def test_run_log_closes_its_files_when_training_raises(tmp_path):
             raise RuntimeError("boom")
     assert log.metrics.closed and log.digests.closed
     assert folder.metrics_file.read_text().startswith("step,generator_loss,fake_loss")
+
+
+def test_export_replaces_a_folder_of_the_user_only_with_overwrite(finished, tmp_path):
+    from typer.testing import CliRunner
+
+    from wadi_distill.cli import app
+
+    _, run, _ = finished
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep")
+    refused = CliRunner().invoke(app, ["export", str(run), "--out", str(target)])
+    assert refused.exit_code == 2 and "--overwrite" in refused.stderr
+    assert (target / "notes.txt").read_text() == "keep"
+    done = CliRunner().invoke(app, ["export", str(run), "--out", str(target), "--overwrite"])
+    assert done.exit_code == 0, done.output
+    assert source_kind(target) == EXPORT and not (target / "notes.txt").exists()

@@ -114,11 +114,12 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged one-step model.")],
     ema: Annotated[bool, typer.Option("--ema", help="Export the EMA of the generator adapter (runs with ema_decay).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder that is not an earlier export.")] = False,
 ) -> None:
     """Write the merged one-step denoiser (diffusers folder + single .safetensors) and the adapter file."""
     from .export import export_run
 
-    for label, path in export_run(run_dir, out, ema=ema).items():
+    for label, path in export_run(run_dir, out, ema=ema, overwrite=overwrite).items():
         say(f"{label}: {path}")
 
 
@@ -129,11 +130,12 @@ def sample_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG files and grid.png.")],
     n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 4,
     seed: Annotated[int, typer.Option()] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder that does not hold only this command's images.")] = False,
 ) -> None:
     """One-step images (PNG files + grid) from a run or an exported model."""
     from .sampling import write_samples
 
-    paths = write_samples(source, prompt, n, out, seed=seed)
+    paths = write_samples(source, prompt, n, out, seed=seed, overwrite=overwrite)
     say(f"wrote {len(paths) - 1} images and {paths[-1]}")
 
 
@@ -246,12 +248,13 @@ def reproduce(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for CSVs, figures, report.html/pdf.")] = Path(
         "reports/reproduction"),
     quick: Annotated[bool, typer.Option(help="A minutes-long smoke version (few steps and samples, one seed).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --out folder that an earlier reproduction did not make.")] = False,
 ) -> None:
     """The paper's experiments on the embedded teacher: teacher steps, students at equal budget
     (LoRaD published/plan, LoRA, DoRA, full), weight analysis, swaps, rank and Conv2d ablations."""
     from .experiments.reproduce import QUICK, Settings, reproduce as run_experiments
 
-    run_experiments(out, QUICK if quick else Settings(), log=say)
+    run_experiments(out, QUICK if quick else Settings(), log=say, overwrite=overwrite)
 
 
 def main() -> None:

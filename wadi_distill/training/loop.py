@@ -16,7 +16,7 @@ from torch import nn
 
 from wadi_analysis.outputs import check_output
 
-from ..config import RunConfig
+from ..config import RunConfig, check_schedule
 from ..distill import FAKE, GENERATOR, Roles, TrainingError, attach_roles, fake_step, generator_step, one_step
 from ..runs import RunFolder
 from ..sampling import decode, image_grid
@@ -54,6 +54,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
         raise TrainingError("a teacher other than the embedded one needs --prompts FILE (or prompts in --config)")
     prompts = read_prompts(config.prompts, config.prompt_column)
     teacher = load_teacher(config.teacher, config=config.teacher_config)
+    check_schedule(config.vsd, teacher.num_timesteps)
     roles, counts = attach_roles(teacher, config)
     base_before = digest(roles.frozen_parameters()) if config.record_digests else None
     _place(roles, accelerator, fsdp, config)
