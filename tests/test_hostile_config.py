@@ -30,6 +30,14 @@ def refused(root: Path, args: list[str], expect: str = "", env: dict | None = No
     check_refused(result, root, before, expect)
 
 
+def write_case(path, content: bytes | str) -> None:
+    """A case's input file: bytes as they are (e.g. not UTF-8), text as UTF-8."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+
+
 # --- run: TOML values of the wrong type or range ------------------------------------------------------
 
 TOML = [  # (id, TOML text or bytes, what the message names)
@@ -86,10 +94,7 @@ TOML_CASES = [pytest.param(text, expect, id=name) for name, text, expect in TOML
 def test_run_refuses_bad_toml(pipeline, tmp_path, text, expect):
     folder, prompts = pipeline
     toml = tmp_path / "run.toml"
-    if isinstance(text, bytes):
-        toml.write_bytes(text)
-    else:
-        toml.write_text(f'cache_dir = "{tmp_path / "cache"}"\n{text}\n')
+    write_case(toml, text if isinstance(text, bytes) else f'cache_dir = "{tmp_path / "cache"}"\n{text}\n')
     refused(tmp_path, ["run", "--teacher", folder, "--prompts", prompts, "--out", tmp_path / "run",
                        "--config", toml, "-q"], expect)
 
@@ -137,10 +142,7 @@ PLANS = [  # (id, plan file content, what the message names)
 def test_run_refuses_bad_plans(pipeline, tmp_path, content, expect):
     folder, prompts = pipeline
     plan = tmp_path / "plan.json"
-    if isinstance(content, bytes):
-        plan.write_bytes(content)
-    else:
-        plan.write_text(content if isinstance(content, str) else json.dumps(content))
+    write_case(plan, content if isinstance(content, (bytes, str)) else json.dumps(content))
     toml = tmp_path / "run.toml"
     toml.write_text(f'cache_dir = "{tmp_path / "cache"}"\n')
     refused(tmp_path, ["run", "--teacher", folder, "--prompts", prompts, "--out", tmp_path / "run", "--plan", plan,

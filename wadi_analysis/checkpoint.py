@@ -92,6 +92,18 @@ def read_json_bytes(data: bytes | str, what: str):
         raise CheckpointError(f"{what} nests too deeply to be read)") from None
 
 
+def metadata_json(metadata: dict[str, str], key: str, what: str, error: type[Exception] = CheckpointError,
+                  hint: str = ""):
+    """The JSON value of the safetensors metadata field ``key`` of ``what`` (a file), or ``error``
+    saying it is missing (with ``hint``: how to make a file that has it) or not JSON."""
+    try:
+        return json.loads(metadata[key])
+    except KeyError:
+        raise error(f"{what} has no {key!r} metadata{hint}") from None
+    except (ValueError, RecursionError):
+        raise error(f"{what}: its {key!r} metadata is not JSON") from None
+
+
 def string_mapping(value, what: str) -> dict[str, str]:
     """A metadata field: absent (None) or a mapping of strings to strings, else a :class:`CheckpointError`."""
     if value is None:

@@ -115,6 +115,7 @@ def load_classifier(path: str | Path) -> Classifier:
     ``config`` metadata is the network's shape and whose tensors are exactly that network's."""
     from safetensors import safe_open
 
+    from wadi_analysis.checkpoint import metadata_json
     from wadi_analysis.errors import UserError
 
     try:
@@ -125,12 +126,8 @@ def load_classifier(path: str | Path) -> Classifier:
         raise UserError(f"classifier {path} does not exist") from None
     except Exception:  # safetensors' own error, OSError or ValueError: a damaged or foreign file
         raise UserError(f"classifier {path} is not a readable safetensors file") from None
-    try:
-        config = json.loads(metadata["config"])
-    except KeyError:
-        raise UserError(f"classifier {path} has no 'config' metadata (write it with `wadi-distill classifier`)") from None
-    except (ValueError, RecursionError):
-        raise UserError(f"classifier {path}: its 'config' metadata is not JSON") from None
+    config = metadata_json(metadata, "config", f"classifier {path}", UserError,
+                           hint=" (write it with `wadi-distill classifier`)")
     fields = ("num_classes", "image_size", "width", "features")
     if (not isinstance(config, dict) or set(config) - set(fields)
             or any(not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 4096 for v in config.values())

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from wadi_analysis.atomic import atomic_write
+from wadi_analysis.checkpoint import metadata_json
 from wadi_analysis.errors import UserError
 
 from .model import ADAPTABLE, add_adapter, adapter_names, adapter_state_dict, base_weight, lorad_modules
@@ -88,12 +89,8 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
 def adapter_ranks(path, metadata: dict[str, str]) -> dict[str, int]:
     """The ``ranks`` metadata: a JSON object of module name -> positive integer rank."""
-    try:
-        ranks = json.loads(metadata["ranks"])
-    except KeyError:
-        raise AdapterFileError(f"{path} has no 'ranks' metadata (which modules it adapts, at which rank)") from None
-    except (ValueError, RecursionError):
-        raise AdapterFileError(f"{path}: its 'ranks' metadata is not JSON") from None
+    ranks = metadata_json(metadata, "ranks", str(path), AdapterFileError,
+                          hint=" (which modules it adapts, at which rank)")
     if not isinstance(ranks, dict) or not ranks:
         raise AdapterFileError(f"{path}: its 'ranks' metadata must be a non-empty object of module -> rank")
     for module, rank in ranks.items():
