@@ -43,15 +43,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     if fsdp is not None and (reason := sharding.unsupported(fsdp, config, on_validate)):
         raise TrainingError(reason)
     run = RunFolder(config.out)
-    check_output(run.path, [p for p in (config.teacher, config.teacher_config, config.prompts, config.plan) if p],
-                 folder=True)
-    run.refuse_links()  # writes never follow links: metrics.csv, config.json, ... must be the run's own files
-    if run.checkpoints() and not resume:
-        raise TrainingError(f"{run.path} already holds a run; continue it with --resume latest or choose another --out")
+    _check_run_folder(run, config, resume)
 
     # Load the teacher and attach the roles (bad targets leave no run folder).
-    if not config.prompts:
-        raise TrainingError("a teacher other than the embedded one needs --prompts FILE (or prompts in --config)")
     prompts = read_prompts(config.prompts, config.prompt_column)
     teacher = load_teacher(config.teacher, config=config.teacher_config)
     check_schedule(config.vsd, teacher.num_timesteps)
@@ -77,7 +71,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
         step = checkpoints.load(checkpoint)
     all_prompts, null_prompt = all_prompts.to(accelerator.device), null_prompt.to(accelerator.device)
     separate_generator = roles.generator if roles.separate_generator else None
-    nonfinite_in_a_row = skipped = 0
+    skips = _Skips(config.max_nonfinite_in_a_row)
     metric_rows(run.metrics_file)  # a damaged metrics.csv is refused before config.json is rewritten
     fresh, before = is_main and step == 0, run.entries()  # a fresh run: what a failure must not remove
     if is_main:
@@ -98,18 +92,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
                                               separate_generator)
                 outcome = _update(loss, optimizers[GENERATOR], roles.parameters(GENERATOR), accelerator, config.grad_clip,
                                   scalers[GENERATOR])
-                if outcome == STEPPED:
-                    if ema is not None:
-                        ema.update()
-                    nonfinite_in_a_row = 0
-                elif outcome == OVERFLOW:  # fp16: the loss scaler lowered its scale, as it does early on
-                    skipped += 1
-                else:  # every process skips together, so the adapters stay identical
-                    skipped += 1
-                    nonfinite_in_a_row += 1
-                    if nonfinite_in_a_row > config.max_nonfinite_in_a_row:
-                        raise TrainingError(f"{nonfinite_in_a_row} non-finite generator losses in a row at step {step}; "
-                                            "the last good checkpoint is kept")
+                if outcome == STEPPED and ema is not None:
+                    ema.update()
+                skips.record(outcome, step)
 
                 # Fake-score steps: denoising on the generator's (detached) samples.
                 fake_losses = []
@@ -120,7 +105,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
                             scalers[FAKE])
                     fake_losses.append(fake_loss.item())
                 step += 1
-                log.step_done(step, loss.item(), fake_losses, skipped, roles)
+                log.step_done(step, loss.item(), fake_losses, skips.total, roles)
 
                 # Save checkpoint; validate.
                 last = step == config.steps
@@ -140,11 +125,46 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
         accelerator.wait_for_everyone()
         if fsdp is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # gloo may abort at exit with collectives' threads alive
-        return {"steps": step, "trainable": counts, "skipped": skipped, "cache_hit": cache_hit, "run_dir": str(run.path)}
+        return {"steps": step, "trainable": counts, "skipped": skips.total, "cache_hit": cache_hit,
+                "run_dir": str(run.path)}
     except BaseException:
         if fresh and not run.checkpoints():
             run.remove_new_entries(before)  # a run that failed before its first checkpoint leaves nothing
         raise
+
+
+def _check_run_folder(run: RunFolder, config: RunConfig, resume: str | None) -> None:
+    """What must hold before a run writes anything: its folder apart from every input, no links in it
+    (writes never follow links: metrics.csv, config.json, ... must be the run's own files), no run
+    there already unless resumed, and prompts to train on."""
+    check_output(run.path, [p for p in (config.teacher, config.teacher_config, config.prompts, config.plan) if p],
+                 folder=True)
+    run.refuse_links()
+    if run.checkpoints() and not resume:
+        raise TrainingError(f"{run.path} already holds a run; continue it with --resume latest or choose another --out")
+    if not config.prompts:
+        raise TrainingError("a teacher other than the embedded one needs --prompts FILE (or prompts in --config)")
+
+
+class _Skips:
+    """Skipped generator steps. Every process skips together (the adapters stay identical); an fp16
+    overflow (the loss scaler lowering its scale, as it does early on) is counted but harmless, while
+    more than ``limit`` non-finite losses in a row end the run."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.total, self.in_a_row = limit, 0, 0
+
+    def record(self, outcome: str, step: int) -> None:
+        if outcome == STEPPED:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        if outcome == OVERFLOW:
+            return
+        self.in_a_row += 1
+        if self.in_a_row > self.limit:
+            raise TrainingError(f"{self.in_a_row} non-finite generator losses in a row at step {step}; "
+                                "the last good checkpoint is kept")
 
 
 def _accelerator(config: RunConfig):
