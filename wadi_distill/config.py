@@ -206,6 +206,15 @@ def _apply(target, values: dict, where: str, rules: dict[str, Rule], prefix: str
             raise InvalidValue(f"{where}: {prefix}{key} must be {expected}, not {_shown(value)}") from None
 
 
+def check_vsd_table(table: object, where: str) -> VSDConfig:
+    """A ``[vsd]`` table (a run's ``config.json`` or TOML) checked against :data:`VSD_RULES`."""
+    if not isinstance(table, dict):
+        raise InvalidValue(f"{where}: [vsd] must be a table of VSD options, not {_shown(table)}")
+    vsd = VSDConfig()
+    _apply(vsd, table, where, VSD_RULES, "[vsd] ")
+    return vsd
+
+
 def check_config(config: RunConfig) -> RunConfig:
     """The rules that join fields (each field's own type and range are checked as it is set)."""
     vsd = config.vsd

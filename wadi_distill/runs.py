@@ -20,9 +20,7 @@ the teacher bundle, the generator network and the VSD settings, side by side.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -128,7 +126,6 @@ def _kind(value: object, kinds: tuple[type, ...]) -> bool:
     return isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
 
 
-_JSON_TYPES = {"int": (int,), "float": (int, float), "float | None": (int, float, type(None))}
 
 
 def check_teacher_keys(recorded: object, where: Path) -> None:
@@ -148,12 +145,9 @@ def check_run_config(config: object, where: Path) -> None:
     check_teacher_keys(config, where)
     if config.get("adapter") not in adapters.METHODS:
         raise UserError(f"{where}: 'adapter' must be one of {', '.join(adapters.METHODS)} (got {config.get('adapter')!r})")
-    vsd, fields = config.get("vsd"), {f.name: f.type for f in dataclasses.fields(VSDConfig)}
-    if not isinstance(vsd, dict) or set(vsd) - set(fields):
-        raise UserError(f"{where}: 'vsd' must be a table of VSD settings ({', '.join(fields)})")
-    for name, value in vsd.items():
-        if not _kind(value, _JSON_TYPES[fields[name]]) or (isinstance(value, float) and not math.isfinite(value)):
-            raise UserError(f"{where}: vsd.{name} must be of type {fields[name]} (got {value!r})")
+    from .config import check_vsd_table  # the [vsd] rules have one owner
+
+    check_vsd_table(config.get("vsd"), str(where))
 
 
 def source_kind(source: str | os.PathLike) -> str:
