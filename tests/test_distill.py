@@ -83,3 +83,12 @@ def test_prompt_dropout_replaces_whole_conditioning():
     gone = dropped.hidden_states[:, 0, 0] == 0
     assert 0.08 < gone.float().mean().item() < 0.12
     assert torch.equal(gone, dropped.extra["added_cond_kwargs"]["text_embeds"][:, 0] == 0)
+
+
+def test_prompt_dropout_per_batch_drops_the_whole_batch_together():
+    """The published code's scope: one draw per batch, so a batch is all prompts or all null prompt."""
+    cond, null = Conditioning(torch.ones(8, 2, 3)), Conditioning(torch.zeros(1, 2, 3))
+    rng = torch.Generator().manual_seed(0)
+    batches = [drop_conditioning(cond, null, 0.3, rng, scope="batch").hidden_states[:, 0, 0] == 0 for _ in range(400)]
+    assert all(gone.all() or not gone.any() for gone in batches)
+    assert 0.22 < sum(gone.all().item() for gone in batches) / 400 < 0.38

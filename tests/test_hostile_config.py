@@ -179,6 +179,10 @@ TEACHER = [  # (id, arguments after --out {root}/t, what the message names)
     ("init-a-user-folder", ["--init", "{root}/user"], "not a teacher"),
     ("init-broken-configs", ["--init", "{root}/broken"], "not a loadable"),
     ("init-is-out", ["--init", "{root}/t"], "input"),
+    ("vae-missing", ["--vae", "{root}/missing"], "not an AutoencoderKL folder"),
+    ("vae-an-empty-folder", ["--vae", "{root}/empty"], "not an AutoencoderKL folder"),
+    ("vae-broken-config", ["--vae", "{root}/brokenvae"], "not a loadable AutoencoderKL"),
+    ("vae-is-out", ["--vae", "{root}/t"], "input"),
 ]
 
 
@@ -192,6 +196,8 @@ def teacher_root(tmp_path) -> Path:
     for part in ("unet", "text_encoder"):
         (tmp_path / "broken" / part).mkdir(parents=True)
         (tmp_path / "broken" / part / "config.json").write_text("{not json")
+    (tmp_path / "brokenvae").mkdir()
+    (tmp_path / "brokenvae/config.json").write_text('{"_class_name": "AutoencoderKL", "block_out_channels": 7}')
     (tmp_path / "t").mkdir()
     (tmp_path / "t/wadi_teacher.json").write_text('{"step": 1}\n')
     (tmp_path / "file.txt").write_text("the user's file\n")
@@ -214,6 +220,30 @@ OUTS = [  # (id, --out, what the message names)
 @pytest.mark.parametrize("out, expect", [c[1:] for c in OUTS], ids=[c[0] for c in OUTS])
 def test_teacher_refuses_outputs_it_must_not_replace(teacher_root, out, expect):
     refused(teacher_root, ["teacher", "--out", teacher_root / out, "--steps", "1"], expect)
+
+
+VAE = [  # (id, arguments after `vae --out {root}/t`, what the message names)
+    ("steps-zero", ["--steps", "0"], "--steps"),
+    ("batch-size-zero", ["--batch-size", "0"], "--batch-size"),
+    ("image-size-not-a-multiple-of-4", ["--image-size", "10"], "--image-size"),
+    ("channels-two-levels", ["--channels", "16,32"], "--channels"),
+    ("channels-words", ["--channels", "a,b,c"], "--channels"),
+    ("latent-channels-zero", ["--latent-channels", "0"], "--latent-channels"),
+    ("kl-weight-nan", ["--kl-weight", "nan"], "--kl-weight"),
+    ("kl-weight-negative", ["--kl-weight", "-1"], "--kl-weight"),
+    ("lr-zero", ["--lr", "0"], "--lr"),
+    ("device-tpu", ["--device", "tpu"], "--device"),
+]
+
+
+@pytest.mark.parametrize("args, expect", [c[1:] for c in VAE], ids=[c[0] for c in VAE])
+def test_vae_refuses_bad_options(teacher_root, args, expect):
+    refused(teacher_root, ["vae", "--out", teacher_root / "t", *args], expect)
+
+
+@pytest.mark.parametrize("out, expect", [c[1:] for c in OUTS], ids=[c[0] for c in OUTS])
+def test_vae_refuses_outputs_it_must_not_replace(teacher_root, out, expect):
+    refused(teacher_root, ["vae", "--out", teacher_root / out, "--steps", "1"], expect)
 
 
 def test_teacher_refuses_an_init_that_does_not_fit(pipeline, tmp_path):

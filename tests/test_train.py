@@ -370,3 +370,21 @@ def test_fp16_loss_scalers_only_where_accelerate_autocasts_in_fp16(pipeline, tmp
     assert all(s.is_enabled() for s in loss_scalers(config, gpu).values())
     assert not any(s.is_enabled() for s in loss_scalers(config_for(pipeline, tmp_path / "r", mixed_precision="bf16"),
                                                         gpu).values())
+
+
+def test_warm_up_raises_both_learning_rates_linearly_and_resumes_exactly(pipeline, tmp_path):
+    from wadi_distill.training.loop import _warm_up
+
+    config = config_for(pipeline, tmp_path / "w", warmup_steps=4, generator_lr=1e-3, fake_lr=1e-2)
+    optimizers = {role: torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0) for role in ("generator", "fake")}
+    seen = []
+    for step in range(6):
+        _warm_up(optimizers, step, config)
+        seen.append((optimizers["generator"].param_groups[0]["lr"], optimizers["fake"].param_groups[0]["lr"]))
+    assert seen == [pytest.approx((1e-3 * f, 1e-2 * f)) for f in (0.25, 0.5, 0.75, 1, 1, 1)]
+    train(config_for(pipeline, tmp_path / "straight", warmup_steps=3))
+    train(config_for(pipeline, tmp_path / "split", warmup_steps=3, steps=2))
+    train(config_for(pipeline, tmp_path / "split", warmup_steps=3), resume="latest")
+    straight = load_file(tmp_path / "straight" / "checkpoints" / "step-0000004" / "generator.safetensors")
+    split = load_file(tmp_path / "split" / "checkpoints" / "step-0000004" / "generator.safetensors")
+    assert all(torch.equal(straight[name], split[name]) for name in straight)

@@ -18,11 +18,13 @@ from wadi_analysis.errors import UserError
 
 from .config import ADAPTERS, EMBEDDED_DEFAULTS, PRECISIONS, RunConfig
 from .embedded.teacher_training import TeacherConfig
+from .embedded.vae_training import VAEConfig
 
 # ValueError: validation of options and files; ImportError: an optional extra (peft, torchmetrics) missing
 app = App(expected=(ValueError, ImportError), help="LoRaD adapters and one-step VSD distillation (WaDi, CVPR 2026).")
 console = Console(soft_wrap=True)  # one result per line, never re-wrapped
 TEACHER = TeacherConfig()  # the defaults `wadi-distill teacher` shows: TeacherConfig owns them
+VAE = VAEConfig()  # and those of `wadi-distill vae`
 RUN = RunConfig()  # the defaults of `wadi-distill run` with --teacher; without it EMBEDDED_DEFAULTS apply
 
 
@@ -159,6 +161,8 @@ def teacher(
     stop_after: Annotated[int, typer.Option(help="End after N steps, keeping the LR schedule of --steps.")] = TEACHER.stop_after,
     init: Annotated[Optional[Path], typer.Option(
         help="Continue from this teacher folder's weights (a second training phase; its provenance is kept).")] = None,
+    vae: Annotated[Optional[Path], typer.Option(
+        help="Train in this AutoencoderKL's latent space (`wadi-distill vae`); the pipeline ships it.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder this command did not write.")] = False,
 ) -> None:
     """Train a small SD-family text-to-image teacher on Fashion-MNIST (CLIP BPE tokens, ε-prediction,
@@ -189,15 +193,42 @@ def embedded(
 
 
 @app.command()
+def vae(
+    out: Annotated[Path, typer.Option("--out", "-o", help=(
+        "AutoencoderKL folder to write, renamed into place when complete; an existing non-empty folder only if "
+        "this command wrote it (it holds wadi_vae.json) or with --overwrite."))],
+    steps: Annotated[int, typer.Option(help="Training steps.")] = VAE.steps,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = VAE.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine to 0).")] = VAE.lr,
+    image_size: Annotated[int, typer.Option(help="Images are resized to this many pixels a side.")] = VAE.image_size,
+    channels: Annotated[str, typer.Option(help="Block widths of the 3 levels, comma-separated.")] = ",".join(
+        map(str, VAE.channels)),
+    latent_channels: Annotated[int, typer.Option(help="Latent channels.")] = VAE.latent_channels,
+    kl_weight: Annotated[float, typer.Option(help="Weight of the KL term (SD's 1e-6).")] = VAE.kl_weight,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and of every random draw.")] = VAE.seed,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = VAE.device,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder this command did not write.")] = False,
+) -> None:
+    """Train the teacher's AutoencoderKL on Fashion-MNIST (SD's first stage at toy scale) and measure its
+    scaling factor; `wadi-distill teacher --vae` then trains the U-Net in its latent space."""
+    options = {k: v for k, v in locals().items() if k not in ("out", "overwrite")}
+    from .embedded.vae_training import train_vae, vae_config
+
+    train_vae(vae_config(**options), out, log=say, overwrite=overwrite)
+    say(f"autoencoder written to {out}")
+
+
+@app.command()
 def classifier(
     out: Annotated[Path, typer.Option("--out", "-o", help="Classifier .safetensors file to write.")],
     epochs: Annotated[int, typer.Option(min=1)] = 4,
     seed: Annotated[int, typer.Option()] = 0,
+    image_size: Annotated[int, typer.Option(help="Images are resized to this many pixels a side.")] = 32,
 ) -> None:
     """Train the evaluation classifier (its features carry FD/KID/precision/recall) on Fashion-MNIST."""
     from .evaluation.classifier import make_classifier
 
-    accuracy = make_classifier(out, epochs=epochs, seed=seed, log=lambda line: None)
+    accuracy = make_classifier(out, epochs=epochs, seed=seed, image_size=image_size, log=lambda line: None)
     say(f"test accuracy {accuracy:.4f}; classifier written to {out}")
 
 
@@ -241,6 +272,24 @@ def reference_stats_command(
 
     info = folder_reference_statistics(images, out, inception, size=size, limit=limit)
     say(f"{info['count']} images, {info['features']} features: {out}")
+
+
+@app.command()
+def recipe(
+    out: Annotated[Path, typer.Option("--out", "-o", help=(
+        "Folder for table.csv, curves.csv, curves.png; candidates already in its table.csv are kept."))] = Path(
+        "reports/recipe"),
+    candidates: Annotated[Optional[str], typer.Option(help="Comma-separated candidate names (default: all).")] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    steps: Annotated[int, typer.Option(min=1, help="Iterations per run.")] = 1000,
+    base: Annotated[Optional[str], typer.Option(help="A candidate whose options apply under every run.")] = None,
+) -> None:
+    """The VSD recipe sweep on the embedded teacher: every candidate setting as a run with its curve,
+    final FD / recall / prompt accuracy and issue 13's targets, beside the teacher's own."""
+    from .experiments.recipe import sweep_from_options
+
+    sweep_from_options(out, candidates, seeds, steps, base, log=say)
+    say(f"sweep written to {out}")
 
 
 @app.command()

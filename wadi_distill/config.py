@@ -22,7 +22,7 @@ from pathlib import Path
 
 from wadi_analysis.errors import InvalidValue
 
-from .vsd import VSDConfig
+from .vsd import DROPOUT_SCOPES, VSDConfig
 
 ADAPTERS = ("lorad", "lora", "dora", "full")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -51,6 +51,7 @@ class RunConfig:
     fake_lr: float = 1e-2
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    warmup_steps: int = 0                   # both learning rates rise linearly over these steps (0: constant)
     fake_steps_per_generator_step: int = 1
     mixed_precision: str = "no"             # no | fp16 | bf16
     gradient_checkpointing: bool = False
@@ -166,7 +167,7 @@ RULES: dict[str, Rule] = {
     "generator_rank": _optional(POSITIVE), "fake_rank": _optional(POSITIVE), "plan": _optional(_text(empty=False)),
     "optimizer": _choice(OPTIMIZERS), "generator_lr": LEARNING_RATE, "fake_lr": LEARNING_RATE,
     "weight_decay": _number(0, words="a number >= 0"), "grad_clip": _number(0, open_low=True, words="a number > 0"),
-    "fake_steps_per_generator_step": POSITIVE, "mixed_precision": _choice(PRECISIONS),
+    "warmup_steps": _integer(0), "fake_steps_per_generator_step": POSITIVE, "mixed_precision": _choice(PRECISIONS),
     "gradient_checkpointing": _flag,
     "ema_decay": _optional(_number(0, 1, open_low=True, open_high=True, words="a number between 0 and 1 (exclusive)")),
     # keep_checkpoints 0 would keep every checkpoint (a [:-0] slice), the opposite of what it says
@@ -177,7 +178,7 @@ RULES: dict[str, Rule] = {
 VSD_RULES: dict[str, Rule] = {
     "guidance_real": _number(), "guidance_fake": _number(),
     "t_min": TIMESTEP, "t_max": TIMESTEP, "fake_t_min": TIMESTEP, "fake_t_max": TIMESTEP,
-    "prompt_dropout": _number(0, 1, words="a number from 0 to 1"),
+    "prompt_dropout": _number(0, 1, words="a number from 0 to 1"), "prompt_dropout_scope": _choice(DROPOUT_SCOPES),
     "alpha_T": _optional(_number(0, 1, open_low=True, open_high=True, words="a number between 0 and 1 (exclusive)")),
 }
 

@@ -88,11 +88,11 @@ def attach_roles(teacher: Teacher, config: RunConfig) -> tuple[Roles, dict[str, 
 
 
 def drop_conditioning(conditioning: Conditioning, null: Conditioning, probability: float,
-                      rng: torch.Generator) -> Conditioning:
+                      rng: torch.Generator, scope: str = "sample") -> Conditioning:
     """Each sample's whole conditioning (embeddings, pooled embeddings, masks) -> the null prompt's, with
-    ``probability``."""
+    ``probability``; with ``scope="batch"`` one draw decides for the whole batch (the published code)."""
     batch = len(conditioning)
-    keep = torch.rand(batch, generator=rng) >= probability
+    keep = torch.rand(batch if scope == "sample" else 1, generator=rng).expand(batch) >= probability
     index = torch.where(keep, torch.arange(batch), batch + torch.arange(batch))
     return Conditioning.cat([conditioning, null.repeat_to(batch)]).select(index.to(conditioning.hidden_states.device))
 
@@ -146,6 +146,6 @@ def fake_step(teacher: Teacher, model: nn.Module, x0: torch.Tensor, conditioning
     noise = torch.randn(x0.shape, generator=rng).to(device=device, dtype=x0.dtype)
     alpha_t = teacher.alpha_bar(timesteps, x0)
     noisy = add_noise(x0, noise, alpha_t).to(x0.dtype)
-    dropped = drop_conditioning(conditioning, null, config.prompt_dropout, rng)
+    dropped = drop_conditioning(conditioning, null, config.prompt_dropout, rng, config.prompt_dropout_scope)
     activate(model, FAKE)
     return fake_score_loss(teacher.epsilon(model, noisy, timesteps, dropped), noise, alpha_t)

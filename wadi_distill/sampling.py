@@ -46,15 +46,23 @@ def ddim(teacher: Teacher, model, noise: torch.Tensor, conditioning: Conditionin
 
 
 @torch.no_grad()
-def decode(teacher: Teacher, latents: torch.Tensor):
-    """Latents -> uint8 images (N, H, W, 3) with the teacher's VAE; a pixel-space teacher (no VAE, e.g.
-    the embedded one) has its images as latents (grey ones are repeated to RGB)."""
-    vae = teacher.pipeline.vae
+def to_pixels(teacher: Teacher, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> float images (N, C, H, W) in [-1, 1]: x = D(z / scaling_factor) with the teacher's VAE;
+    a pixel-space teacher (no VAE) has its images as latents."""
+    vae = getattr(teacher.pipeline, "vae", None)
     if vae is None:
-        images = latents.float().expand(-1, 3, -1, -1) if latents.shape[1] == 1 else latents.float()
-    else:
-        images = vae.decode(latents / vae.config.scaling_factor).sample
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return latents.float().clamp(-1, 1)
+    scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+    return torch.cat([vae.decode(chunk).sample.float() for chunk in scaled.split(250)]).clamp(-1, 1)
+
+
+@torch.no_grad()
+def decode(teacher: Teacher, latents: torch.Tensor):
+    """Latents -> uint8 RGB images (N, H, W, 3) (:func:`to_pixels`; grey ones repeated to RGB)."""
+    images = to_pixels(teacher, latents)
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def image_grid(pixels, columns: int):

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# fake-score prompt dropout: each sample alone (ours), or the whole batch at once (the published code)
+DROPOUT_SCOPES = ("sample", "batch")
 
 
 @dataclass
@@ -24,6 +26,7 @@ class VSDConfig:
     fake_t_min: int = 0              # fake-score timesteps ~ U[fake_t_min, fake_t_max]
     fake_t_max: int = 999
     prompt_dropout: float = 0.1      # fake-score steps: prompt -> null prompt with this probability
+    prompt_dropout_scope: str = "sample"  # per sample, or "batch": the whole batch together (published)
     alpha_T: float | None = None     # one-step a_T; None: the teacher schedule's own last value (published: 0.0047)
 
 

@@ -3,7 +3,8 @@ and the evaluation classifier, both shipped with the package; the teacher's ``wa
 the classifier's metadata record the commands and seeds that reproduce them.
 
 Also here: the Fashion-MNIST reader and captions (:mod:`.datasets`), the CLIP BPE tokenizer
-(:mod:`.tokenizer`) and the teacher's training (:mod:`.teacher_training`)."""
+(:mod:`.tokenizer`), the autoencoder's training (:mod:`.vae_training`) and the teacher's
+(:mod:`.teacher_training`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ HERE = Path(__file__).parent
 
 
 def teacher_path() -> Path:
-    """The embedded teacher's StableDiffusionPipeline folder (pixel space, no VAE)."""
+    """The embedded teacher's StableDiffusionPipeline folder (a complete mini-SD: VAE, U-Net in its
+    4×8×8 latents, CLIP text encoder and tokenizer, scheduler)."""
     return HERE / "teacher"
 
 

@@ -3,9 +3,12 @@
 The model is SD's recipe at toy scale: a ``UNet2DConditionModel`` with cross-attention on the last
 hidden state of a ``CLIPTextModel`` that reads the real CLIP BPE tokens, ε-prediction, SD's
 scaled-linear β schedule (1000 steps, β 0.00085 → 0.012), trained with 10 % empty captions for
-classifier-free guidance. It works in pixel space (1×16×16 grey images), so the pipeline has no VAE:
-its "latents" are the images in [-1, 1]. Unlike SD the text encoder is trained with the U-Net, since no
-pretrained CLIP exists here. The result is saved as a ``StableDiffusionPipeline`` folder (EMA weights).
+classifier-free guidance. With ``--vae`` (an ``AutoencoderKL`` written by ``wadi-distill vae``) it
+works in that autoencoder's latent space as SD does: each step draws z ~ q(z|x) of the training
+images and scales it by the VAE's ``scaling_factor``, and the pipeline ships the VAE, so plain
+diffusers loads and runs it. Without ``--vae`` it works in pixel space (the pipeline has no VAE and
+its "latents" are the images in [-1, 1]). Unlike SD the text encoder is trained with the U-Net, since
+no pretrained CLIP exists here. The result is a ``StableDiffusionPipeline`` folder (EMA weights).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from .tokenizer import write_clip_tokenizer
 @dataclass
 class TeacherConfig:
     dataset: str = "fashion-mnist"
-    image_size: int = 16
+    image_size: int = 32
     steps: int = 12000
     batch_size: int = 128
     lr: float = 1e-3
@@ -48,6 +51,7 @@ class TeacherConfig:
     stop_after: int = 0                # end after N steps, on the schedule of `steps` (0: run all steps)
     threads: int = 0                   # 0: torch's default
     init: str = ""                     # continue from this teacher folder's U-Net and text encoder ("": scratch)
+    vae: str = ""                      # train in this AutoencoderKL folder's latent space ("": pixel space)
 
 
 PROVENANCE = "wadi_teacher.json"  # the file that marks a folder this command wrote
@@ -62,8 +66,9 @@ def teacher_config(channels: str | None = None, **options) -> TeacherConfig:
             values["channels"] = tuple(int(c) for c in channels.split(","))
         except ValueError:
             raise InvalidValue(f"--channels must be comma-separated integers, got {channels!r}") from None
-    if "init" in values:
-        values["init"] = str(values["init"])
+    for path in ("init", "vae"):
+        if path in values:
+            values[path] = str(values[path])
     return check_teacher_config(TeacherConfig(**values))
 
 
@@ -104,10 +109,10 @@ def _check_architecture(config: TeacherConfig) -> None:
     if isinstance(config.text_hidden, bool) or not isinstance(config.text_hidden, int) or \
             config.text_hidden < 2 or config.text_hidden % 2:
         raise InvalidValue(f"--text-hidden must be an even integer >= 2, not {config.text_hidden!r}")
-    halvings = 2 ** (len(config.channels) - 1)
+    halvings = 2 ** (len(config.channels) - 1) * (4 if config.vae else 1)  # the VAE's own two halvings
     if config.image_size % halvings:
         raise InvalidValue(f"--image-size {config.image_size} must be a multiple of {halvings} for "
-                           f"{len(config.channels)} U-Net levels")
+                           f"{len(config.channels)} U-Net levels" + (" in a latent space of 1/4 the size" if config.vae else ""))
 
 
 def _check_device(device: str) -> None:
@@ -123,11 +128,13 @@ def is_teacher_folder(folder: Path) -> bool:
     return (Path(folder) / PROVENANCE).is_file()
 
 
-def unet_config(config: TeacherConfig) -> dict:
-    """SD1.5's U-Net layout shrunk: self+cross attention at the two coarser levels, none at full size."""
+def unet_config(config: TeacherConfig, latent_channels: int = 1, latent_size: int | None = None) -> dict:
+    """SD1.5's U-Net layout shrunk: self+cross attention at the two coarser levels, none at full size.
+    In pixel space its input is the 1×S×S image; in latent space the VAE's latents."""
     levels = len(config.channels)
     return dict(
-        sample_size=config.image_size, in_channels=1, out_channels=1, layers_per_block=config.layers_per_block,
+        sample_size=latent_size or config.image_size, in_channels=latent_channels, out_channels=latent_channels,
+        layers_per_block=config.layers_per_block,
         block_out_channels=tuple(config.channels), norm_num_groups=8, cross_attention_dim=config.text_hidden,
         attention_head_dim=4,
         down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
@@ -145,11 +152,13 @@ def text_encoder_config(config: TeacherConfig, tokenizer):
 
 
 def sd_scheduler():
-    from diffusers import DDPMScheduler
+    """SD's noise schedule; the pipeline samples with DDIM on trailing timesteps (the last one is
+    t = 999, as in :func:`wadi_distill.sampling.ddim`)."""
+    from diffusers import DDIMScheduler
 
-    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False,
-                         steps_offset=1)
+                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
 
 
 def caption_ids(tokenizer, classes: tuple[str, ...]) -> torch.Tensor:
@@ -162,18 +171,19 @@ def caption_ids(tokenizer, classes: tuple[str, ...]) -> torch.Tensor:
     return ids.view(len(classes), len(datasets.TEMPLATES), -1)
 
 
-def save_pipeline(folder: Path, unet, text_encoder, tokenizer, info: dict) -> None:
-    """A StableDiffusionPipeline folder without VAE (pixel space), written into a staged sibling and
+def save_pipeline(folder: Path, unet, text_encoder, tokenizer, info: dict, vae=None) -> None:
+    """A StableDiffusionPipeline folder (without VAE in pixel space), written into a staged sibling and
     renamed into place only when complete."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=None, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     with staged_folder(folder) as tmp:
         pipe.save_pretrained(tmp)
-        index = json.loads((tmp / "model_index.json").read_text())
-        (tmp / "model_index.json").write_text(json.dumps({**index, "vae": [None, None]}, indent=2) + "\n")
+        if vae is None:
+            index = json.loads((tmp / "model_index.json").read_text())
+            (tmp / "model_index.json").write_text(json.dumps({**index, "vae": [None, None]}, indent=2) + "\n")
         # vocab.json + merges.txt define the tokenizer; the 3.6 MB tokenizer.json is rebuilt from them on load
         (tmp / "tokenizer" / "tokenizer.json").unlink()
         for name in ("vocab.json", "merges.txt"):
@@ -187,19 +197,55 @@ def train_teacher(config: TeacherConfig, out: str | Path, log=print, *, overwrit
     Everything is checked before anything is written: the options, ``out`` (a non-empty folder this
     command did not write is replaced only with ``overwrite``), the ``--init`` teacher and the data."""
     check_teacher_config(config)
-    out = check_output(out, [config.init] if config.init else [], folder=True, replace=True, overwrite=overwrite,
-                       ours=is_teacher_folder)
+    out = check_output(out, [p for p in (config.init, config.vae) if p], folder=True, replace=True,
+                       overwrite=overwrite, ours=is_teacher_folder)
     init = _load_init(Path(config.init)) if config.init else None
+    vae = _load_vae(Path(config.vae), config) if config.vae else None
     data = datasets.load(config.dataset, "train", config.image_size)
     if config.threads:
         torch.set_num_threads(config.threads)
     # the tokenizer's files live in a private temporary folder: beside --out only the output appears
     with tempfile.TemporaryDirectory(prefix="wadi-teacher-tokenizer-") as work:
-        _train(config, out, data, write_clip_tokenizer(work, config.max_tokens), init, log)
+        _train(config, out, data, write_clip_tokenizer(work, config.max_tokens), init, vae, log)
     return out
 
 
-def _train(config: TeacherConfig, out: Path, data, tokenizer, init, log) -> None:
+def _load_vae(folder: Path, config: TeacherConfig):
+    """The ``--vae`` autoencoder, checked to fit: grey images of ``--image-size``, two halvings."""
+    from diffusers import AutoencoderKL
+
+    from ..teacher import _quiet_libraries
+
+    _quiet_libraries()
+    if not (folder / "config.json").is_file():
+        raise InvalidValue(f"--vae {folder} is not an AutoencoderKL folder (write one with `wadi-distill vae`)")
+    if not (folder / "diffusion_pytorch_model.safetensors").is_file():
+        raise InvalidValue(f"--vae {folder}: not a loadable AutoencoderKL (diffusion_pytorch_model.safetensors "
+                           "is missing)")
+    try:
+        # safetensors only (what `wadi-distill vae` writes): never a pickle fallback
+        vae = AutoencoderKL.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    except Exception:  # diffusers raises many kinds for a broken folder; all mean the same
+        raise InvalidValue(f"--vae {folder}: not a loadable AutoencoderKL") from None
+    if vae.config.in_channels != 1 or len(vae.config.block_out_channels) != 3:
+        raise InvalidValue(f"--vae {folder}: an autoencoder of grey images with 3 levels (1/4 size) is expected")
+    if not math.isfinite(vae.config.scaling_factor) or vae.config.scaling_factor <= 0:
+        raise InvalidValue(f"--vae {folder}: its scaling_factor must be a positive number")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def _latent_posterior(vae, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of q(z|x) for every image, times the VAE's scaling factor (encoded once)."""
+    means, stds = [], []
+    for chunk in images.split(batch):
+        posterior = vae.encode(chunk).latent_dist
+        means.append(posterior.mean * vae.config.scaling_factor)
+        stds.append(posterior.std * vae.config.scaling_factor)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _train(config: TeacherConfig, out: Path, data, tokenizer, init, vae, log) -> None:
     import copy
 
     from diffusers import UNet2DConditionModel
@@ -212,17 +258,22 @@ def _train(config: TeacherConfig, out: Path, data, tokenizer, init, log) -> None
     if init is not None:
         # a second phase: the architecture is the init's; the data draws, schedule and EMA restart
         unet, text_encoder, init_info = init
-        _check_init_fits(Path(config.init), unet, text_encoder, tokenizer, config)
+        _check_init_fits(Path(config.init), unet, text_encoder, tokenizer, config, vae)
         unet, text_encoder = unet.to(device), text_encoder.to(device)
     else:
         text_encoder = CLIPTextModel(text_encoder_config(config, tokenizer)).to(device)
-        unet = UNet2DConditionModel(**unet_config(config)).to(device)
+        shape = (vae.config.latent_channels, config.image_size // 4) if vae is not None else (1, config.image_size)
+        unet = UNet2DConditionModel(**unet_config(config, *shape)).to(device)
         init_info = None
     ids = caption_ids(tokenizer, data.classes).to(device)
     null_ids = tokenizer([""], padding="max_length", max_length=config.max_tokens, return_tensors="pt").input_ids[0]
     null_ids = null_ids.to(device)
     alphas = sd_scheduler().alphas_cumprod.float().to(device)
-    data_images, data_labels = data.images.to(device), data.labels.to(device)
+    if vae is not None:  # SD's recipe: z ~ q(z|x) afresh each step, scaled to unit variance
+        latent_mean, latent_std = (t.to(device) for t in _latent_posterior(vae, data.images))
+    else:
+        latent_mean, latent_std = data.images.to(device), None
+    data_labels = data.labels.to(device)
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup) * 0.5 * (
@@ -235,12 +286,14 @@ def _train(config: TeacherConfig, out: Path, data, tokenizer, init, log) -> None
     for step in range(1, last + 1):
         # all randomness from one CPU generator, so a run is the same draw on any device
         index = torch.randint(0, len(data), (config.batch_size,), generator=generator).to(device)
-        images, labels = data_images[index], data_labels[index]
+        images, labels = latent_mean[index], data_labels[index]
         templates = torch.randint(0, len(datasets.TEMPLATES), (config.batch_size,), generator=generator).to(device)
         tokens = ids[labels, templates]
         dropped = (torch.rand(config.batch_size, generator=generator) < config.null_caption_rate).to(device)
         tokens[dropped] = null_ids
         timesteps = torch.randint(0, len(alphas), (config.batch_size,), generator=generator).to(device)
+        if latent_std is not None:
+            images = images + latent_std[index] * torch.randn(images.shape, generator=generator).to(device)
         noise = torch.randn(images.shape, generator=generator).to(device)
         alpha = alphas[timesteps].view(-1, 1, 1, 1)
         noisy = alpha.sqrt() * images + (1 - alpha).sqrt() * noise
@@ -264,7 +317,9 @@ def _train(config: TeacherConfig, out: Path, data, tokenizer, init, log) -> None
                     "command": command_line(config)}
             if init_info is not None:
                 info["init_from"] = init_info
-            save_pipeline(out, copy.deepcopy(ema_unet).cpu(), copy.deepcopy(ema_text).cpu(), tokenizer, info)
+            if vae is not None:
+                info["vae"] = _read_provenance(Path(config.vae), "--vae", "wadi_vae.json")
+            save_pipeline(out, copy.deepcopy(ema_unet).cpu(), copy.deepcopy(ema_text).cpu(), tokenizer, info, vae)
 
 
 def _load_init(folder: Path):
@@ -287,27 +342,29 @@ def _load_init(folder: Path):
     return models[0], models[1], info
 
 
-def _read_provenance(folder: Path) -> dict:
-    """``wadi_teacher.json`` of ``folder`` (another teacher: where it came from)."""
-    path = folder / PROVENANCE
+def _read_provenance(folder: Path, option: str = "--init", name: str = PROVENANCE) -> dict:
+    """``wadi_teacher.json`` (or ``name``) of ``folder``: where an input came from."""
+    path = folder / name
     if not path.is_file():
         return {"folder": str(folder)}
     try:
         info = json.loads(path.read_bytes())
     except (ValueError, RecursionError):
-        raise InvalidValue(f"--init {folder}: {PROVENANCE} is not JSON") from None
+        raise InvalidValue(f"{option} {folder}: {name} is not JSON") from None
     if not isinstance(info, dict):
-        raise InvalidValue(f"--init {folder}: {PROVENANCE} must hold a JSON object")
+        raise InvalidValue(f"{option} {folder}: {name} must hold a JSON object")
     return info
 
 
-def _check_init_fits(folder: Path, unet, text_encoder, tokenizer, config: TeacherConfig) -> None:
-    """The ``--init`` networks fit this training: grey images of ``--image-size``, CLIP tokens, one width."""
+def _check_init_fits(folder: Path, unet, text_encoder, tokenizer, config: TeacherConfig, vae=None) -> None:
+    """The ``--init`` networks fit this training: grey images of ``--image-size`` (or the ``--vae``'s latents
+    of them), CLIP tokens, one width."""
     problems = []
-    if unet.config.in_channels != 1 or unet.config.out_channels != 1:
-        problems.append(f"its U-Net has {unet.config.in_channels} input channels, not 1 (grey images)")
-    if unet.config.sample_size != config.image_size:
-        problems.append(f"its U-Net is for {unet.config.sample_size}px images, not --image-size {config.image_size}")
+    channels, size = (vae.config.latent_channels, config.image_size // 4) if vae is not None else (1, config.image_size)
+    if unet.config.in_channels != channels or unet.config.out_channels != channels:
+        problems.append(f"its U-Net has {unet.config.in_channels} input channels, not {channels}")
+    if unet.config.sample_size != size:
+        problems.append(f"its U-Net is for inputs of {unet.config.sample_size}px, not {size}px")
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
         problems.append("its U-Net's cross-attention width is not its text encoder's width")
     if text_encoder.config.vocab_size != len(tokenizer):

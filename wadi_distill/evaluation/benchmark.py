@@ -5,6 +5,8 @@ Sources: a teacher pipeline folder (N-step DDIM with classifier-free guidance), 
 exported one-step model (one step, as distilled). Real reference: ``per_class`` test-split images of
 every class; the real-vs-real row compares an equally sized, disjoint set of training images with the
 same reference, which is the floor (or ceiling) a perfect generator would reach at this sample count.
+With a VAE, the autoencoder row scores those training images encoded and decoded: the floor of any
+generator in that latent space.
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ def sample_noise(teacher, count: int, seed: int, start: int = 0) -> torch.Tensor
 def sample_model(teacher, model, prompts: list[str], vsd=None, seed: int = 0, steps: int = 25,
                  guidance_scale: float = 1.5, batch: int = 250, decoded: bool = False):
     """Batches of (samples, prompts) from ``model``: one step when ``vsd`` is given (a generator), else
-    ``steps``-step DDIM at ``guidance_scale`` (a teacher). Samples are model-space tensors (pixels in
-    [-1, 1] for the embedded teacher), or with ``decoded`` uint8 RGB images (N, 3, H, W) from the VAE."""
+    ``steps``-step DDIM at ``guidance_scale`` (a teacher). Samples are float images in [-1, 1] (N, C, H, W)
+    through the teacher's VAE, or with ``decoded`` uint8 RGB images (N, 3, H, W)."""
     from ..distill import one_step
-    from ..sampling import ddim, decode
+    from ..sampling import ddim, decode, to_pixels
 
     was_training = model.training
     model.eval()
@@ -60,6 +62,8 @@ def sample_model(teacher, model, prompts: list[str], vsd=None, seed: int = 0, st
             samples = one_step(teacher, model, noise, conditioning, vsd)
         if decoded:
             samples = torch.from_numpy(decode(teacher, samples)).permute(0, 3, 1, 2)
+        else:
+            samples = to_pixels(teacher, samples)
         yield samples, chunk_prompts
     model.train(was_training)
 
@@ -95,11 +99,19 @@ class Benchmark:
         test, train = datasets.load(dataset, "test", classifier.image_size), datasets.load(dataset, "train", classifier.image_size)
         self.reference, _ = embed(classifier, test.balanced(per_class, seed=0).images)
         self.prompts, self.labels = datasets.evaluation_prompts(test.classes, per_class)
-        real = train.balanced(per_class, seed=1)
-        self.real_vs_real = asdict(score(classifier, real.images, real.labels, self.reference))
+        self.real = train.balanced(per_class, seed=1)
+        self.real_vs_real = asdict(score(classifier, self.real.images, self.real.labels, self.reference))
 
     def score(self, images: torch.Tensor) -> dict:
         return asdict(score(self.classifier, images, self.labels, self.reference))
+
+    def reconstruction(self, vae) -> dict:
+        """Scores of the real-vs-real row's images encoded and decoded by ``vae`` (x ↦ D(E(x))): the floor
+        the autoencoder imposes on any generator in its latent space."""
+        from ..embedded.vae_training import reconstruct
+
+        images = reconstruct(vae, self.real.images.to(vae.dtype)).float()
+        return asdict(score(self.classifier, images, self.real.labels, self.reference))
 
     def evaluate_model(self, teacher, model, vsd=None, seed: int = 0, steps: int = 25,
                        guidance_scale: float = 1.5) -> dict:
@@ -118,7 +130,11 @@ def evaluate(source: str | os.PathLike, classifier: str | os.PathLike | Classifi
     as a JSON-ready dict."""
     benchmark = classifier if isinstance(classifier, Benchmark) else Benchmark(classifier, per_class, dataset)
     teacher, model, vsd = load_sampler(source)
-    return {"source": str(source), **benchmark.evaluate_model(teacher, model, vsd, seed, steps, guidance_scale)}
+    result = {"source": str(source), **benchmark.evaluate_model(teacher, model, vsd, seed, steps, guidance_scale)}
+    vae = getattr(teacher.pipeline, "vae", None)
+    if vae is not None:
+        result["autoencoder"] = benchmark.reconstruction(vae)
+    return result
 
 
 def summary_line(result: dict) -> str:
@@ -126,4 +142,7 @@ def summary_line(result: dict) -> str:
     scores, real = result["scores"], result["real_vs_real"]
     parts = [("FD", "frechet_distance", ".3f"), ("KID", "kid", ".5f"), ("precision", "precision", ".3f"),
              ("recall", "recall", ".3f"), ("prompt accuracy", "prompt_accuracy", ".3f")]
-    return " · ".join(f"{label} {scores[key]:{fmt}} (real {real[key]:{fmt}})" for label, key, fmt in parts)
+    line = " · ".join(f"{label} {scores[key]:{fmt}} (real {real[key]:{fmt}})" for label, key, fmt in parts)
+    if "autoencoder" in result:
+        line += f" · VAE reconstruction FD {result['autoencoder']['frechet_distance']:.3f}"
+    return line

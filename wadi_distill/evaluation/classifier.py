@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from wadi_analysis.errors import InvalidValue
+
 from ..embedded import datasets
 
 
@@ -96,15 +98,18 @@ def save_classifier(classifier: Classifier, path: str | Path, info: dict) -> Non
 
 
 def make_classifier(out: str | Path, epochs: int = 4, seed: int = 0, dataset: str = "fashion-mnist",
-                    log=print) -> float:
+                    image_size: int = 32, log=print) -> float:
     """Train the evaluation classifier and write it to ``out`` (atomically) with its provenance: test
     accuracy, the command that remakes it, dataset and image size. Returns the test accuracy."""
     from wadi_analysis.atomic import atomic_write
     from wadi_analysis.outputs import check_output
 
     check_output(out, folder=False)  # before minutes of training
-    model, accuracy = train_classifier(dataset=dataset, epochs=epochs, seed=seed, log=log)
-    info = {"test_accuracy": accuracy, "command": f"wadi-distill classifier --epochs {epochs} --seed {seed}",
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4 or image_size % 4:
+        raise InvalidValue(f"--image-size must be a positive multiple of 4, not {image_size!r}")
+    model, accuracy = train_classifier(dataset=dataset, image_size=image_size, epochs=epochs, seed=seed, log=log)
+    command = f"wadi-distill classifier --epochs {epochs} --seed {seed} --image-size {image_size}"
+    info = {"test_accuracy": accuracy, "command": command,
             "dataset": dataset, "image_size": model.image_size}
     atomic_write(Path(out), lambda path: save_classifier(model, path, info))
     return accuracy

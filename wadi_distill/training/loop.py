@@ -85,6 +85,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
                     progress=progress, record_digests=config.record_digests) as log:
             while step < config.steps:
                 log.step_started()
+                _warm_up(optimizers, step, config)
                 # Generator step: VSD loss on one-step samples of a batch of prompts.
                 conditioning = all_prompts.select(torch.randint(0, len(all_prompts), (config.batch_size,), generator=rng))
                 with accelerator.autocast():
@@ -131,6 +132,16 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
         if fresh and not run.checkpoints():
             run.remove_new_entries(before)  # a run that failed before its first checkpoint leaves nothing
         raise
+
+
+def _warm_up(optimizers: dict, step: int, config: RunConfig) -> None:
+    """Learning rates at ``step``: lr · min(1, (step + 1) / warmup_steps), then constant. A function of the
+    step alone, so a resumed run continues exactly."""
+    if config.warmup_steps:
+        factor = min(1.0, (step + 1) / config.warmup_steps)
+        for role, base in ((GENERATOR, config.generator_lr), (FAKE, config.fake_lr)):
+            for group in optimizers[role].param_groups:
+                group["lr"] = base * factor
 
 
 def _check_run_folder(run: RunFolder, config: RunConfig, resume: str | None) -> None:

@@ -1,0 +1,66 @@
+"""The VSD recipe sweep (`wadi-distill recipe`): its bookkeeping, and a smoke run on the embedded teacher."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from wadi_analysis.errors import InvalidValue
+from wadi_distill.experiments.recipe import (CANDIDATES, SweepSettings, merged, stability, sweep,
+                                             sweep_from_options, targets_met)
+
+
+def test_candidate_options_merge_over_a_base_with_vsd_tables_key_by_key():
+    base = {"fake_steps_per_generator_step": 2, "vsd": {"guidance_fake": 1.0}}
+    assert merged(base, {"vsd": {"t_min": 200}}) == {"fake_steps_per_generator_step": 2,
+                                                     "vsd": {"guidance_fake": 1.0, "t_min": 200}}
+    assert merged(base, {"fake_steps_per_generator_step": 4})["fake_steps_per_generator_step"] == 4
+    assert merged({}, {}) == {}
+
+
+def test_every_candidate_is_a_valid_run_configuration():
+    from wadi_distill.config import load_config
+
+    for name, options in CANDIDATES.items():
+        load_config(**options)  # raises on an unknown or out-of-range option
+
+
+def test_stability_is_the_worst_late_point_over_the_final_one():
+    points = [{"step": s, "frechet_distance": fd} for s, fd in [(100, 9.0), (500, 1.0), (700, 3.0), (1000, 2.0)]]
+    assert stability(points, 1000) == pytest.approx(1.5)  # steps >= 600: 3.0 / 2.0
+
+
+def test_targets_are_issue_13s():
+    teacher = [{"steps": 25, "frechet_distance": 0.3, "recall": 0.8, "prompt_accuracy": 0.95},
+               {"steps": 4, "frechet_distance": 0.9, "recall": 0.5, "prompt_accuracy": 0.95},
+               {"steps": 1, "frechet_distance": 4.0, "recall": 0.1, "prompt_accuracy": 0.9},
+               {"steps": 1, "frechet_distance": 2.0, "recall": 0.1, "prompt_accuracy": 0.9}]
+    row = {"frechet_distance": 0.95, "recall": 0.5, "prompt_accuracy": 0.93, "stability": 1.2}
+    assert targets_met(row, teacher) == {"fd_le_teacher_4_steps": False, "fd_le_half_best_single_step": True,
+                                         "recall_ge_0.6x_teacher_25": True,
+                                         "accuracy_ge_teacher_25_minus_0.02": True, "stable": True}
+
+
+def test_unknown_candidates_and_seeds_are_refused(tmp_path):
+    with pytest.raises(InvalidValue, match="unknown candidate 'nope'"):
+        sweep_from_options(tmp_path / "r", "defaults,nope", "0", 10, None)
+    with pytest.raises(InvalidValue, match="--seeds"):
+        sweep_from_options(tmp_path / "r", None, "zero", 10, None)
+    with pytest.raises(InvalidValue, match="--base"):
+        sweep_from_options(tmp_path / "r", None, "0", 10, "nope")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_tiny_sweep_writes_every_table_and_keeps_what_it_has(tmp_path):
+    settings = SweepSettings(steps=2, validate_every=1, curve_per_class=2, final_per_class=2,
+                             candidates=("defaults", "dropout-per-batch"), single_step_guidance=(1.0,))
+    out = sweep(tmp_path / "recipe", settings, log=lambda line: None)
+    table, curves = pd.read_csv(out / "table.csv"), pd.read_csv(out / "curves.csv")
+    assert table["candidate"].tolist() == ["defaults", "dropout-per-batch"]
+    assert json.loads(table["options"][1]) == {"vsd": {"prompt_dropout_scope": "batch"}}
+    assert set(curves["step"]) == {1, 2} and (out / "curves.png").is_file() and (out / "teacher.csv").is_file()
+    teacher = pd.read_csv(out / "teacher.csv")
+    assert teacher["model"].tolist() == ["teacher 25 steps, cfg 1.5", "teacher 4 steps, cfg 1.5", "teacher 1 step, cfg 1.0"]
+    before = (out / "table.csv").read_text()
+    sweep(out, settings, log=lambda line: None)  # nothing new to run: the table is kept as it was
+    assert (out / "table.csv").read_text() == before

@@ -1,0 +1,181 @@
+"""The VSD recipe sweep on the embedded teacher (``wadi-distill recipe``): which settings make VSD with
+LoRaD on one shared frozen base converge, measured, not guessed.
+
+Every candidate is a set of ``wadi-distill run`` options over the embedded defaults; each is trained
+with its validation curve (one-step FD at ``curve_per_class`` × 10 samples every ``validate_every``
+iterations), exported and scored at ``final_per_class`` × 10 samples. The teacher rows beside them
+are the targets of issue 13: DDIM at 25 and 4 steps at the real score's guidance, and the teacher
+used as a one-step generator at guidance 1, 1.5, 2 and 3. ``table.csv`` holds every configuration
+tried with its final scores, its stability (the largest validation FD over the last 40 % of training
+over the last one) and which targets it meets; ``curves.csv`` and ``curves.png`` its curve.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .. import embedded
+from ..evaluation.benchmark import Benchmark
+from ..runs import load_sampler
+from .reproduce import Settings, train_student
+
+# Candidates: options over the embedded defaults (config.EMBEDDED_DEFAULTS); "vsd" is the [vsd] table.
+CANDIDATES: dict[str, dict] = {
+    "defaults": {},
+    "generator-lr-3e-4": {"generator_lr": 3e-4},
+    "generator-lr-3e-3": {"generator_lr": 3e-3},
+    "fake-lr-1e-3": {"fake_lr": 1e-3},
+    "fake-lr-3e-3": {"fake_lr": 3e-3},
+    "fake-steps-2": {"fake_steps_per_generator_step": 2},
+    "fake-steps-4": {"fake_steps_per_generator_step": 4},
+    "batch-32": {"batch_size": 32},
+    "batch-8": {"batch_size": 8},
+    "guidance-real-1": {"vsd": {"guidance_real": 1.0}},
+    "guidance-real-2.5": {"vsd": {"guidance_real": 2.5}},
+    "guidance-fake-1": {"vsd": {"guidance_fake": 1.0}},
+    "fake-rank-16": {"fake_rank": 16},
+    "fake-rank-1": {"fake_rank": 1},
+    "ema-0.99": {"ema_decay": 0.99},
+    "warmup-100": {"warmup_steps": 100},
+    "grad-clip-0.1": {"grad_clip": 0.1},
+    "grad-clip-10": {"grad_clip": 10.0},
+    "t-range-200-980": {"vsd": {"t_min": 200, "t_max": 980}},
+    "t-range-20-500": {"vsd": {"t_min": 20, "t_max": 500}},
+    "dropout-per-batch": {"vsd": {"prompt_dropout_scope": "batch"}},
+}
+STABLE_WINDOW = 0.4   # the last 40 % of training ...
+STABLE_RATIO = 1.5    # ... has no validation FD above 1.5 × the final one
+
+
+@dataclass
+class SweepSettings:
+    steps: int = 1000
+    validate_every: int = 100
+    curve_per_class: int = 30      # 300 samples per validation point
+    final_per_class: int = 100     # 1,000 samples for the final scores
+    seeds: tuple[int, ...] = (0,)
+    candidates: tuple[str, ...] = tuple(CANDIDATES)
+    single_step_guidance: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
+    extra: dict = field(default_factory=dict)  # options applied to every candidate (e.g. a combined recipe)
+
+
+def merged(base: dict, candidate: dict) -> dict:
+    """``candidate``'s options over ``base``'s; their [vsd] tables merge key by key."""
+    vsd = {**base.get("vsd", {}), **candidate.get("vsd", {})}
+    return {**base, **candidate, **({"vsd": vsd} if vsd else {})}
+
+
+def teacher_targets(final: Benchmark, settings: SweepSettings, guidance: float) -> list[dict]:
+    """The teacher's rows: DDIM 25 and 4 steps at ``guidance`` (the real score's), one step at each guidance."""
+    teacher, model, _ = load_sampler(embedded.teacher_path())
+    runs = [(25, guidance), (4, guidance)] + [(1, g) for g in settings.single_step_guidance]
+    rows = []
+    for steps, scale in runs:
+        scores = final.evaluate_model(teacher, model, None, steps=steps, guidance_scale=scale)["scores"]
+        rows.append({"model": f"teacher {steps} step{'s' * (steps > 1)}, cfg {scale}", "steps": steps,
+                     "guidance": scale, **scores})
+    return rows
+
+
+def stability(points: list[dict], steps: int) -> float:
+    """max validation FD over the last ``STABLE_WINDOW`` of training / the final validation FD."""
+    late = [p["frechet_distance"] for p in points if p["step"] >= (1 - STABLE_WINDOW) * steps]
+    return max(late) / points[-1]["frechet_distance"]
+
+
+def targets_met(row: dict, teacher: list[dict]) -> dict:
+    """Issue 13's targets for one student row, each True or False."""
+    by_steps = {r["steps"]: r for r in teacher if r["steps"] > 1}
+    best_single = min(r["frechet_distance"] for r in teacher if r["steps"] == 1)
+    return {"fd_le_teacher_4_steps": row["frechet_distance"] <= by_steps[4]["frechet_distance"],
+            "fd_le_half_best_single_step": row["frechet_distance"] <= 0.5 * best_single,
+            "recall_ge_0.6x_teacher_25": row["recall"] >= 0.6 * by_steps[25]["recall"],
+            "accuracy_ge_teacher_25_minus_0.02": row["prompt_accuracy"] >= by_steps[25]["prompt_accuracy"] - 0.02,
+            "stable": row["stability"] <= STABLE_RATIO}
+
+
+def sweep(out: str | Path, settings: SweepSettings | None = None, log=print) -> Path:
+    """Train every candidate of ``settings`` on the embedded teacher and write the sweep's tables and
+    figure into ``out`` (created; candidates already in its ``table.csv`` are kept, not retrained)."""
+    import pandas as pd
+
+    from ..config import load_config
+
+    settings = settings or SweepSettings()
+    unknown = [name for name in settings.candidates if name not in CANDIDATES]
+    if unknown:
+        from wadi_analysis.errors import InvalidValue
+        raise InvalidValue(f"unknown candidate {unknown[0]!r} (known: {', '.join(CANDIDATES)})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table, curves = _read(out / "table.csv"), _read(out / "curves.csv")
+    curve, final = Benchmark(per_class=settings.curve_per_class), Benchmark(per_class=settings.final_per_class)
+    guidance = load_config().vsd.guidance_real
+    teacher = teacher_targets(final, settings, guidance) if not (out / "teacher.csv").is_file() else \
+        pd.read_csv(out / "teacher.csv").to_dict("records")
+    pd.DataFrame(teacher).to_csv(out / "teacher.csv", index=False)
+    for name in settings.candidates:
+        for seed in settings.seeds:
+            if any(r["candidate"] == name and r["seed"] == seed for r in table):
+                continue
+            options = merged(settings.extra, CANDIDATES[name])
+            run_settings = Settings(steps=settings.steps, batch_size=load_config(**options).batch_size,
+                                    generator_lr=load_config(**options).generator_lr,
+                                    validate_every=settings.validate_every, extra={})
+            started = time.perf_counter()
+            row, points = train_student(name, options, seed, out, run_settings, curve, final, log)
+            row = {"candidate": name, "options": json.dumps(options), "seed": seed,
+                   "seconds": round(time.perf_counter() - started), **_scores(row),
+                   "stability": stability(points, settings.steps)}
+            table.append({**row, **targets_met(row, teacher)})
+            curves += [{"candidate": name, **p} for p in points]
+            pd.DataFrame(table).to_csv(out / "table.csv", index=False)  # after every run: a sweep is hours
+            pd.DataFrame(curves).to_csv(out / "curves.csv", index=False)
+    info = {"settings": asdict(settings), "curve_real_vs_real": curve.real_vs_real,
+            "final_real_vs_real": final.real_vs_real}
+    (out / "settings.json").write_text(json.dumps(info, indent=2) + "\n")
+    _figure(pd.DataFrame(curves), out / "curves.png")
+    return out
+
+
+def sweep_from_options(out, candidates: str | None, seeds: str, steps: int, base: str | None, log=print) -> Path:
+    """:func:`sweep` from command-line text: comma-separated candidates and seeds, a base candidate."""
+    from wadi_analysis.errors import InvalidValue
+
+    names = tuple(c.strip() for c in candidates.split(",")) if candidates else tuple(CANDIDATES)
+    try:
+        seed_values = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        raise InvalidValue(f"--seeds must be comma-separated integers, not {seeds!r}") from None
+    if base is not None and base not in CANDIDATES:
+        raise InvalidValue(f"--base {base!r} is not a candidate (known: {', '.join(CANDIDATES)})")
+    extra = CANDIDATES[base] if base else {}
+    return sweep(out, SweepSettings(steps=steps, seeds=seed_values, candidates=names, extra=extra), log)
+
+
+def _scores(row: dict) -> dict:
+    keys = ("frechet_distance", "kid", "precision", "recall", "prompt_accuracy", "train_seconds")
+    return {k: row[k] for k in keys}
+
+
+def _read(path: Path) -> list[dict]:
+    import pandas as pd
+
+    return pd.read_csv(path).to_dict("records") if path.is_file() else []
+
+
+def _figure(curves, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5))
+    ax = fig.add_subplot()
+    for name, part in curves.groupby("candidate", sort=False):
+        mean = part.groupby("step")["frechet_distance"].mean()
+        ax.plot(mean.index, mean.values, marker="o", ms=2, lw=1, label=name)
+    ax.set(xlabel="iteration", ylabel="one-step FD, 300 samples", yscale="log")
+    ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
