@@ -59,8 +59,22 @@ def test_a_tiny_sweep_writes_every_table_and_keeps_what_it_has(tmp_path):
     assert table["candidate"].tolist() == ["defaults", "dropout-per-batch"]
     assert json.loads(table["options"][1]) == {"vsd": {"prompt_dropout_scope": "batch"}}
     assert set(curves["step"]) == {1, 2} and (out / "curves.png").is_file() and (out / "teacher.csv").is_file()
+    assert "| defaults | 1 |" in (out / "table.md").read_text()
     teacher = pd.read_csv(out / "teacher.csv")
     assert teacher["model"].tolist() == ["teacher 25 steps, cfg 1.5", "teacher 4 steps, cfg 1.5", "teacher 1 step, cfg 1.0"]
     before = (out / "table.csv").read_text()
     sweep(out, settings, log=lambda line: None)  # nothing new to run: the table is kept as it was
     assert (out / "table.csv").read_text() == before
+
+
+def test_a_base_candidate_runs_under_another_and_an_ema_run_is_scored_by_its_average(tmp_path):
+    settings = SweepSettings(steps=2, validate_every=2, curve_per_class=2, final_per_class=2,
+                             candidates=("ema-0.99",), single_step_guidance=(1.0,), base="guidance-fake-1")
+    out = sweep(tmp_path / "recipe", settings, log=lambda line: None)
+    table = pd.read_csv(out / "table.csv")
+    assert table["candidate"].tolist() == ["guidance-fake-1+ema-0.99"]
+    assert json.loads(table["options"][0]) == {"vsd": {"guidance_fake": 1.0}, "ema_decay": 0.99}
+    run = out / "runs" / "guidance-fake-1+ema-0.99-seed0"
+    exported = (run / "export" / "generator_adapter.safetensors").read_bytes()
+    assert exported == (run / "generator_adapter_ema.safetensors").read_bytes()
+    assert exported != (run / "generator_adapter.safetensors").read_bytes()

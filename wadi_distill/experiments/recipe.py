@@ -45,6 +45,9 @@ CANDIDATES: dict[str, dict] = {
     "t-range-200-980": {"vsd": {"t_min": 200, "t_max": 980}},
     "t-range-20-500": {"vsd": {"t_min": 20, "t_max": 500}},
     "dropout-per-batch": {"vsd": {"prompt_dropout_scope": "batch"}},
+    # the generator's capacity: Conv2d targets at the same budget (rank 8), and four times the rank
+    "generator-conv-r8": {"generator_preset": "sd-unet-generator-conv", "generator_rank": 8},
+    "generator-rank-64": {"generator_rank": 64},
 }
 STABLE_WINDOW = 0.4   # the last 40 % of training ...
 STABLE_RATIO = 1.5    # ... has no validation FD above 1.5 × the final one
@@ -59,7 +62,7 @@ class SweepSettings:
     seeds: tuple[int, ...] = (0,)
     candidates: tuple[str, ...] = tuple(CANDIDATES)
     single_step_guidance: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
-    extra: dict = field(default_factory=dict)  # options applied to every candidate (e.g. a combined recipe)
+    base: str = ""                 # a candidate applied under every one (rows are named base+candidate)
 
 
 def merged(base: dict, candidate: dict) -> dict:
@@ -105,7 +108,7 @@ def sweep(out: str | Path, settings: SweepSettings | None = None, log=print) -> 
     from ..config import load_config
 
     settings = settings or SweepSettings()
-    unknown = [name for name in settings.candidates if name not in CANDIDATES]
+    unknown = [name for name in (*settings.candidates, settings.base or "defaults") if name not in CANDIDATES]
     if unknown:
         from wadi_analysis.errors import InvalidValue
         raise InvalidValue(f"unknown candidate {unknown[0]!r} (known: {', '.join(CANDIDATES)})")
@@ -119,26 +122,64 @@ def sweep(out: str | Path, settings: SweepSettings | None = None, log=print) -> 
     pd.DataFrame(teacher).to_csv(out / "teacher.csv", index=False)
     for name in settings.candidates:
         for seed in settings.seeds:
-            if any(r["candidate"] == name and r["seed"] == seed for r in table):
+            label = f"{settings.base}+{name}" if settings.base and name != settings.base else name
+            if any(r["candidate"] == label and r["seed"] == seed for r in table):
                 continue
-            options = merged(settings.extra, CANDIDATES[name])
-            run_settings = Settings(steps=settings.steps, batch_size=load_config(**options).batch_size,
-                                    generator_lr=load_config(**options).generator_lr,
+            options = merged(CANDIDATES[settings.base] if settings.base else {}, CANDIDATES[name])
+            config = load_config(**options)
+            run_settings = Settings(steps=settings.steps, batch_size=config.batch_size, generator_lr=config.generator_lr,
                                     validate_every=settings.validate_every, extra={})
             started = time.perf_counter()
-            row, points = train_student(name, options, seed, out, run_settings, curve, final, log)
-            row = {"candidate": name, "options": json.dumps(options), "seed": seed,
+            row, points = train_student(label, options, seed, out, run_settings, curve, final, log)
+            row = {"candidate": label, "options": json.dumps(options), "seed": seed,
                    "seconds": round(time.perf_counter() - started), **_scores(row),
                    "stability": stability(points, settings.steps)}
             table.append({**row, **targets_met(row, teacher)})
-            curves += [{"candidate": name, **p} for p in points]
+            curves += [{"candidate": label, **p} for p in points]
             pd.DataFrame(table).to_csv(out / "table.csv", index=False)  # after every run: a sweep is hours
             pd.DataFrame(curves).to_csv(out / "curves.csv", index=False)
     info = {"settings": asdict(settings), "curve_real_vs_real": curve.real_vs_real,
             "final_real_vs_real": final.real_vs_real}
     (out / "settings.json").write_text(json.dumps(info, indent=2) + "\n")
-    _figure(pd.DataFrame(curves), out / "curves.png")
+    write_summary(out)
     return out
+
+
+def write_summary(out: str | Path) -> None:
+    """``curves.png`` and ``table.md`` of a sweep folder from its CSV files (also after merging the
+    tables of sweeps run side by side)."""
+    import pandas as pd
+
+    out = Path(out)
+    real = json.loads((out / "settings.json").read_text())["final_real_vs_real"]
+    _figure(pd.read_csv(out / "curves.csv"), out / "curves.png")
+    (out / "table.md").write_text(markdown(pd.read_csv(out / "table.csv"), pd.read_csv(out / "teacher.csv"), real))
+
+
+TARGET_COLUMNS = {"fd_le_teacher_4_steps": "FD ≤ 4-step", "fd_le_half_best_single_step": "FD ≤ ½ best 1-step",
+                  "recall_ge_0.6x_teacher_25": "recall", "accuracy_ge_teacher_25_minus_0.02": "accuracy",
+                  "stable": "stable"}
+
+
+def markdown(table, teacher, real: dict) -> str:
+    """The sweep as Markdown: the teacher's rows and the real-vs-real floor, then every candidate (mean
+    over its seeds, ± the standard deviation where there are several) with the targets it meets."""
+    lines = ["| model | FD | precision | recall | prompt acc. |", "|---|---|---|---|---|"]
+    for row in teacher.to_dict("records"):
+        lines.append(f"| {row['model']} | {row['frechet_distance']:.3f} | {row['precision']:.3f} | "
+                     f"{row['recall']:.3f} | {row['prompt_accuracy']:.3f} |")
+    lines.append(f"| real vs real (floor) | {real['frechet_distance']:.3f} | {real['precision']:.3f} | "
+                 f"{real['recall']:.3f} | {real['prompt_accuracy']:.3f} |")
+    lines += ["", "| candidate | seeds | FD | precision | recall | prompt acc. | stability | targets met |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, part in table.groupby("candidate", sort=False):
+        fd = f"{part['frechet_distance'].mean():.3f}" + (
+            f" ± {part['frechet_distance'].std():.3f}" if len(part) > 1 else "")
+        met = [label for key, label in TARGET_COLUMNS.items() if part[key].astype(bool).all()]
+        lines.append(f"| {name} | {len(part)} | {fd} | {part['precision'].mean():.3f} | {part['recall'].mean():.3f} | "
+                     f"{part['prompt_accuracy'].mean():.3f} | {part['stability'].max():.2f} | "
+                     f"{', '.join(met) or '—'} |")
+    return "\n".join(lines) + "\n"
 
 
 def sweep_from_options(out, candidates: str | None, seeds: str, steps: int, base: str | None, log=print) -> Path:
@@ -152,8 +193,7 @@ def sweep_from_options(out, candidates: str | None, seeds: str, steps: int, base
         raise InvalidValue(f"--seeds must be comma-separated integers, not {seeds!r}") from None
     if base is not None and base not in CANDIDATES:
         raise InvalidValue(f"--base {base!r} is not a candidate (known: {', '.join(CANDIDATES)})")
-    extra = CANDIDATES[base] if base else {}
-    return sweep(out, SweepSettings(steps=steps, seeds=seed_values, candidates=names, extra=extra), log)
+    return sweep(out, SweepSettings(steps=steps, seeds=seed_values, candidates=names, base=base or ""), log)
 
 
 def _scores(row: dict) -> dict:

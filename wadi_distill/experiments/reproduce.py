@@ -86,7 +86,7 @@ def train_student(name: str, overrides: dict, seed: int, out: Path, settings: Se
     started = time.perf_counter()
     summary = train(config, on_validate=record)
     seconds = time.perf_counter() - started
-    export_run(run_dir, run_dir / "export")
+    export_run(run_dir, run_dir / "export", ema=config.ema_decay is not None)  # an EMA run is its average
     scores = final.evaluate_model(*load_sampler(run_dir / "export"))["scores"]
     log(f"{name} seed {seed}: FD {scores['frechet_distance']:.3f}, {seconds:.0f} s")
     return ({"experiment": "students", "model": name, "seed": seed, "trainable": summary["trainable"]["generator"],
