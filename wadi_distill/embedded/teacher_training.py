@@ -57,15 +57,21 @@ class TeacherConfig:
 PROVENANCE = "wadi_teacher.json"  # the file that marks a folder this command wrote
 
 
-def teacher_config(channels: str | None = None, **options) -> TeacherConfig:
-    """A checked :class:`TeacherConfig` from command-line values: ``None`` keeps the default,
-    ``channels`` is comma-separated."""
+def command_line_values(channels: str | None, options: dict) -> dict:
+    """Command-line values of a training command: ``None`` keeps the default, ``channels`` is
+    comma-separated block widths."""
     values = {k: v for k, v in options.items() if v is not None}
     if channels is not None:
         try:
             values["channels"] = tuple(int(c) for c in channels.split(","))
         except ValueError:
             raise InvalidValue(f"--channels must be comma-separated integers, got {channels!r}") from None
+    return values
+
+
+def teacher_config(channels: str | None = None, **options) -> TeacherConfig:
+    """A checked :class:`TeacherConfig` from command-line values (:func:`command_line_values`)."""
+    values = command_line_values(channels, options)
     for path in ("init", "vae"):
         if path in values:
             values[path] = str(values[path])

@@ -26,7 +26,7 @@ from wadi_analysis.errors import InvalidValue
 from wadi_analysis.outputs import check_output, staged_folder
 
 from . import datasets
-from .teacher_training import _check_device, _fraction, _whole
+from .teacher_training import _check_device, _fraction, _whole, command_line_values
 
 PROVENANCE = "wadi_vae.json"   # the file that marks a folder this command wrote
 HALVINGS = 2                    # S×S images → (S/4)×(S/4) latents, as the issue's 32 → 8
@@ -50,13 +50,7 @@ class VAEConfig:
 
 def vae_config(channels: str | None = None, **options) -> VAEConfig:
     """A checked :class:`VAEConfig` from command-line values (``None`` keeps the default)."""
-    values = {k: v for k, v in options.items() if v is not None}
-    if channels is not None:
-        try:
-            values["channels"] = tuple(int(c) for c in channels.split(","))
-        except ValueError:
-            raise InvalidValue(f"--channels must be comma-separated integers, got {channels!r}") from None
-    return check_vae_config(VAEConfig(**values))
+    return check_vae_config(VAEConfig(**command_line_values(channels, options)))
 
 
 def check_vae_config(config: VAEConfig) -> VAEConfig:
