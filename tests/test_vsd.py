@@ -43,3 +43,35 @@ def test_fake_score_loss_and_guidance():
     assert vsd.fake_score_loss(noise, noise, alpha_bar) == 0
     assert vsd.fake_score_loss(torch.zeros(2, 3), noise, alpha_bar).item() == pytest.approx((0.25 + 1.0) / 2)
     assert torch.equal(vsd.guided(torch.zeros(2), torch.ones(2), 1.5), torch.full((2,), 1.5))
+
+
+def test_dmd_weighting_is_the_published_direction_normalised_per_sample():
+    generator = torch.Generator().manual_seed(1)
+    shape = (3, 4, 8, 8)
+    x0, noise, eps_real, eps_fake = (torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(4))
+    alpha_bar = torch.tensor([0.01, 0.4, 0.95], dtype=torch.float64).view(3, 1, 1, 1)
+    noisy = vsd.add_noise(x0, noise, alpha_bar)
+    dmd = vsd.dmd_gradient(x0, noisy, eps_real, eps_fake, alpha_bar)
+    published = vsd.published_gradient(x0, noisy, eps_real, eps_fake, alpha_bar)
+    x0_real = (noisy - (1 - alpha_bar).sqrt() * eps_real) / alpha_bar.sqrt()
+    distance = (x0 - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    # same direction per sample, scaled by sqrt((1 - a) / a) / (1 - a) / mean |x0 - x0_real|
+    assert torch.allclose(dmd, published * ((1 - alpha_bar) / alpha_bar).sqrt() / (1 - alpha_bar) / distance)
+    # each sample's gradient is in units of its own distance: scaling that distance leaves g's size in step
+    far = vsd.dmd_gradient(x0_real + 10 * (x0 - x0_real), noisy, eps_real, eps_fake, alpha_bar)
+    assert torch.allclose(far, dmd / 10)
+
+
+def test_generator_loss_with_dmd_weighting_has_that_gradient():
+    generator = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2, 1, 4, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    noisy, eps_real, eps_fake = (torch.randn(2, 1, 4, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    alpha_bar = torch.tensor([0.2, 0.7], dtype=torch.float64).view(2, 1, 1, 1)
+    vsd.generator_loss(x0, eps_real, eps_fake, alpha_bar, noisy, "dmd").backward()
+    expected = vsd.dmd_gradient(x0.detach(), noisy, eps_real, eps_fake, alpha_bar) / x0.numel()
+    assert torch.allclose(x0.grad, expected)
+
+
+def test_uniform_fake_weighting_is_the_plain_denoising_loss():
+    alpha_bar = torch.tensor([[0.25], [1.0]])
+    assert vsd.fake_score_loss(torch.zeros(2, 3), torch.ones(2, 3), alpha_bar, "uniform").item() == 1.0

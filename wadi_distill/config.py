@@ -22,7 +22,7 @@ from pathlib import Path
 
 from wadi_analysis.errors import InvalidValue
 
-from .vsd import DROPOUT_SCOPES, VSDConfig
+from .vsd import DROPOUT_SCOPES, FAKE_WEIGHTINGS, GENERATOR_WEIGHTINGS, VSDConfig
 
 ADAPTERS = ("lorad", "lora", "dora", "full")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -180,6 +180,7 @@ VSD_RULES: dict[str, Rule] = {
     "t_min": TIMESTEP, "t_max": TIMESTEP, "fake_t_min": TIMESTEP, "fake_t_max": TIMESTEP,
     "prompt_dropout": _number(0, 1, words="a number from 0 to 1"), "prompt_dropout_scope": _choice(DROPOUT_SCOPES),
     "alpha_T": _optional(_number(0, 1, open_low=True, open_high=True, words="a number between 0 and 1 (exclusive)")),
+    "generator_weighting": _choice(tuple(GENERATOR_WEIGHTINGS)), "fake_weighting": _choice(tuple(FAKE_WEIGHTINGS)),
 }
 
 

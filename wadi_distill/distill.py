@@ -134,7 +134,7 @@ def generator_step(teacher: Teacher, model: nn.Module, conditioning: Conditionin
         eps_real = guided_epsilon(teacher, model, None, noisy, timesteps, conditioning, null, config.guidance_real)
         eps_fake = guided_epsilon(teacher, model, FAKE, noisy, timesteps, conditioning, null, config.guidance_fake)
     activate(model, GENERATOR)
-    return generator_loss(x0, eps_real, eps_fake, alpha_t), x0
+    return generator_loss(x0, eps_real, eps_fake, alpha_t, noisy, config.generator_weighting), x0
 
 
 def fake_step(teacher: Teacher, model: nn.Module, x0: torch.Tensor, conditioning: Conditioning,
@@ -148,4 +148,4 @@ def fake_step(teacher: Teacher, model: nn.Module, x0: torch.Tensor, conditioning
     noisy = add_noise(x0, noise, alpha_t).to(x0.dtype)
     dropped = drop_conditioning(conditioning, null, config.prompt_dropout, rng, config.prompt_dropout_scope)
     activate(model, FAKE)
-    return fake_score_loss(teacher.epsilon(model, noisy, timesteps, dropped), noise, alpha_t)
+    return fake_score_loss(teacher.epsilon(model, noisy, timesteps, dropped), noise, alpha_t, config.fake_weighting)

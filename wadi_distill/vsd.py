@@ -28,6 +28,8 @@ class VSDConfig:
     prompt_dropout: float = 0.1      # fake-score steps: prompt -> null prompt with this probability
     prompt_dropout_scope: str = "sample"  # per sample, or "batch": the whole batch together (published)
     alpha_T: float | None = None     # one-step a_T; None: the teacher schedule's own last value (published: 0.0047)
+    generator_weighting: str = "published"  # how the score difference becomes x0's gradient (GENERATOR_WEIGHTINGS)
+    fake_weighting: str = "published"       # the fake score's denoising-loss weight over t (FAKE_WEIGHTINGS)
 
 
 def _full_precision(tensor: torch.Tensor) -> torch.Tensor:
@@ -70,19 +72,51 @@ def guided(unconditional: torch.Tensor, conditional: torch.Tensor, scale: float)
     return unconditional + scale * (conditional - unconditional)
 
 
+def published_gradient(x0: torch.Tensor, noisy: torch.Tensor, eps_real: torch.Tensor, eps_fake: torch.Tensor,
+                       alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """The published weighting:  g = (1 - a_t)(e_real - e_fake)."""
+    return (1 - alpha_bar_t) * (eps_real - eps_fake)
+
+
+def dmd_gradient(x0: torch.Tensor, noisy: torch.Tensor, eps_real: torch.Tensor, eps_fake: torch.Tensor,
+                 alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """DMD's normalised weighting (Yin et al. 2024, eq. 8), in x0 space:
+    g = (x0_fake - x0_real) / mean_chw |x0 - x0_real|,  x0_s = (x_t - sqrt(1 - a_t) e_s) / sqrt(a_t).
+
+    x0_fake - x0_real = sqrt((1 - a_t) / a_t)(e_real - e_fake): the published direction, each sample
+    scaled by how far the teacher's denoised estimate lies from it, so no timestep or sample dominates."""
+    x0_real = predicted_x0(eps_real, noisy, alpha_bar_t, "epsilon")
+    x0_fake = predicted_x0(eps_fake, noisy, alpha_bar_t, "epsilon")
+    scale = (x0.detach() - x0_real).abs().flatten(1).mean(1).clamp_min(1e-8)
+    return (x0_fake - x0_real) / scale.view(-1, *([1] * (x0.dim() - 1)))
+
+
+GENERATOR_WEIGHTINGS = {"published": published_gradient, "dmd": dmd_gradient}
+
+
 def generator_loss(x0: torch.Tensor, eps_real: torch.Tensor, eps_fake: torch.Tensor,
-                   alpha_bar_t: torch.Tensor) -> torch.Tensor:
-    """VSD generator loss:  g = nan_to_num((1 - a_t)(e_real - e_fake));  L = 0.5 mse(x0, sg(x0 - g)).
+                   alpha_bar_t: torch.Tensor, noisy: torch.Tensor | None = None,
+                   weighting: str = "published") -> torch.Tensor:
+    """VSD generator loss:  g = nan_to_num(weighting(e_real - e_fake));  L = 0.5 mse(x0, sg(x0 - g)).
 
     Its gradient with respect to x0 is g / N (N = number of elements): the score difference pushes the
     generator's samples from where the fake score says they are towards where the teacher says data is.
+    ``noisy`` (x_t) is needed by weightings that work in x0 space ("dmd").
     """
-    gradient = torch.nan_to_num((1 - alpha_bar_t) * (eps_real - eps_fake))
+    gradient = torch.nan_to_num(GENERATOR_WEIGHTINGS[weighting](
+        _full_precision(x0), None if noisy is None else _full_precision(noisy), _full_precision(eps_real),
+        _full_precision(eps_fake), _full_precision(alpha_bar_t)))
     target = (x0 - gradient).detach()
     return 0.5 * F.mse_loss(_full_precision(x0), _full_precision(target))
 
 
-def fake_score_loss(eps_predicted: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
-    """Fake-score denoising loss:  L = mse(sqrt(a_t) eps_fake(x_t), sqrt(a_t) eps)  (weights by a_t)."""
-    weight = alpha_bar_t.sqrt()
+# the fake score's denoising-loss weight w(a_t) on eps:  published sqrt(a_t) (so a_t on the squared error),
+# "uniform" 1 (DDPM's simple loss, the one the teacher was trained with)
+FAKE_WEIGHTINGS = {"published": lambda alpha_bar_t: alpha_bar_t.sqrt(), "uniform": torch.ones_like}
+
+
+def fake_score_loss(eps_predicted: torch.Tensor, noise: torch.Tensor, alpha_bar_t: torch.Tensor,
+                    weighting: str = "published") -> torch.Tensor:
+    """Fake-score denoising loss:  L = mse(w(a_t) eps_fake(x_t), w(a_t) eps), w from FAKE_WEIGHTINGS."""
+    weight = FAKE_WEIGHTINGS[weighting](alpha_bar_t)
     return F.mse_loss(_full_precision(weight * eps_predicted), _full_precision(weight * noise))

@@ -48,6 +48,11 @@ CANDIDATES: dict[str, dict] = {
     # the generator's capacity: Conv2d targets at the same budget (rank 8), and four times the rank
     "generator-conv-r8": {"generator_preset": "sd-unet-generator-conv", "generator_rank": 8},
     "generator-rank-64": {"generator_rank": 64},
+    # the upper bound of capacity: the generator a full copy of the U-Net (the fake score stays LoRaD)
+    "generator-full": {"adapter": "full", "generator_lr": 1e-4},
+    # the weighting of the two losses over t (vsd.GENERATOR_WEIGHTINGS, vsd.FAKE_WEIGHTINGS)
+    "weighting-dmd": {"vsd": {"generator_weighting": "dmd"}},
+    "fake-weighting-uniform": {"vsd": {"fake_weighting": "uniform"}},
 }
 STABLE_WINDOW = 0.4   # the last 40 % of training ...
 STABLE_RATIO = 1.5    # ... has no validation FD above 1.5 × the final one
