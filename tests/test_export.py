@@ -45,6 +45,7 @@ def test_export_loads_in_plain_diffusers_and_matches_the_run(run, pipeline, tmp_
     single = load_file(paths["single_file"])
     assert single.keys() == merged.keys() and all(torch.equal(single[k], merged[k]) for k in merged)
     assert ("adapter" in paths) == (run.adapter != "full")  # full fine-tuning has no adapter to ship
+    assert (paths["pipeline"] / "model_index.json").is_file() and paths["model"] == paths["pipeline"] / "unet"
 
 
 def test_sample_from_run_and_from_export_agree(run, tmp_path):

@@ -114,11 +114,13 @@ def run(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged one-step model.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the one-step pipeline (self-contained: it may be moved).")],
     ema: Annotated[bool, typer.Option("--ema", help="Export the EMA of the generator adapter (runs with ema_decay).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder that is not an earlier export.")] = False,
 ) -> None:
-    """Write the merged one-step denoiser (diffusers folder + single .safetensors) and the adapter file."""
+    """Write a complete one-step diffusers pipeline (AutoPipelineForText2Image loads it; call it with
+    num_inference_steps=1, guidance_scale=0.0), also a model folder of the merged denoiser, plus
+    one_step.safetensors and the adapter file."""
     from .export import export_run
 
     for label, path in export_run(run_dir, out, ema=ema, overwrite=overwrite).items():
@@ -132,12 +134,15 @@ def sample_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG files and grid.png.")],
     n: Annotated[int, typer.Option("--n", min=1, help="Images per prompt.")] = 4,
     seed: Annotated[int, typer.Option()] = 0,
+    guidance: Annotated[float, typer.Option(help=(
+        "Classifier-free guidance as diffusers' guidance_scale: <= 1 (default) one conditional pass, how the "
+        "one-step generator is trained; > 1 guidance against the empty prompt (two passes)."))] = 1.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder that does not hold only this command's images.")] = False,
 ) -> None:
     """One-step images (PNG files + grid) from a run or an exported model."""
     from .sampling import write_samples
 
-    paths = write_samples(source, prompt, n, out, seed=seed, overwrite=overwrite)
+    paths = write_samples(source, prompt, n, out, seed=seed, overwrite=overwrite, guidance=guidance)
     say(f"wrote {len(paths) - 1} images and {paths[-1]}")
 
 

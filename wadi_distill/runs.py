@@ -10,9 +10,20 @@ A run folder (``wadi-distill run --out RUN``)::
     RUN/metrics.csv, RUN/samples/step-NNNNNNN.png   losses per step, one-step validation grids
     RUN/tensorboard/                                when tensorboard is installed
 
-An export (``wadi-distill export RUN --out EXPORT``) is a diffusers model folder of the merged
-one-step denoiser plus ``one_step.safetensors``, the adapter file, and ``wadi_one_step.json`` (how to
-run it in one step, and from which teacher). A teacher is a diffusers pipeline folder.
+An export (``wadi-distill export RUN --out EXPORT``) is self-contained, and so can be moved::
+
+    EXPORT/model_index.json, scheduler/, unet/ | transformer/, text_encoder/, tokenizer/, vae/, ...
+                                                    a complete diffusers pipeline: the teacher's parts, the
+                                                    merged denoiser, the one-step scheduler (one_step_pipeline)
+    EXPORT/config.json + diffusion_pytorch_model.safetensors
+                                                    the merged denoiser as a model folder (as exports were
+                                                    before: the same files as unet/, hard-linked)
+    EXPORT/one_step.safetensors                     the merged denoiser as one file
+    EXPORT/generator_adapter.safetensors            the adapter (LoRaD, LoRA, DoRA runs)
+    EXPORT/wadi_one_step.json                       how to run it in one step; the teacher by name only
+
+A model folder with a ``wadi_one_step.json`` but no pipeline (an export of before, a swap of one) reads
+its teacher from the recorded ``teacher``: ``embedded`` or a path. A teacher is a diffusers pipeline folder.
 
 :func:`load_one_step` returns the one-step model of a run or an export as a :class:`OneStepModel`:
 the teacher bundle, the generator network and the VSD settings, side by side.
@@ -41,6 +52,7 @@ from .vsd import VSDConfig
 CONFIG = "config.json"
 ONE_STEP_INFO = "wadi_one_step.json"
 TEACHER, RUN, EXPORT = "teacher", "run", "export"
+EMBEDDED_TEACHER = "embedded"  # how an export names the shipped teacher (its path would not survive a move)
 
 
 class RunFolder:
@@ -129,14 +141,14 @@ def _kind(value: object, kinds: tuple[type, ...]) -> bool:
 
 
 def check_teacher_keys(recorded: object, where: Path) -> None:
-    """What a run's ``config.json`` and an export's ``wadi_one_step.json`` both record: the teacher's
-    path (text) and teacher_config (a path or null)."""
+    """What a run's ``config.json`` and an export's ``wadi_one_step.json`` both record: the teacher (a run: its
+    path; an export: its name, :func:`teacher_name`) and teacher_config (the same, or null)."""
     if not isinstance(recorded, dict):
         raise UserError(f"{where} is not a JSON object")
     if not isinstance(recorded.get("teacher"), str) or not recorded["teacher"]:
-        raise UserError(f"{where}: 'teacher' must be the teacher's path (text)")
+        raise UserError(f"{where}: 'teacher' must be the teacher's path or name (text)")
     if not _kind(recorded.get("teacher_config"), (str, type(None))):
-        raise UserError(f"{where}: 'teacher_config' must be a path or null")
+        raise UserError(f"{where}: 'teacher_config' must be a path, a name or null")
 
 
 def check_run_config(config: object, where: Path) -> None:
@@ -167,7 +179,7 @@ def source_kind(source: str | os.PathLike) -> str:
 
 
 def run_teacher(config: dict, text: bool = True) -> Teacher:
-    """The teacher a run (or an export, whose ``wadi_one_step.json`` records the same keys) was made from."""
+    """The teacher a run was made from (its ``config.json`` records the paths)."""
     return load_teacher(config["teacher"], config=config.get("teacher_config"), text=text)
 
 
@@ -177,7 +189,8 @@ class OneStepModel:
 
     ``generator`` is the network to call in one step: for adapter runs the teacher's own denoiser with
     the generator adapter attached and active (one shared base), for full fine-tuning the trained copy,
-    for an export the merged denoiser. ``adapter_file`` is the run's adapter file (None otherwise)."""
+    for an export the merged denoiser (of a self-contained export, ``teacher`` is the export's own pipeline and
+    ``generator`` its denoiser). ``adapter_file`` is the run's adapter file (None otherwise)."""
 
     teacher: Teacher
     generator: nn.Module
@@ -203,21 +216,70 @@ def load_run_generator(run_dir: str | os.PathLike, ema: bool = False, text: bool
     return OneStepModel(teacher, teacher.denoiser, vsd, config, path)
 
 
-def write_one_step_info(out: Path, teacher: Teacher, config: dict) -> Path:
-    """``wadi_one_step.json`` of an export: the parametrisation, the timestep and a_T of the one step,
-    and the teacher it came from (its prompt encoder and VAE are the export's)."""
+def one_step_alpha(teacher: Teacher, config: dict) -> float:
+    """The a_T of the one step: the run's ``[vsd] alpha_T``, else the teacher schedule's own last value."""
     alpha_T = config["vsd"]["alpha_T"]
+    return float(teacher.alphas_cumprod[-1]) if alpha_T is None else float(alpha_T)
+
+
+def teacher_name(recorded: str | None) -> str | None:
+    """How an export records its teacher: ``embedded`` for the shipped one, else the folder's (or file's)
+    name: provenance, never a path (an export is self-contained and may be moved)."""
+    if recorded is None:
+        return None
+    from . import embedded
+
+    try:
+        if os.path.samefile(recorded, embedded.teacher_path()):
+            return EMBEDDED_TEACHER
+    except OSError:  # the recorded teacher is gone: its name is still what the run recorded
+        pass
+    return Path(recorded).name
+
+
+def write_one_step_info(out: Path, teacher: Teacher, config: dict, pipeline: str) -> Path:
+    """``wadi_one_step.json`` of an export: the parametrisation, the timestep and a_T of the one step (beside the
+    schedule's own last value), the pipeline class and its one-step call, and the teacher by name."""
     info = {"prediction_type": teacher.prediction_type, "timestep": teacher.num_timesteps - 1,
-            "alpha_T": float(teacher.alphas_cumprod[-1]) if alpha_T is None else alpha_T,
-            "teacher": config["teacher"], "teacher_config": config.get("teacher_config")}
+            "alpha_T": one_step_alpha(teacher, config), "schedule_alpha_T": float(teacher.alphas_cumprod[-1]),
+            "pipeline": pipeline, "scheduler": "DDIMScheduler (trailing, set_alpha_to_one)",
+            "one_step_call": "pipe(prompt, num_inference_steps=1, guidance_scale=0.0)",
+            "teacher": teacher_name(config["teacher"]), "teacher_config": teacher_name(config.get("teacher_config"))}
     return atomic_write_text(out / ONE_STEP_INFO, json.dumps(info, indent=2) + "\n")
 
 
+def is_pipeline(path: str | os.PathLike) -> bool:
+    """A diffusers pipeline folder: a teacher, or a self-contained export."""
+    return (Path(path) / "model_index.json").is_file()
+
+
+def _recorded_path(export: Path, recorded: str | None) -> Path | None:
+    """The teacher (or teacher_config) a model folder without a pipeline of its own records: ``embedded`` (the
+    shipped teacher) or an existing absolute path (exports made before they held their pipeline)."""
+    if recorded is None:
+        return None
+    if recorded == EMBEDDED_TEACHER:
+        from . import embedded
+
+        return embedded.teacher_path()
+    if not Path(recorded).is_absolute() or not Path(recorded).exists():
+        raise UserError(f"{export} holds no pipeline of its own (model_index.json) and the teacher it records, "
+                        f"{recorded!r}, is not found; export the run again for a self-contained pipeline")
+    return Path(recorded)
+
+
 def load_export(path: str | os.PathLike) -> OneStepModel:
-    """An exported one-step model: the merged denoiser, with its teacher's text encoder and VAE."""
+    """An exported one-step model. Self-contained (the export is a pipeline): its own pipeline, whose denoiser
+    is the merged one. A model folder with ``wadi_one_step.json`` only: that denoiser beside the recorded teacher's
+    text encoder and VAE."""
     path = Path(path)
     info = _one_step_info(path)
-    return OneStepModel(run_teacher(info), load_denoiser(path), VSDConfig(alpha_T=info["alpha_T"]), info)
+    vsd = VSDConfig(alpha_T=info["alpha_T"])
+    if is_pipeline(path):
+        teacher = load_teacher(path)
+        return OneStepModel(teacher, teacher.denoiser, vsd, info)
+    teacher = load_teacher(_recorded_path(path, info["teacher"]), config=_recorded_path(path, info.get("teacher_config")))
+    return OneStepModel(teacher, load_denoiser(path), vsd, info)
 
 
 def load_one_step(source: str | os.PathLike) -> OneStepModel:
@@ -254,14 +316,20 @@ def check_output_for(source: str | os.PathLike, out: str | os.PathLike, *, folde
 
 
 def source_inputs(source: str | os.PathLike) -> list[Path]:
-    """What reading ``source`` (a run, an export or a teacher) reads: itself and, for a run or an export,
-    the teacher folder it records; outputs must keep apart from all of them."""
+    """What reading ``source`` (a run, an export or a teacher) reads: itself and, for a run or a model-only
+    export, the teacher folder it records; outputs must keep apart from all of them."""
     source = Path(source)
     kind = source_kind(source)
     if kind == TEACHER:
         return [source]
-    recorded = RunFolder(source).read_config() if kind == RUN else _one_step_info(source)
-    return [source] + [Path(p) for p in (recorded["teacher"], recorded.get("teacher_config")) if p]
+    if kind == RUN:
+        config = RunFolder(source).read_config()
+        return [source] + [Path(p) for p in (config["teacher"], config.get("teacher_config")) if p]
+    info = _one_step_info(source)
+    if is_pipeline(source):  # self-contained: it reads nothing else
+        return [source]
+    return [source] + [p for p in (_recorded_path(source, info["teacher"]),
+                                   _recorded_path(source, info.get("teacher_config"))) if p]
 
 
 def _one_step_info(path: Path) -> dict:

@@ -3,20 +3,28 @@
 DDIM (η = 0) on the teacher's own ᾱ table with "trailing" timestep spacing, so one step starts at the
 last training timestep — the same x_T the one-step generator starts from — and the teacher used as a
 one-step generator is simply ``ddim(steps=1)``. One-step samples of a generator are
-:func:`wadi_distill.distill.one_step`; :func:`decode` turns either into images, :func:`write_samples`
-writes a run's or an export's one-step images as PNG files.
+:func:`wadi_distill.distill.one_step` (:func:`one_step_sample` adds optional guidance); :func:`decode`
+turns either into images, :func:`write_samples` writes a run's or an export's one-step images as PNG files.
+
+Guidance of a one-step student follows diffusers' ``guidance_scale``, so that ``sample --guidance G`` and an
+exported pipeline's ``guidance_scale=G`` agree: G <= 1 is one conditional pass, which is how the generator is
+trained and used (the published code too); G > 1 is classifier-free guidance against the empty prompt.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
 
 import torch
 
+from wadi_analysis.errors import UserError
+
 from .distill import guided_epsilon, one_step
 from .teacher import Conditioning, Teacher
+from .vsd import VSDConfig, guided
 
 
 def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -77,25 +85,53 @@ def image_grid(pixels, columns: int):
     return grid
 
 
+def initial_noise(teacher: Teacher, count: int, seed: int) -> torch.Tensor:
+    """The x_T of :func:`write_samples`: ``count`` latents from one generator seeded ``seed`` (pass them as
+    ``latents=`` to an exported pipeline for the same images)."""
+    shape = (count, teacher.latent_channels, teacher.sample_size, teacher.sample_size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def one_step_sample(teacher: Teacher, generator, noise: torch.Tensor, conditioning: Conditioning, vsd: VSDConfig,
+                    guidance: float = 1.0) -> torch.Tensor:
+    """The one-step student's x0, guided as diffusers' ``guidance_scale``: <= 1 one conditional pass, > 1
+    x0_u + G (x0_c - x0_u) with the empty prompt (x0 is affine in the network output, so this is guiding
+    epsilon or v, as a pipeline does)."""
+    if guidance <= 1:
+        return one_step(teacher, generator, noise, conditioning, vsd)
+    both = Conditioning.cat([teacher.encode([""]).repeat_to(len(conditioning)), conditioning])
+    unconditional, conditional = one_step(teacher, generator, torch.cat([noise, noise]), both, vsd).chunk(2)
+    return guided(unconditional, conditional, guidance)
+
+
+def check_guidance(guidance: float) -> float:
+    """A guidance scale is a finite number >= 0."""
+    if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+        raise UserError(f"--guidance must be a finite number >= 0 (got {guidance!r})")
+    return float(guidance)
+
+
 @torch.no_grad()
 def write_samples(source: str | os.PathLike, prompts: list[str], count: int, out: str | os.PathLike,
-                  seed: int = 0, overwrite: bool = False) -> list[Path]:
+                  seed: int = 0, overwrite: bool = False, guidance: float = 1.0) -> list[Path]:
     """``count`` one-step images per prompt from a run or an export, as PNG files plus ``grid.png`` in ``out``
-    (replaced whole: if it exists, an earlier ``sample`` output, or ``overwrite``)."""
+    (replaced whole: if it exists, an earlier ``sample`` output, or ``overwrite``); ``guidance`` as in
+    :func:`one_step_sample` (default: one conditional pass, the student's own convention)."""
     from PIL import Image
 
     from wadi_analysis.outputs import staged_folder
 
     from .runs import check_output_for, load_one_step
 
+    guidance = check_guidance(guidance)
     out = check_output_for(source, out, ours=_holds_only_samples, overwrite=overwrite)
     model = load_one_step(source)
     teacher, generator = model.teacher, model.generator.eval()
     all_prompts = [p for p in prompts for _ in range(count)]
     conditioning = teacher.encode(all_prompts)
-    rng = torch.Generator().manual_seed(seed)
-    shape = (len(all_prompts), teacher.latent_channels, teacher.sample_size, teacher.sample_size)
-    pixels = decode(teacher, one_step(teacher, generator, torch.randn(shape, generator=rng), conditioning, model.vsd))
+    noise = initial_noise(teacher, len(all_prompts), seed)
+    pixels = decode(teacher, one_step_sample(teacher, generator, noise, conditioning, model.vsd, guidance))
     names = [f"{index // count:03d}-{index % count:02d}.png" for index in range(len(pixels))] + [GRID]
     with staged_folder(out) as stage:  # the images appear together, or not at all
         for name, pixel in zip(names, pixels):

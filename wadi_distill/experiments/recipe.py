@@ -36,6 +36,7 @@ CANDIDATES: dict[str, dict] = {
     "guidance-real-1": {"vsd": {"guidance_real": 1.0}},
     "guidance-real-2.5": {"vsd": {"guidance_real": 2.5}},
     "guidance-fake-1": {"vsd": {"guidance_fake": 1.0}},
+    "guidance-1.25": {"vsd": {"guidance_real": 1.25, "guidance_fake": 1.25}},
     "fake-rank-16": {"fake_rank": 16},
     "fake-rank-1": {"fake_rank": 1},
     "ema-0.99": {"ema_decay": 0.99},

@@ -1,0 +1,113 @@
+"""The one-step student as a complete diffusers pipeline: the teacher's components, the merged denoiser
+and a scheduler on which ``pipe(prompt, num_inference_steps=1, guidance_scale=0.0)`` computes exactly
+what :func:`wadi_distill.distill.one_step` computes.
+
+The generator predicts x0 from pure noise at the last training timestep T - 1, converting its output
+with a_T (the schedule's own last value, or the run's ``[vsd] alpha_T``). The scheduler written is
+``DDIMScheduler`` on the teacher's betas with
+
+- ``timestep_spacing="trailing"``: one step runs at t = T - 1. "leading" spacing (DDIM's default, and
+  what SD's own schedulers use) runs a single step at t = 1, where the generator returns noise;
+- ``set_alpha_to_one=True``: the step ends at a = 1, i.e. returns x0 itself, not x0 re-noised to a_0;
+- no clipping or thresholding: the generator's x0 is used as it is.
+
+DDIM's x0 at one step is then the very formula of :func:`wadi_distill.vsd.predicted_x0` (epsilon and v),
+so the pipeline's latents equal the project's bit for bit (tested; ``LCMScheduler`` agrees to ~1e-10
+through its boundary condition, the default DDIM does not at all). A run whose a_T differs from the
+schedule's own gets the teacher's betas with only the last one replaced (``trained_betas``), so that the
+schedule's last a is a_T and every earlier one is the teacher's; where no beta in (0, 1) does that
+(a_T at or above a at T - 2, e.g. the published 0.0047 on PixArt's schedule, whose last a is ~4e-5),
+no diffusers schedule of this teacher runs the generator in one step, and export refuses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wadi_analysis.errors import UserError
+
+from .teacher import Teacher
+
+# What makes one DDIM step the generator's step (see the module docstring).
+ONE_STEP_SCHEDULER = {"timestep_spacing": "trailing", "set_alpha_to_one": True, "clip_sample": False,
+                      "thresholding": False,
+                      "steps_offset": 1}  # unused by trailing spacing; SD pipelines call another value outdated
+DDIM_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def teacher_betas(scheduler_config: dict) -> torch.Tensor:
+    """The teacher's betas (float32) as its schedulers compute them; :func:`wadi_distill.teacher.load_teacher`
+    takes the schedule's a from the same ``DDPMScheduler``."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler_config).betas.clone()
+
+
+def betas_ending_at(betas: torch.Tensor, alpha_T: float) -> torch.Tensor:
+    """``betas`` with the last one replaced so that the cumulative product of ``1 - betas`` (float32, as
+    diffusers computes it) ends at ``alpha_T``; a :class:`UserError` where no beta in (0, 1) does that."""
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    before_last = float(alphas_cumprod[-2])
+    last = 1.0 - alpha_T / before_last
+    if not 0.0 < last < 1.0:
+        raise UserError(
+            f"the run's alpha_T = {alpha_T:.6g} cannot be the last a of a diffusers schedule that keeps this "
+            f"teacher's (a at timestep {betas.numel() - 2} is {before_last:.6g}; alpha_T must lie below it), so no "
+            "scheduler runs this generator in one step; `wadi-distill merge TEACHER RUN/generator_adapter.safetensors "
+            "--out DIR` writes the merged denoiser alone")
+    betas = betas.clone()
+    betas[-1] = last
+    return betas
+
+
+def one_step_scheduler(scheduler_config: dict, alpha_T: float):
+    """A ``DDIMScheduler`` whose ``num_inference_steps=1`` is the generator's step: at T - 1, with a_T =
+    ``alpha_T``, returning x0. Refuses (:class:`UserError`) an ``alpha_T`` no schedule of this teacher ends at."""
+    from diffusers import DDIMScheduler
+
+    betas = teacher_betas(scheduler_config)
+    settings = dict(ONE_STEP_SCHEDULER)
+    own_last = torch.cumprod(1.0 - betas, dim=0)[-1]
+    if own_last != torch.tensor(alpha_T, dtype=torch.float32) or \
+            scheduler_config.get("beta_schedule") not in DDIM_BETA_SCHEDULES:
+        # the betas themselves, already rescaled where the teacher rescales them (zero SNR)
+        settings.update(trained_betas=betas_ending_at(betas, alpha_T).tolist(), rescale_betas_zero_snr=False)
+    return DDIMScheduler.from_config(scheduler_config, **settings)
+
+
+def write_pipeline(teacher: Teacher, merged: nn.Module, scheduler, out: Path) -> str:
+    """The teacher's pipeline with ``merged`` as its denoiser and ``scheduler`` as its scheduler, saved to ``out``
+    (safetensors; no absolute path in any config), and ``out`` itself also a model folder of ``merged`` (hard
+    links to the denoiser's files where the filesystem allows, copies otherwise). Returns the pipeline's class."""
+    pipe = teacher.pipeline
+    if pipe is None:
+        raise ValueError("the teacher was loaded without its pipeline")
+    pipe.register_modules(**{teacher.component: merged, "scheduler": scheduler})
+    pipe.save_pretrained(out, safe_serialization=True)
+    _drop_recorded_paths(out)
+    _mirror_files(out / teacher.component, out)
+    return type(pipe).__name__
+
+
+def _drop_recorded_paths(out: Path) -> None:
+    """diffusers writes ``_name_or_path`` (where each part was loaded from, an absolute path) into every
+    config; an export records no path, so it can be moved."""
+    for path in [out / "model_index.json", *out.glob("*/config.json"), *out.glob("*/scheduler_config.json")]:
+        config = json.loads(path.read_text())
+        if isinstance(config, dict) and config.pop("_name_or_path", None) is not None:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _mirror_files(folder: Path, out: Path) -> None:
+    """Every file of ``folder`` also under ``out`` (a hard link, else a copy): the same files twice, one copy on disk."""
+    for path in folder.iterdir():
+        try:
+            os.link(path, out / path.name)
+        except OSError:  # no hard links here (another filesystem, FAT, some network shares)
+            shutil.copyfile(path, out / path.name)
