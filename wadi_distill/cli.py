@@ -298,6 +298,21 @@ def recipe(
 
 
 @app.command()
+def diagnose(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Finished run folders of the embedded teacher.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the rows to this CSV file.")] = None,
+    per_class: Annotated[int, typer.Option(min=1, help="Samples per class (10 classes).")] = 20,
+) -> None:
+    """The denoising error by timestep of real latents, the teacher's single step and each run's one-step
+    samples, under the teacher and the run's fake score: how far off the teacher's data the samples lie at
+    each scale, and how much of that the fake score has learned."""
+    from .experiments.diagnose import diagnose_runs
+
+    table = diagnose_runs(runs or [], out, per_class=per_class)
+    say(escape(table.to_string()))
+
+
+@app.command()
 def reproduce(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for CSVs, figures, report.html/pdf.")] = Path(
         "reports/reproduction"),
