@@ -21,11 +21,12 @@ def short_run(tmp_path_factory):
 
 def test_the_teachers_single_step_lies_off_its_data_at_fine_scales(short_run, tmp_path):
     """The undistilled teacher's one step is far from its data where t resolves detail (t = 50), not at
-    t = 950; the run's rows come from its fake score (loaded: it differs from the teacher) and its generator."""
+    t = 950, and its 25 steps are not; the run's rows come from its fake score (loaded: it differs from the teacher) and its generator."""
     table = diagnose_runs([short_run], tmp_path / "gap.csv", per_class=2)
     assert list(table.index.get_level_values("t")) == list(TIMESTEPS)
     real, single = table["real / teacher"], table["teacher 1 step / teacher"]
     assert single.loc[50].item() > 3 * real.loc[50].item()
+    assert table["teacher 25 steps / teacher"].loc[50].item() < 1.5 * real.loc[50].item()  # many steps: on its data
     assert single.loc[950].item() < 1.5 * real.loc[950].item()
     assert (table["run / fake"] != table["run / teacher"]).all()
     assert (tmp_path / "gap.csv").read_text().startswith("t,1-a_t,real / teacher")

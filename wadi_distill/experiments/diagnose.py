@@ -10,7 +10,8 @@ that is how far off the teacher's data they lie at the scale t resolves (low t: 
 score's D on the same samples, below the teacher's, is how much of that it has learned: the VSD gradient
 at t is the difference of the two scores, so where the fake score's D equals the teacher's, the
 generator gets no signal at that scale. Rows are written for the teacher's own single step (the
-generator at initialisation) and for each run's last checkpoint.
+generator at initialisation), its 25-step DDIM samples (at the real score's default guidance: what the
+student is distilled towards) and each run's last checkpoint.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def denoising_gap(runs: list[str | os.PathLike], per_class: int = 20, timesteps=
 
     from ..adapters import activate
     from ..distill import FAKE, GENERATOR, one_step
+    from ..sampling import ddim
     from ..teacher import load_teacher
     from ..vsd import VSDConfig
 
@@ -106,6 +108,9 @@ def denoising_gap(runs: list[str | os.PathLike], per_class: int = 20, timesteps=
     with torch.no_grad():
         single = one_step(teacher, teacher.denoiser, noise, conditioning, VSDConfig())
     add("teacher 1 step", "teacher", denoising_error(teacher, teacher.denoiser, single, conditioning, timesteps, seed))
+    guidance = VSDConfig().guidance_real
+    many = ddim(teacher, teacher.denoiser, noise, conditioning, teacher.encode([""]), 25, guidance)
+    add("teacher 25 steps", "teacher", denoising_error(teacher, teacher.denoiser, many, conditioning, timesteps, seed))
     for run_dir in runs:
         run_teacher, roles, recorded = _run_roles(Path(run_dir))
         run_conditioning = run_teacher.encode(prompts)
