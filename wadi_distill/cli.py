@@ -117,14 +117,25 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the one-step pipeline (self-contained: it may be moved).")],
     ema: Annotated[bool, typer.Option("--ema", help="Export the EMA of the generator adapter (runs with ema_decay).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder that is not an earlier export.")] = False,
+    lora_rank: Annotated[Optional[int], typer.Option(help=(
+        "Also write OUT/lora/: the merged change of every changed layer as a truncated-SVD LoRA of at most this "
+        "rank per layer (diffusers/peft file; kohya file for U-Nets), with its error."))] = None,
+    lora_energy: Annotated[Optional[float], typer.Option(help=(
+        "Also write OUT/lora/, each layer at the smallest rank keeping this share (0, 1] of its change's squared "
+        "singular values; with --lora-rank, capped at that rank."))] = None,
 ) -> None:
     """Write a complete one-step diffusers pipeline (AutoPipelineForText2Image loads it; call it with
     num_inference_steps=1, guidance_scale=0.0), also a model folder of the merged denoiser, plus
-    one_step.safetensors and the adapter file."""
+    one_step.safetensors and the adapter file; with --lora-rank/--lora-energy also LoRA files of the change."""
     from .export import export_run
+    from .lora_export import LoRASettings, read_report, summary_line
 
-    for label, path in export_run(run_dir, out, ema=ema, overwrite=overwrite).items():
+    lora = LoRASettings(lora_rank, lora_energy) if lora_rank is not None or lora_energy is not None else None
+    paths = export_run(run_dir, out, ema=ema, overwrite=overwrite, lora=lora)
+    for label, path in paths.items():
         say(f"{label}: {path}")
+    if "lora" in paths:
+        say(summary_line(read_report(paths["lora"])))
 
 
 @app.command("sample")

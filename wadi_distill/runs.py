@@ -20,6 +20,8 @@ An export (``wadi-distill export RUN --out EXPORT``) is self-contained, and so c
                                                     before: the same files as unet/, hard-linked)
     EXPORT/one_step.safetensors                     the merged denoiser as one file
     EXPORT/generator_adapter.safetensors            the adapter (LoRaD, LoRA, DoRA runs)
+    EXPORT/lora/                                    with --lora-rank / --lora-energy: the change as SVD LoRA
+                                                    files (diffusers/peft, kohya) and their error (lora_export)
     EXPORT/wadi_one_step.json                       how to run it in one step; the teacher by name only
 
 A model folder with a ``wadi_one_step.json`` but no pipeline (an export of before, a swap of one) reads

@@ -154,13 +154,14 @@ def diagnose_runs(runs: list[str | os.PathLike], out: str | os.PathLike | None =
 
 def regression_probe(steps: int = 1000, batch_size: int = 16, targets: int = 2048, lr: float = 1e-3,
                      teacher_steps: int = 25, guidance: float = 1.5, per_class: int = 100, seed: int = 0,
-                     log=print) -> dict:
+                     options: dict | None = None, log=print) -> dict:
     """The capacity probe: the embedded defaults' generator adapter (LoRaD on the same base, same rank and
     placement) trained not by VSD but by regression onto the teacher's own DDIM samples from the same noise,
     L = mse(G(z), DDIM_teacher(z)), on ``targets`` fixed (z, prompt) pairs. If this student's one-step FD
     reaches the teacher's DDIM FD, the adapter can represent a good one-step generator and VSD's signal is
-    what falls short; if not, the generator's parametrisation is the limit. Returns its scores and
-    denoising errors (the teacher's D(t) on its samples)."""
+    what falls short; if not, the generator's parametrisation is the limit. ``options`` are ``run`` options
+    over the embedded defaults that choose the generator (e.g. ``{"adapter": "full"}``, a preset, a rank).
+    Returns its scores and denoising errors (the teacher's D(t) on its samples)."""
     from .. import embedded
     from ..adapters import activate
     from ..config import load_config
@@ -184,7 +185,7 @@ def regression_probe(steps: int = 1000, batch_size: int = 16, targets: int = 204
     # Teacher targets, chunk by chunk (no adapter is attached yet).
     target = torch.cat([ddim(teacher, teacher.denoiser, noise[i:i + 256], conditioning.select(torch.arange(i, min(i + 256, targets))),
                              null, teacher_steps, guidance) for i in range(0, targets, 256)])
-    roles, counts = attach_roles(teacher, load_config())
+    roles, counts = attach_roles(teacher, load_config(**(options or {})))
     parameters = roles.parameters(GENERATOR)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     vsd = VSDConfig()
@@ -201,7 +202,8 @@ def regression_probe(steps: int = 1000, batch_size: int = 16, targets: int = 204
         if step % 200 == 0:
             log(f"regression step {step}/{steps}  loss {loss.item():.4f}")
     # Score.
-    activate(roles.base, GENERATOR)
+    if not roles.separate_generator:
+        activate(roles.base, GENERATOR)
     benchmark = Benchmark(per_class=per_class)
     result = benchmark.evaluate_model(teacher, roles.generator, vsd)
     prompts_eval = [datasets.caption(classes, c) for c in range(len(classes)) for _ in range(20)]
@@ -212,6 +214,6 @@ def regression_probe(steps: int = 1000, batch_size: int = 16, targets: int = 204
         samples = one_step(teacher, roles.generator, check_noise, check_conditioning, vsd)
     activate(roles.base, None)
     errors = denoising_error(teacher, roles.base, samples, check_conditioning)
-    return {"scores": result["scores"], "trainable": counts[GENERATOR], "steps": steps, "batch_size": batch_size,
+    return {"options": options or {}, "scores": result["scores"], "trainable": counts[GENERATOR], "steps": steps, "batch_size": batch_size,
             "targets": targets, "lr": lr, "first_loss": losses[0], "last_loss": losses[-1], "teacher_steps": teacher_steps, "guidance": guidance,
             "denoising_error": dict(zip(TIMESTEPS, errors))}
