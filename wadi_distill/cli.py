@@ -75,6 +75,13 @@ def run(
     teacher_config: Annotated[Optional[str], typer.Option(
         help="Single-file teacher: local diffusers pipeline folder with its configs, tokenizer and scheduler.")] = None,
     prompts: Annotated[Optional[str], typer.Option(help="Prompt file: .txt (one a line), .jsonl or .csv.")] = None,
+    prompt_field: Annotated[Optional[str], typer.Option("--prompt-field", "--prompt-column", help=(
+        ".jsonl: dotted path to each object's prompt (JourneyDB: Task2.Caption); .csv: the column "
+        f"(default {RUN.prompt_column}; TOML prompt_column)."))] = None,
+    dedupe_prompts: Annotated[Optional[bool], typer.Option(
+        "--dedupe-prompts/--no-dedupe-prompts", help="Drop repeated prompts, keeping the first.")] = None,
+    shuffle_prompts: Annotated[Optional[int], typer.Option(
+        metavar="SEED", help="Shuffle the prompts with this seed (recorded in RUN/prompts.json).")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="Run folder.")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help=f"Training steps ({defaults('steps')}).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(
@@ -102,7 +109,9 @@ def run(
     from .config import load_config
     from .training.loop import train
 
-    resolved = load_config(config, teacher=teacher, teacher_config=teacher_config, prompts=prompts, out=out,
+    resolved = load_config(config, teacher=teacher, teacher_config=teacher_config, prompts=prompts,
+                           prompt_column=prompt_field, prompt_dedupe=dedupe_prompts,
+                           prompt_shuffle_seed=shuffle_prompts, out=out,
                            steps=steps, batch_size=batch_size, adapter=adapter, plan=plan,
                            generator_rank=generator_rank, fake_rank=fake_rank, seed=seed,
                            mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing)

@@ -34,7 +34,9 @@ class RunConfig:
     teacher: str = ""                       # diffusers pipeline folder
     teacher_config: str | None = None       # single-file teacher: local diffusers pipeline folder with its configs
     prompts: str = ""                       # .txt (one per line), .jsonl/.csv (see prompt_column)
-    prompt_column: str = "prompt"
+    prompt_column: str = "prompt"           # .csv: a column; .jsonl: a dotted path (Task2.Caption); CLI --prompt-field
+    prompt_dedupe: bool = False             # drop repeated prompts (first kept), as the published code does
+    prompt_shuffle_seed: int | None = None  # shuffle the prompts with this seed (None: file order)
     cache_dir: str = ""                     # prompt-embedding cache; "": $XDG_CACHE_HOME/wadi or ~/.cache/wadi
     out: str = "run"
     steps: int = 100
@@ -161,7 +163,9 @@ LEARNING_RATE = _number(0, open_low=True, words="a number > 0")
 TIMESTEP = _integer(0)
 RULES: dict[str, Rule] = {
     "teacher": _text(), "teacher_config": _optional(_text()), "prompts": _text(),
-    "prompt_column": _text(empty=False), "cache_dir": _text(), "out": _text(empty=False),
+    "prompt_column": _text(empty=False), "prompt_dedupe": _flag,
+    "prompt_shuffle_seed": _optional(_integer(0, 2 ** 62 - 1, words="a non-negative integer below 2**62")),
+    "cache_dir": _text(), "out": _text(empty=False),
     "steps": POSITIVE, "batch_size": POSITIVE, "seed": SEED, "adapter": _choice(ADAPTERS),
     "generator_preset": _presets(), "fake_preset": _presets(),
     "generator_rank": _optional(POSITIVE), "fake_rank": _optional(POSITIVE), "plan": _optional(_text(empty=False)),

@@ -3,6 +3,8 @@
 A run folder (``wadi-distill run --out RUN``)::
 
     RUN/config.json                                 the resolved RunConfig (what the run did)
+    RUN/prompts.json                                the prompts it trained on: source, de-duplication,
+                                                    shuffle seed, count, digest (training.prompt_files)
     RUN/checkpoints/step-NNNNNNN/                   adapters, optimisers, RNG states, step
                                                     (written and read by training.checkpoint)
     RUN/generator_adapter[_ema].safetensors         the trained generator (LoRaD, LoRA, DoRA), or
@@ -76,6 +78,10 @@ class RunFolder:
         return self.path / "metrics.csv"
 
     @property
+    def prompts_file(self) -> Path:
+        return self.path / "prompts.json"
+
+    @property
     def tensorboard_dir(self) -> Path:
         return self.path / "tensorboard"
 
@@ -89,7 +95,8 @@ class RunFolder:
 
     def written(self) -> list[Path]:
         """Every path training writes into the run folder (besides the checkpoints' contents)."""
-        return [self.config_file, self.checkpoint_root, self.metrics_file, self.tensorboard_dir, self.path / "samples",
+        return [self.config_file, self.prompts_file, self.checkpoint_root, self.metrics_file, self.tensorboard_dir,
+                self.path / "samples",
                 *(self.generator(full, ema) for full in (False, True) for ema in (False, True))]
 
     def refuse_links(self) -> None:

@@ -51,6 +51,7 @@ CANDIDATES: dict[str, dict] = {
     "generator-rank-64": {"generator_rank": 64},
     # the upper bound of capacity: the generator a full copy of the U-Net (the fake score stays LoRaD)
     "generator-full": {"adapter": "full", "generator_lr": 1e-4},
+    "generator-full-lr-2e-5": {"adapter": "full", "generator_lr": 2e-5},
     # the weighting of the two losses over t (vsd.GENERATOR_WEIGHTINGS, vsd.FAKE_WEIGHTINGS)
     "weighting-dmd": {"vsd": {"generator_weighting": "dmd"}},
     "fake-weighting-uniform": {"vsd": {"fake_weighting": "uniform"}},

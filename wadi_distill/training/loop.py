@@ -8,12 +8,14 @@ averaged across processes, and rank 0 writes the outputs.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
 import torch
 from torch import nn
 
+from wadi_analysis.atomic import atomic_write_text
 from wadi_analysis.outputs import check_output
 
 from ..config import RunConfig, check_schedule
@@ -24,7 +26,8 @@ from ..teacher import Teacher, load_teacher
 from . import sharding
 from .checkpoint import CheckpointIO, resolve_resume
 from .ema import AdapterEMA
-from .prompts import cached_embeddings, read_prompts
+from .prompt_files import open_prompts
+from .prompts import cached_embeddings
 from .runlog import RunLog, digest, metric_rows
 
 __all__ = ["TrainingError", "train", "save_generator"]  # TrainingError: where callers of train() catch it
@@ -46,7 +49,9 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     _check_run_folder(run, config, resume)
 
     # Load the teacher and attach the roles (bad targets leave no run folder).
-    prompts = read_prompts(config.prompts, config.prompt_column)
+    prompts = open_prompts(config.prompts, config.prompt_column, dedupe=config.prompt_dedupe,
+                           shuffle_seed=config.prompt_shuffle_seed)
+    prompt_record = prompts.manifest()  # before any write: a file that changed meanwhile is refused here
     teacher = load_teacher(config.teacher, config=config.teacher_config)
     check_schedule(config.vsd, teacher.num_timesteps)
     roles, counts = attach_roles(teacher, config)
@@ -57,7 +62,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     notices: list[str] = []  # said once the run is known to start: a refused run says one error line only
     all_prompts, null_prompt, cache_hit = cached_embeddings(teacher, prompts, config.embedding_cache(),
                                                             warn=notices.append)
-    validation = teacher.encode(config.validation_prompts or prompts[:4]).to(accelerator.device)
+    validation = teacher.encode(config.validation_prompts or prompts.head(4)).to(accelerator.device)
     optimizer_class = _optimizer_class(config.optimizer)
     optimizers = {role: optimizer_class(roles.parameters(role), lr=lr, weight_decay=config.weight_decay)
                   for role, lr in ((GENERATOR, config.generator_lr), (FAKE, config.fake_lr))}
@@ -77,6 +82,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     if is_main:
         run.path.mkdir(parents=True, exist_ok=True)
         config.write(run.config_file)
+        atomic_write_text(run.prompts_file, json.dumps(prompt_record, indent=2) + "\n")  # what it trained on
         for line in notices:
             print(line, file=sys.stderr)
     try:

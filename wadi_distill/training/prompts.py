@@ -1,51 +1,26 @@
-"""Prompt sources and the prompt-embedding cache.
+"""The prompt-embedding cache (prompt files are :mod:`.prompt_files`'s).
 
-Prompts come from a text file (one per line), JSONL or CSV (a named column). Their embeddings are
-computed once and cached on disk under a key made of the prompts and a fingerprint of the text
-encoder(s) and tokenizer(s): a different encoder or prompt list misses the cache, never reuses it.
+Embeddings are computed once and cached on disk under a key made of the prompts and a fingerprint of
+the text encoder(s) and tokenizer(s): a different encoder or prompt list misses the cache, never reuses
+it. The prompts are streamed (a :class:`~.prompt_files.PromptSet` reads them back from its file), so
+only the embeddings are held in memory.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
+import itertools
 import json
 import os
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from ..teacher import Conditioning, Teacher
+from .prompt_files import PromptSet, json_list_chunks, read_prompts
 
-
-def read_prompts(path: str | os.PathLike, column: str = "prompt") -> list[str]:
-    """Non-empty prompts of a .txt, .jsonl or .csv file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read prompts {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"prompts file {path} is not UTF-8 text") from None
-    if path.suffix == ".jsonl":
-        prompts = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    prompts.append(str(json.loads(line)[column]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{number}: not a JSON object with a {column!r} field") from None
-    elif path.suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if column not in (reader.fieldnames or []):
-            raise ValueError(f"{path} has no column {column!r} (columns: {', '.join(reader.fieldnames or [])})")
-        prompts = [row[column] for row in reader]
-    else:
-        prompts = text.splitlines()
-    prompts = [p.strip() for p in prompts if p and p.strip()]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts")
-    return prompts
+__all__ = ["cached_embeddings", "encoder_fingerprint", "read_prompts"]  # read_prompts: where callers import it
 
 
 def encoder_fingerprint(teacher: Teacher) -> str:
@@ -67,13 +42,24 @@ def encoder_fingerprint(teacher: Teacher) -> str:
     return digest.hexdigest()[:24]
 
 
-def cached_embeddings(teacher: Teacher, prompts: list[str], cache_dir: str | os.PathLike,
+def cache_key(teacher: Teacher, prompts: Iterable[str]) -> str:
+    """sha256 of ``json.dumps([fingerprint, family, list(prompts)])`` (the key entries have always had),
+    hashed streaming so that the prompt list is never built."""
+    digest = hashlib.sha256(f"[{json.dumps(encoder_fingerprint(teacher))}, {json.dumps(teacher.family)}, ".encode())
+    for chunk in json_list_chunks(prompts):
+        digest.update(chunk)
+    digest.update(b"]")
+    return digest.hexdigest()[:24]
+
+
+def cached_embeddings(teacher: Teacher, prompts: Sequence[str] | PromptSet, cache_dir: str | os.PathLike,
                       batch_size: int = 64, warn=None) -> tuple[Conditioning, Conditioning, bool]:
     """(conditioning of every prompt, null-prompt conditioning, cache hit?) — computed once, then read.
+    ``prompts``: a list or a :class:`~.prompt_files.PromptSet` (iterated twice on a miss: key, then batches).
 
     A damaged cache entry is a miss: it is recomputed and rewritten, and ``warn(line)`` says so."""
     cache_dir = Path(cache_dir)
-    key = hashlib.sha256(json.dumps([encoder_fingerprint(teacher), teacher.family, prompts]).encode()).hexdigest()[:24]
+    key = cache_key(teacher, prompts)
     path = cache_dir / f"prompts-{key}.pt"
     if path.is_file():
         stored = _read_entry(path, len(prompts))
@@ -81,7 +67,7 @@ def cached_embeddings(teacher: Teacher, prompts: list[str], cache_dir: str | os.
             return stored[0], stored[1], True
         if warn is not None:
             warn(f"warning: the prompt-embedding cache entry {path} is damaged; recomputing and rewriting it")
-    parts = [teacher.encode(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    parts = [teacher.encode(batch) for batch in _batches(prompts, batch_size)]
     everything, null = Conditioning.cat(parts), teacher.encode([""])
     cache_dir.mkdir(parents=True, exist_ok=True)
     from wadi_analysis.atomic import atomic_write
@@ -90,6 +76,13 @@ def cached_embeddings(teacher: Teacher, prompts: list[str], cache_dir: str | os.
              "null": {"hidden_states": null.hidden_states, "extra": null.extra}}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     return everything, null, False
+
+
+def _batches(prompts: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Lists of ``size`` prompts (the last shorter), read as they are needed."""
+    stream = iter(prompts)
+    while batch := list(itertools.islice(stream, size)):
+        yield batch
 
 
 def _read_entry(path: Path, count: int) -> tuple[Conditioning, Conditioning] | None:
