@@ -52,6 +52,8 @@ CANDIDATES: dict[str, dict] = {
     # the upper bound of capacity: the generator a full copy of the U-Net (the fake score stays LoRaD)
     "generator-full": {"adapter": "full", "generator_lr": 1e-4},
     "generator-full-lr-2e-5": {"adapter": "full", "generator_lr": 2e-5},
+    # LoRA (peft) at the LoRaD budget on the same Linear + Conv2d targets: the regression probe's best adapter
+    "generator-lora-conv": {"adapter": "lora", "generator_preset": "sd-unet-generator-conv", "generator_rank": 8},
     # the weighting of the two losses over t (vsd.GENERATOR_WEIGHTINGS, vsd.FAKE_WEIGHTINGS)
     "weighting-dmd": {"vsd": {"generator_weighting": "dmd"}},
     "fake-weighting-uniform": {"vsd": {"fake_weighting": "uniform"}},
