@@ -42,14 +42,13 @@ def denoising_error(teacher, model, samples: torch.Tensor, conditioning, timeste
 
 
 def _prompts_and_real(per_class: int):
-    """``per_class`` real test images of each class as the teacher's scaled latents, and their prompts."""
-    from .. import embedded
+    """``per_class`` real test images of each class, and their prompts."""
     from ..embedded import datasets
 
     test = datasets.fashion_mnist("test", size=32)
     index = torch.cat([torch.nonzero(test.labels == c).flatten()[:per_class] for c in range(len(test.classes))])
     prompts = [datasets.caption(test.classes, int(label)) for label in test.labels[index]]
-    return prompts, test.images[index], embedded
+    return prompts, test.images[index]
 
 
 def _latents(teacher, images: torch.Tensor) -> torch.Tensor:
@@ -59,24 +58,17 @@ def _latents(teacher, images: torch.Tensor) -> torch.Tensor:
 
 
 def _run_roles(run_dir: Path):
-    """The run's teacher with both roles attached and loaded from its last checkpoint."""
-    from safetensors.torch import load_file
-
+    """The run's teacher with both roles attached as the run attached them, loaded from its last checkpoint."""
     from ..config import load_config
-    from ..distill import ROLES, attach_roles
+    from ..distill import attach_roles
     from ..runs import RunFolder, run_teacher
+    from ..training.checkpoint import copy_roles, read_roles
 
     run = RunFolder(run_dir)
     recorded = run.read_config()
     teacher = run_teacher(recorded)
-    keys = ("generator_rank", "fake_rank", "adapter", "generator_preset", "fake_preset", "seed", "plan")
-    roles, _ = attach_roles(teacher, load_config(**{k: recorded.get(k) for k in keys}))
-    last = run.checkpoints()[-1]
-    with torch.no_grad():
-        for role in ROLES:
-            named = roles.named_parameters(role)
-            for name, tensor in load_file(last / f"{role}.safetensors").items():
-                named[name].copy_(tensor)
+    roles, _ = attach_roles(teacher, load_config(**recorded))
+    copy_roles(read_roles(run.checkpoints()[-1], roles), roles)
     return teacher, roles, recorded
 
 
@@ -85,13 +77,14 @@ def denoising_gap(runs: list[str | os.PathLike], per_class: int = 20, timesteps=
     embedded teacher), the teacher's D(t) and, for runs, the fake score's, per t (columns ``t``, ``1-a_t``)."""
     import pandas as pd
 
+    from .. import embedded
     from ..adapters import activate
     from ..distill import FAKE, GENERATOR, one_step
     from ..sampling import ddim
     from ..teacher import load_teacher
     from ..vsd import VSDConfig
 
-    prompts, images, embedded = _prompts_and_real(per_class)
+    prompts, images = _prompts_and_real(per_class)
     teacher = load_teacher(embedded.teacher_path())
     conditioning = teacher.encode(prompts)
     noise = torch.randn((len(prompts), teacher.latent_channels, teacher.sample_size, teacher.sample_size),

@@ -78,8 +78,7 @@ class CheckpointIO:
         if written_by != processes:
             raise TrainingError(f"checkpoint {path} was written by {written_by} process(es); resume it with as many "
                                 f"(this run has {processes})")
-        roles = {role: _matching_tensors(path / f"{role}.safetensors", self.roles.named_parameters(role))
-                 for role in ROLES}
+        roles = read_roles(path, self.roles)
         ema = None
         if self.ema is not None:
             if not (path / "generator_ema.safetensors").is_file():
@@ -89,11 +88,7 @@ class CheckpointIO:
         if not isinstance(states, dict) or any(not isinstance(states.get(role), dict) for role in self.optimizers):
             raise TrainingError(f"{path / 'optimizers.pt'} does not hold this run's optimiser states")
         rng = _rng_state(path / f"rng-{self.rank}.pt", self.rng)
-        with torch.no_grad():
-            for role, tensors in roles.items():
-                named = self.roles.named_parameters(role)
-                for name, tensor in tensors.items():
-                    named[name].copy_(tensor)
+        copy_roles(roles, self.roles)
         if ema is not None:
             self.ema.load_state_dict(ema)
         for role, optimizer in self.optimizers.items():
@@ -119,6 +114,20 @@ def read_step(path: Path) -> int:
     if path.name.startswith("step-") and path.name != f"step-{step:07d}":
         raise TrainingError(f"{path / 'state.json'} says step {step}, its folder {path.name}")
     return step
+
+
+def read_roles(path: Path, roles: Roles) -> dict[str, dict[str, torch.Tensor]]:
+    """Checkpoint ``path``'s tensors of every role, each file checked to be exactly ``roles``' parameters."""
+    return {role: _matching_tensors(path / f"{role}.safetensors", roles.named_parameters(role)) for role in ROLES}
+
+
+def copy_roles(tensors: dict[str, dict[str, torch.Tensor]], roles: Roles) -> None:
+    """Copy :func:`read_roles`' tensors into ``roles``' parameters."""
+    with torch.no_grad():
+        for role, named_tensors in tensors.items():
+            named = roles.named_parameters(role)
+            for name, tensor in named_tensors.items():
+                named[name].copy_(tensor)
 
 
 def _matching_tensors(file: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
