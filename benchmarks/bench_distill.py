@@ -12,19 +12,32 @@ Variants, each run in a fresh subprocess:
   fake targets; the same VSD equations (``wadi_distill.vsd``), CFG with the null embedding on teacher and
   fake (uncond + cond batched), prompt dropout on the fake step.
 * ``lora``:      like ``shared`` with peft LoRA at ``lora_ranks_at_equal_budget`` ranks.
+* ``rebuild``:   ``shared`` as it ran before issue 16: every use of ``module.weight`` rebuilds the rotated
+  weight from scratch with that version's rotation, copied into this file (fresh theta, cos, sin and
+  W', theta saved for backward, the fake score's weights built twice per iteration) -- the comparison
+  for the fused, recycled and reused rotation (``LoRaDParametrization.forward`` patched in that process).
 
 Configurations: ``tiny`` (``tiny_sd15_config()``, latents 16x16, batch 2, ranks 16 / 4) and ``sd15``
 (``real_config("sd15_unet")`` fp32, latents 8x8, batch 1, ranks 256 / 32 as published).
 
-Reported: s/iteration (median of the timed iterations after warm-up; if the warm-up iteration takes
-more than 60 s only one iteration is timed), peak RSS growth (``/proc/self/clear_refs`` <- 5 right after
-the imports, before any model is built, then VmHWM minus VmRSS at that reset: weights, adapters,
-optimiser state, activations, workspace) and weight memory (bytes of the unique storages of all
+The variants run in fresh processes, interleaved for ``--rounds`` rounds (``rebuild, shared, lora, ...``
+then again), with glibc's allocator defaults (``MALLOC_*`` and ``GLIBC_TUNABLES`` removed from the
+children's environment). Reported per variant: the median over rounds of its s/iteration (each round:
+median of the timed iterations after warm-up; if the warm-up iteration takes more than 60 s only one
+iteration is timed) and the median over rounds of its ratio to ``shared`` and to ``lora`` *in the same
+round*; the same for the process CPU time per iteration (``time.process_time``: with ``--threads 1`` the
+figure least disturbed by other processes on a shared machine -- with more threads it includes
+OpenMP's spinning); minor page faults and system CPU seconds per timed iteration, peak RSS growth
+(``/proc/self/clear_refs`` <- 5 right after the imports, before any model is built, then VmHWM minus
+VmRSS at that reset: weights, adapters, optimiser state, activations, workspace) and weight memory (bytes of the unique storages of all
 parameters and buffers of all model copies, adapters included). Target from the issue: shared weight
 memory <= 0.5x the three-copy layout.
 
-Run:  python benchmarks/bench_distill.py [--quick] [--skip-sd15]
-On 2 cores any other busy process distorts every figure: the load average is printed with the table.
+Run:  python benchmarks/bench_distill.py [--quick] [--configs tiny,sd15] [--rounds N] [--variants rebuild,shared,lora]
+      [--threads N] [--wait-s S] [--profile]   (--profile: the top operators of one iteration per variant,
+      torch.profiler, self CPU time)
+On 2 cores any other busy process distorts every figure: the load average is printed with the table
+(the run first waits up to ``--wait-s`` seconds, default 300, for a load average below 1.5).
 
 GPU mode (``--gpu``; ``benchmarks/gpu_run.sh`` runs it on a lent machine): the SD1.5 config
 (``real_config("sd15_unet")``, random weights) at 64x64 latents, batch 4, ranks 256 / 32 as published,
@@ -57,7 +70,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("shared", "published", "lora")
+VARIANTS = ("rebuild", "shared", "published", "lora")
 CONFIGS = {  # name: (latent size, batch, generator rank, fake rank)
     "tiny": (16, 2, 16, 4),
     "sd15": (8, 1, 256, 32),
@@ -104,10 +117,12 @@ def build(variant: str, config: str, device: str = "cpu", dtype_name: str = "fp3
     from wadi_distill.vsd import add_noise, fake_score_loss, generator_loss, guided, predicted_x0
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench_lorad import attach_hook_style
+    from bench_lorad import attach_hook_style, patch_rebuild_every_use
 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+    if variant == "rebuild":
+        patch_rebuild_every_use()  # this process only
     device = torch.device(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     latent, batch, gen_rank, fake_rank = sizes or CONFIGS[config]
@@ -208,25 +223,41 @@ def build(variant: str, config: str, device: str = "cpu", dtype_name: str = "fp3
     return {"iteration": iteration, "models": models, "gen_params": gen_params, "fake_params": fake_params}
 
 
+def top_operators(iteration, rows: int = 14) -> str:
+    """torch.profiler's table of one ``iteration()``, by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        iteration()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def time_iterations(iteration, warmup: int, iters: int, slow_s: float, sync=lambda: None, slow_from: int = 0) -> dict:
     """Median of ``iters`` timed iterations after ``warmup``; if a warm-up iteration (from number
     ``slow_from`` on: a GPU's first one pays one-time initialisation) takes more than ``slow_s``, one
     timed iteration follows it instead."""
-    times, first, i = [], None, 0
+    import resource
+
+    times, cpu_times, faults, sys_times, first, i = [], [], [], [], None, 0
     while i < warmup + iters:
         sync()
-        start = time.perf_counter()
+        start, cpu_start, usage = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
         iteration()
         sync()
         elapsed = time.perf_counter() - start
         first = elapsed if first is None else first
         if i >= warmup:
+            after = resource.getrusage(resource.RUSAGE_SELF)
             times.append(elapsed)
+            cpu_times.append(time.process_time() - cpu_start)
+            faults.append(after.ru_minflt - usage.ru_minflt)
+            sys_times.append(after.ru_stime - usage.ru_stime)
         elif elapsed > slow_s and i >= slow_from:  # slow: one timed iteration after this warm-up
             warmup, iters = i + 1, 1
         i += 1
-    return {"s": statistics.median(times), "n": len(times), "first_s": first, "warmup": warmup,
-            "times": [round(t, 4) for t in times]}
+    return {"s": statistics.median(times), "cpu_s": statistics.median(cpu_times), "n": len(times), "first_s": first,
+            "warmup": warmup, "times": [round(t, 4) for t in times], "faults": statistics.median(faults),
+            "sys_s": statistics.median(sys_times)}
 
 
 def child(args) -> dict:
@@ -251,10 +282,14 @@ def child(args) -> dict:
     built = build(args.variant, args.config)
     timing = time_iterations(built["iteration"], args.warmup, args.iters, slow_s=60)
     gen_params, fake_params = built["gen_params"], built["fake_params"]
-    return {"s": timing["s"], "n": timing["n"], "first_s": timing["first_s"], "warmup": timing["warmup"],
+    result = {"s": timing["s"], "cpu_s": timing["cpu_s"], "n": timing["n"], "first_s": timing["first_s"], "warmup": timing["warmup"],
+            "faults": timing["faults"], "sys_s": timing["sys_s"],
             "peak_mb": (proc_status_kb("VmHWM") - rss_at_reset) / 1024,
             "weight_mb": weight_bytes(built["models"]) / 2**20,
             "gen_params": sum(p.numel() for p in gen_params), "fake_params": sum(p.numel() for p in fake_params)}
+    if args.profile:
+        result["profile"] = top_operators(built["iteration"])
+    return result
 
 
 def gpu_sizes(args) -> tuple[int, int, int, int]:
@@ -318,10 +353,16 @@ def gpu_child(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- parent
+def glibc_default_env() -> dict:
+    """This environment without allocator settings: the children measure glibc's defaults."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
+
 def run_child(variant: str, config: str, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--variant", variant, "--config", config,
            "--threads", str(args.threads), "--iters", str(args.iters), "--warmup", str(args.warmup)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    cmd += ["--profile"] if args.profile else []
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=glibc_default_env()).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -415,6 +456,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer iterations")
     parser.add_argument("--skip-sd15", action="store_true", help="only the tiny U-Net")
+    parser.add_argument("--configs", default="tiny,sd15", help="which of tiny,sd15 (CPU mode)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=None)
@@ -426,7 +468,10 @@ def main() -> None:
     gpu.add_argument("--tiny", action="store_true", help="--gpu: the tiny U-Net (a quick check of the code path)")
     gpu.add_argument("--batch", type=int, default=4)
     gpu.add_argument("--latent", type=int, default=64)
-    gpu.add_argument("--variants", default=",".join(GPU_VARIANTS))
+    parser.add_argument("--variants", default=None, help=f"default {','.join(VARIANTS)}; --gpu: {','.join(GPU_VARIANTS)}")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, --quick 1; sd15: 1)")
+    parser.add_argument("--profile", action="store_true", help="top operators of one iteration per variant")
+    parser.add_argument("--wait-s", type=float, default=300, help="wait up to this long for a load average < 1.5")
     gpu.add_argument("--child-timeout", type=int, default=120, help="--gpu: seconds per variant before giving up")
     gpu.add_argument("--json", default=None, help="--gpu: write the results here (after every variant)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -442,27 +487,57 @@ def main() -> None:
         print(json.dumps(gpu_child(args)))
         return
     if args.gpu:
+        args.variants = args.variants or ",".join(GPU_VARIANTS)
         sys.exit(gpu_main(args))
+    cpu_main(args)
 
-    wait_for_quiet()
-    print(f"{args.threads} threads, load average at start {os.getloadavg()[0]:.2f}")
-    for config in ("tiny",) + (() if args.skip_sd15 else ("sd15",)):
+
+def cpu_main(args) -> None:
+    """Every variant in fresh processes, interleaved round by round; medians over the rounds."""
+    variants = [v for v in (args.variants or ",".join(VARIANTS)).split(",") if v]
+    wait_for_quiet(args.wait_s)
+    print(f"{args.threads} threads, glibc allocator defaults, load average at start {os.getloadavg()[0]:.2f}")
+    iters, warmup = args.iters, args.warmup
+    for config in [c for c in args.configs.split(",") if c and not (args.skip_sd15 and c == "sd15")]:
         latent, batch, gen_rank, fake_rank = CONFIGS[config]
-        args.iters = args.iters or (3 if args.quick else 5)
-        args.warmup = args.warmup if args.warmup is not None else 1
+        args.iters = iters or (3 if args.quick else 5)
+        args.warmup = warmup if warmup is not None else 1
+        rounds = args.rounds or (1 if args.quick else 3)
         if config == "sd15":
-            args.iters, args.warmup = (1, 1) if args.quick else (2, 1)
-        rows = {v: run_child(v, config, args) for v in VARIANTS}
+            args.iters, args.warmup = (iters or (1 if args.quick else 2)), 1
+            rounds = args.rounds or 1
+        runs = {v: [] for v in variants}
+        for _ in range(rounds):
+            for v in variants:
+                runs[v].append(run_child(v, config, args))
+        ref = "shared" if "shared" in variants else variants[0]
         print(f"\n{config}: latents {latent}x{latent}, batch {batch}, LoRaD ranks {gen_rank} (generator) / "
-              f"{fake_rank} (fake); load {os.getloadavg()[0]:.2f}")
-        print(f"  {'variant':10} {'s/iter':>8} {'timed':>6} {'1st iter s':>10} {'x shared':>9} {'peak RSS MB':>12} "
-              f"{'weights MB':>11} {'gen params':>12} {'fake params':>12}")
-        for v, r in rows.items():
-            print(f"  {v:10} {r['s']:8.3f} {r['n']:6d} {r['first_s']:10.2f} {r['s'] / rows['shared']['s']:9.2f} "
-                  f"{r['peak_mb']:12.1f} {r['weight_mb']:11.1f} {r['gen_params']:12,d} {r['fake_params']:12,d}")
-        ratio = rows["shared"]["weight_mb"] / rows["published"]["weight_mb"]
-        print(f"  weight memory shared / three-copy = {ratio:.2f} (target <= 0.5); peak RSS shared / three-copy = "
-              f"{rows['shared']['peak_mb'] / rows['published']['peak_mb']:.2f}")
+              f"{fake_rank} (fake); {rounds} interleaved round(s) of {args.warmup} warm-up + {args.iters} timed "
+              f"iterations; load {os.getloadavg()[0]:.2f}")
+        print(f"  {'variant':10} {'s/iter':>8} {'x ' + ref:>9} {'x lora':>7} {'CPU s/it':>9} {'x ' + ref:>9} "
+              f"{'x lora':>7} {'1st iter s':>10} {'faults/it':>10} {'sys s/it':>9} {'peak RSS MB':>12} {'weights MB':>11} "
+              f"{'gen params':>12} {'fake params':>12}  rounds s/iter")
+
+        def ratio(results, key, other):  # median over rounds of the ratio within each round
+            if other not in runs:
+                return float("nan")
+            return statistics.median(r[key] / q[key] for r, q in zip(results, runs[other]))
+
+        for v, results in runs.items():
+            med = {k: statistics.median(r[k] for r in results)
+                   for k in ("s", "cpu_s", "first_s", "faults", "sys_s", "peak_mb")}
+            r = results[0]
+            print(f"  {v:10} {med['s']:8.3f} {ratio(results, 's', ref):9.2f} {ratio(results, 's', 'lora'):7.2f} "
+                  f"{med['cpu_s']:9.3f} {ratio(results, 'cpu_s', ref):9.2f} {ratio(results, 'cpu_s', 'lora'):7.2f} "
+                  f"{med['first_s']:10.2f} {med['faults']:10.0f} {med['sys_s']:9.2f} {med['peak_mb']:12.1f} "
+                  f"{r['weight_mb']:11.1f} {r['gen_params']:12,d} {r['fake_params']:12,d}  "
+                  + " ".join(f"{q['s']:.3f}" for q in results))
+        if "published" in runs and "shared" in runs:
+            shared, published = runs["shared"][0], runs["published"][0]
+            print(f"  weight memory shared / three-copy = {shared['weight_mb'] / published['weight_mb']:.2f} (target "
+                  f"<= 0.5); peak RSS shared / three-copy = {shared['peak_mb'] / published['peak_mb']:.2f}")
+        for v, results in runs.items() if args.profile else ():
+            print(f"\nProfile of one {config} iteration, {v} (self CPU time):\n{results[-1]['profile']}")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

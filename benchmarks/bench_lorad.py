@@ -12,13 +12,15 @@ What is measured (CPU, float32, ``torch.set_num_threads(2)`` unless ``--threads`
      (2, 77, 768); targets = all its Linear layers at ``--block-rank`` (default 256).
 
    Variants: ``lorad`` (this project: a parametrization, ``weight`` is the rotated weight, one matmul),
+   ``rebuild`` (``lorad`` with the rotation as it was before issue 16: ``patch_rebuild_every_use``),
    ``lora`` (peft, ranks from ``lora_ranks_at_equal_budget``: same trainable parameter count),
    ``dora`` (peft, LoRA's ranks), ``full`` (fine-tune the target modules' weights and biases) and
    ``hook`` (the published WaDi code's style, written here as the baseline: a forward hook on each
    target Linear recomputes the output with ``rotate_rows(weight, A @ B)`` after the base Linear
    already ran -- two matmuls per layer). Every variant runs in a fresh subprocess, and the variants
    run interleaved for ``--rounds`` rounds; the figure is the best round's median ms/step over the timed
-   steps after warm-up (a round hit by another process's load is discarded), and the peak RSS growth
+   steps after warm-up (a round hit by another process's load is discarded), the same for the process
+   CPU time per step (``time.process_time``, less disturbed by other processes), and the peak RSS growth
    during the steps
    (``/proc/self/clear_refs`` <- 5 after the model, optimizer and inputs are built, then VmHWM minus
    the VmRSS at that reset: activations, gradients, AdamW state, workspace).
@@ -37,7 +39,7 @@ before it), then the variants are timed in ``--rounds`` interleaved rounds of ``
 ``torch.cuda.synchronize`` per round; the figure is the best round's mean ms/step. ``--device cpu``
 checks the code path here.
 
-Run:  python benchmarks/bench_lorad.py [--quick] [--threads N] [--cases unet,block] [--profile]
+Run:  python benchmarks/bench_lorad.py [--quick] [--threads N] [--cases unet,block] [--variants lora,lorad,rebuild] [--profile]
       python benchmarks/bench_lorad.py --gpu [--json PATH]
 ``--profile`` adds the top ops (torch.profiler, self CPU time) of one training step per case, LoRaD vs LoRA.
 On 2 cores, any other busy process makes every figure several times slower: check ``uptime`` first.
@@ -54,7 +56,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("lora", "lorad", "hook", "dora", "full")
+VARIANTS = ("lora", "lorad", "rebuild", "hook", "dora", "full")
 
 
 # ----------------------------------------------------------------------------- models
@@ -105,6 +107,77 @@ def attach_hook_style(model, targets: dict[str, int], seed: int = 0) -> int:
     return count
 
 
+def patch_rebuild_every_use() -> None:
+    """LoRaD as it was before issue 16 (this process only), copied here as it was: the rotated weight
+    rebuilt on every use (fresh theta, cos, sin and W', four strided element-wise passes; theta saved,
+    cos, sin and W' recomputed in backward), and switching adapters by several named passes over the
+    model's modules (``adapters.activate``, as ``wadi_distill.distill`` calls it)."""
+    import torch
+    from wadi_analysis.decompose import rows
+    from wadi_analysis.geometry import paired_columns
+    from wadi_distill import adapters, distill
+    from wadi_distill.lorad.model import LoRaDParametrization, lorad_modules
+
+    def rotate(weight_rows, cos, sin):
+        out = torch.empty_like(weight_rows)
+        even, odd, unpaired = paired_columns(weight_rows)
+        out_even, out_odd, out_unpaired = paired_columns(out)
+        torch.mul(even, cos, out=out_even).addcmul_(odd, sin, value=-1)
+        torch.mul(even, sin, out=out_odd).addcmul_(odd, cos)
+        out_unpaired.copy_(unpaired)
+        return out
+
+    class PairRotationBefore(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, weight_rows, theta):
+            ctx.save_for_backward(weight_rows, theta)
+            return rotate(weight_rows.to(theta.dtype), torch.cos(theta), torch.sin(theta))
+
+        @staticmethod
+        def backward(ctx, grad):
+            weight_rows, theta = ctx.saved_tensors
+            cos, sin = torch.cos(theta), torch.sin(theta)
+            grad_weight = grad_theta = None
+            if ctx.needs_input_grad[1]:
+                even, odd, _ = paired_columns(weight_rows.to(theta.dtype))
+                grad_even, grad_odd, _ = paired_columns(grad)
+                rotated_even = (even * cos).addcmul_(odd, sin, value=-1)
+                rotated_odd = (even * sin).addcmul_(odd, cos)
+                grad_theta = (grad_odd * rotated_even).addcmul_(grad_even, rotated_odd, value=-1)
+            if ctx.needs_input_grad[0]:
+                grad_weight = rotate(grad, cos, -sin).to(weight_rows.dtype)
+            return grad_weight, grad_theta
+
+    def forward(self, weight):
+        if self.active is None or self.active not in self.adapters or self.active == self.merged:
+            return weight
+        theta = self.adapters[self.active].theta()
+        return PairRotationBefore.apply(rows(weight), theta).reshape(weight.shape).to(weight.dtype)
+
+    def adapter_names(model):
+        names = {}
+        for _, _, p in lorad_modules(model):
+            names.update(dict.fromkeys(p.adapters))
+        return list(names)
+
+    def set_adapter(model, name):
+        if name is not None and name not in adapter_names(model):
+            raise ValueError(f"no adapter named {name!r}")
+        for _, _, p in lorad_modules(model):
+            p.active = name if name in p.adapters else None
+            for adapter_name, adapter in p.adapters.items():
+                adapter.requires_grad_(adapter_name == name)
+
+    def activate(model, name):
+        if adapter_names(model):
+            set_adapter(model, name if name in adapter_names(model) else None)
+        for layer in adapters._peft_layers(model):
+            layer.enable_adapters(name is not None and name in layer.lora_A)
+
+    LoRaDParametrization.forward = forward
+    adapters.activate = distill.activate = activate
+
+
 def prepare(case: str, method: str, args, device=None, dtype=None):
     """Model with ``method`` attached; returns (model, inputs, forward, trainable count, LoRA ranks).
 
@@ -119,6 +192,9 @@ def prepare(case: str, method: str, args, device=None, dtype=None):
     if device is not None:
         model.to(device=device, dtype=dtype)
     lora_ranks = adapters.lora_ranks_at_equal_budget(model, targets)
+    if method == "rebuild":  # LoRaD before issue 16, in this process (every variant has its own)
+        patch_rebuild_every_use()
+        method = "lorad"
     if method == "hook":
         count = attach_hook_style(model, targets)
     else:
@@ -158,14 +234,16 @@ def train_child(args) -> dict:
     rss_at_reset = proc_status_kb("VmRSS")
     for _ in range(args.warmup):
         step()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.iters):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = proc_status_kb("VmHWM") - rss_at_reset
     ranks = sorted(set(lora_ranks.values()))
-    return {"ms": 1e3 * statistics.median(times), "params": count, "peak_mb": peak / 1024,
+    return {"ms": 1e3 * statistics.median(times), "cpu_ms": 1e3 * statistics.median(cpu_times), "params": count,
+            "peak_mb": peak / 1024,
             "lora_ranks": f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])}
 
 
@@ -229,6 +307,8 @@ def gpu_main(args) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     variants = [v for v in args.variants.split(",") if v]
+    if "rebuild" in variants:
+        sys.exit("--gpu runs every variant in one process: 'rebuild' (a patch of the library) cannot be one")
     report = {"mode": "gpu", "case": "block", "device": args.device, "dtype": args.dtype, "rank": args.block_rank,
               "warmup": args.warmup, "iters": args.iters, "rounds": args.rounds, "torch": torch.__version__,
               "batches": {}}
@@ -340,13 +420,14 @@ def main() -> None:
     gpu.add_argument("--device", default="cuda", help="--gpu: device (cpu: a check of the GPU code path)")
     gpu.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     gpu.add_argument("--gpu-batches", default="2,8", help="--gpu: block batches to measure")
-    gpu.add_argument("--variants", default="lora,lorad,hook", help="--gpu: of " + ",".join(VARIANTS))
+    parser.add_argument("--variants", default=None, help=f"of {','.join(VARIANTS)} (default: all; --gpu: lora,lorad,hook)")
     gpu.add_argument("--json", default=None, help="--gpu: write the results here")
     parser.add_argument("--child", choices=("train", "infer", "profile"), help=argparse.SUPPRESS)
     parser.add_argument("--case", default="unet", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="lorad", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.gpu:
+        args.variants = args.variants or "lora,lorad,hook"
         args.iters = args.iters or 20
         args.warmup = args.warmup if args.warmup is not None else 5
         args.rounds = args.rounds or 3
@@ -369,18 +450,23 @@ def main() -> None:
     for case in args.cases.split(","):
         rank = args.unet_rank if case == "unet" else args.block_rank
         rows = {}
+        variants = [v for v in (args.variants or ",".join(VARIANTS)).split(",") if v]
         for _ in range(args.rounds):
-            for m in VARIANTS:
+            for m in variants:
                 r = run_child("train", args, case=case, method=m)
-                rows[m] = r if m not in rows or r["ms"] < rows[m]["ms"] else rows[m]
-        lora, lorad_ms = rows["lora"]["ms"], rows["lorad"]["ms"]
-        print(f"\nTraining step, {case} (LoRaD rank {rank}, LoRA/DoRA ranks {rows['lora']['lora_ranks']})")
-        print(f"  {'variant':8} {'ms/step':>9} {'x LoRA':>7} {'x LoRaD':>8} {'trainable':>11} {'peak MB':>8}")
+                best = rows.get(m, r)
+                rows[m] = {**(r if r["ms"] <= best["ms"] else best), "cpu_ms": min(r["cpu_ms"], best["cpu_ms"])}
+        lora, lorad_ms = rows["lora"], rows["lorad"]
+        print(f"\nTraining step, {case} (LoRaD rank {rank}, LoRA/DoRA ranks {lora['lora_ranks']})")
+        print(f"  {'variant':8} {'ms/step':>9} {'x LoRA':>7} {'x LoRaD':>8} {'CPU ms':>8} {'x LoRA':>7} {'x LoRaD':>8} "
+              f"{'trainable':>11} {'peak MB':>8}")
         for method, r in rows.items():
-            print(f"  {method:8} {r['ms']:9.1f} {r['ms'] / lora:7.2f} {r['ms'] / lorad_ms:8.2f} "
+            print(f"  {method:8} {r['ms']:9.1f} {r['ms'] / lora['ms']:7.2f} {r['ms'] / lorad_ms['ms']:8.2f} "
+                  f"{r['cpu_ms']:8.1f} {r['cpu_ms'] / lora['cpu_ms']:7.2f} {r['cpu_ms'] / lorad_ms['cpu_ms']:8.2f} "
                   f"{r['params']:11,d} {r['peak_mb']:8.1f}")
-        print(f"  LoRaD / LoRA = {lorad_ms / lora:.2f} (target <= 1.05); "
-              f"hook / LoRaD = {rows['hook']['ms'] / lorad_ms:.2f} (target >= 1.3); load {os.getloadavg()[0]:.2f}")
+        print(f"  LoRaD / LoRA = {lorad_ms['ms'] / lora['ms']:.2f} (target <= 1.05)"
+              + (f"; hook / LoRaD = {rows['hook']['ms'] / lorad_ms['ms']:.2f} (target >= 1.3)" if "hook" in rows else "")
+              + f"; load {os.getloadavg()[0]:.2f}")
 
     results = [run_child("infer", args) for _ in range(args.rounds)]
     ms = {k: min(r["ms"][k] for r in results) for k in results[0]["ms"]}

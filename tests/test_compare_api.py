@@ -4,6 +4,7 @@ TEACHER --student-lora FILE``, and the library raises the errors the commands pr
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -90,3 +91,36 @@ def test_library_errors_carry_the_commands_messages(tmp_path):
     with pytest.raises(UserError, match="nothing to swap"):
         swap(tmp_path / "a.safetensors", tmp_path / "student", tmp_path / "hybrid")
     assert not (tmp_path / "hybrid").exists()  # the folder it created is gone again
+
+
+FIRST_ORDER_COLUMNS = ["radial_change_mean", "radial_change_std", "radial_change_max", "tangential_change_mean",
+                       "tangential_change_std", "tangential_change_max", "rotation_share", "angle_to_norm_ratio",
+                       "norm_rounding_level"]
+FIRST_ORDER_SUMMARY = [f"{key}{suffix}" for suffix in ("", "_weighted") for key in (
+    "radial_change_mean", "radial_change_std", "tangential_change_mean", "tangential_change_std",
+    "rotation_share_mean", "angle_to_norm_mean_ratio", "angle_to_norm_std_ratio", "direction_to_norm_mean_ratio")]
+
+
+def test_first_order_columns_reach_csv_and_json(tmp_path):
+    from wadi_analysis.compare import read_comparison
+    from wadi_analysis.examples import planted_student
+
+    generator = torch.Generator().manual_seed(0)
+    teacher = {"down_blocks.0.attn1.to_q.weight": torch.randn(12, 16, generator=generator),
+               "mid_block.resnets.0.conv1.weight": torch.randn(8, 4, 3, 3, generator=generator)}
+    result = compare(teacher, planted_student(teacher)[0])
+    result.write(tmp_path)
+    layers, summary = read_comparison(tmp_path, "the test")
+    assert set(FIRST_ORDER_COLUMNS) <= set(layers.columns)
+    assert set(FIRST_ORDER_SUMMARY) | {"norms_preserved_at_rounding", "top_rotation_layers"} <= set(summary)
+    assert summary == json.loads(json.dumps(result.summary))
+    assert (layers["rotation_share"].between(0, 100)).all() and (layers["angle_to_norm_ratio"] > 0).all()
+    # The first-order ratio is the angle in radians over the relative norm change, per layer and all-layer.
+    expected = layers["angle_deg_mean"].map(math.radians) / (layers["norm_change_mean"] / 100)
+    pd.testing.assert_series_equal(layers["angle_to_norm_ratio"], expected, check_names=False, rtol=1e-12)
+    assert summary["angle_to_norm_mean_ratio"] == pytest.approx(
+        math.radians(summary["angle_deg_mean"]) / (summary["norm_change_mean"] / 100), rel=1e-12)
+    layers.loc[0, "rotation_share"] = 150.0  # no comparison writes a share above 100 %
+    layers.to_csv(tmp_path / "layers.csv", index=False)
+    with pytest.raises(UserError, match="'rotation_share' holds 150.0"):
+        read_comparison(tmp_path, "the test")

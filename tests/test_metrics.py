@@ -1,5 +1,5 @@
 """Sample-quality metrics: Fréchet distance and KID against torchmetrics on the same features; KID and
-k-NN precision/recall on planted distributions."""
+k-NN precision/recall on planted distributions; KID's subsets (below the sample count, unbiased mean)."""
 
 import numpy as np
 import pytest
@@ -61,6 +61,43 @@ def test_kid_is_unbiased_and_grows_with_the_shift():
     shifts = [metrics.kernel_inception_distance(gaussian_features(600, shift=s, seed=7), real, subsets=20,
                                                 subset_size=300)[0] for s in (0.2, 0.5, 1.0)]
     assert shifts[0] > 3 * same_std and shifts[0] < shifts[1] < shifts[2]
+
+
+def polynomial_kernel(a, b):
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def test_kid_subsets_are_below_the_sample_count_and_their_spread_is_real():
+    """The default subset is min(1000, n // 2) of the smaller set, so the subsets differ and their
+    standard deviation is a spread, not rounding (it was ~1e-15 when the subset was the whole set)."""
+    assert metrics.kid_subset_size(1000) == 500 and metrics.kid_subset_size(50_000) == metrics.KID_MAX_SUBSET
+    real, fake = gaussian_features(200, seed=12), gaussian_features(300, shift=0.1, seed=13)
+    _, spread = metrics.kernel_inception_distance(fake, real)
+    assert spread > 1e-6
+    _, one_set = metrics.kernel_inception_distance(fake, real, subsets=1, subset_size=200)  # allowed: one subset
+    assert one_set == 0.0
+    for size in (200, 201):  # the whole set, many times, or more than there is
+        with pytest.raises(ValueError, match=rf"KID subset size \({size}\) must be below the sample count \(200\)"):
+            metrics.kernel_inception_distance(fake, real, subset_size=size)
+    with pytest.raises(ValueError, match="at least 2"):
+        metrics.kernel_inception_distance(fake, real, subset_size=1)
+
+
+def test_kid_mean_over_subsets_is_the_full_set_unbiased_mmd():
+    """Over random subsets the mean of the subset U-statistics is the full-set MMD²_u (computed here
+    directly), within 4 standard errors; a biased estimate (diagonals kept) would miss by more."""
+    x, y = gaussian_features(300, seed=14).double(), gaussian_features(300, shift=0.15, scale=1.1, seed=15).double()
+    k_xx, k_yy, k_xy = polynomial_kernel(x, x), polynomial_kernel(y, y), polynomial_kernel(x, y)
+    n = len(x)
+    off_xx, off_yy = (k_xx.sum() - k_xx.trace()) / (n * (n - 1)), (k_yy.sum() - k_yy.trace()) / (n * (n - 1))
+    full = (off_xx + off_yy - 2 * k_xy.mean()).item()
+    subsets, size = 400, metrics.kid_subset_size(n)
+    mean, spread = metrics.kernel_inception_distance(y, x, subsets=subsets, seed=3)
+    tolerance = 4 * spread / subsets ** 0.5
+    assert abs(mean - full) < tolerance
+    # the V-statistic on subsets of ``size`` is off by (mean diagonal - mean off-diagonal) / size per set
+    bias = ((k_xx.diagonal().mean() - off_xx) + (k_yy.diagonal().mean() - off_yy)).item() / size
+    assert bias > 2 * tolerance
 
 
 def test_precision_recall_planted():

@@ -219,21 +219,39 @@ def test_a_runs_own_alpha_T_ends_the_exported_schedule(exported, tmp_path):
 
 
 @pytest.mark.parametrize("exported", ["sd-epsilon"], indirect=True)
-def test_an_alpha_T_no_schedule_can_end_at_is_refused(exported, tmp_path):
-    from tests.support.hostile import snapshot
+def test_an_alpha_T_above_the_teachers_a_at_T_minus_2_is_held(exported, tmp_path):
+    """a_T = 0.5 (as 0.0047 on PixArt's schedule): no last beta ends the teacher's schedule there, so the
+    schedule holds a_T from where the teacher's a falls below it; one step is still the generator's."""
+    family, run, _, _ = exported
+    export = export_run(run_with_alpha(run, tmp_path / "run", 0.5), tmp_path / "export")["pipeline"]
+    from diffusers import DiffusionPipeline
 
-    _, run, _, _ = exported
-    copy = run_with_alpha(run, tmp_path / "run", 0.5)
-    before = snapshot(tmp_path)
-    result = CliRunner().invoke(app, ["export", str(copy), "--out", str(tmp_path / "export")])
-    assert result.exit_code == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "alpha_T = 0.5" in result.stderr and "Traceback" not in result.output
-    assert snapshot(tmp_path) == before and not (tmp_path / "export").exists()
+    pipe = DiffusionPipeline.from_pretrained(export, use_safetensors=True)
+    alphas = pipe.scheduler.alphas_cumprod
+    assert abs(alphas[-1].item() - 0.5) < 1e-6 and abs(alphas[-2].item() - 0.5) < 1e-6 and alphas[0] > 0.99
+    prompts, noise = pipeline_inputs(export)
+    ours = sample_pngs(export, tmp_path / "sample")
+    images = pipe(prompts, latents=noise.clone(), output_type="pil", **call_options(family)).images
+    assert np.abs(as_rgb(images) - ours).max() <= 1
 
 
 @pytest.mark.parametrize("exported", ["sd-epsilon"], indirect=True)
+def test_an_alpha_T_outside_the_teachers_range_is_refused(exported, tmp_path):
+    from tests.support.hostile import snapshot
+
+    _, run, _, _ = exported
+    copy = run_with_alpha(run, tmp_path / "run", 0.9995)  # above the schedule's first a, 0.99915
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(app, ["export", str(copy), "--out", str(tmp_path / "export")])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "alpha_T = 0.9995" in result.stderr and "Traceback" not in result.output
+    assert snapshot(tmp_path) == before and not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("exported", ["sd-epsilon", "sdxl"], indirect=True)
 def test_sample_guidance_equals_the_pipelines(exported, tmp_path):
-    """``sample --guidance G`` is diffusers' ``guidance_scale=G``: <= 1 one conditional pass, > 1 CFG."""
+    """``sample --guidance G`` is diffusers' ``guidance_scale=G``: <= 1 one conditional pass, > 1 CFG (SDXL:
+    against zeros, as its pipeline's ``force_zeros_for_empty_prompt``)."""
     from diffusers import DiffusionPipeline
 
     family, _, _, export = exported

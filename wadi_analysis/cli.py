@@ -15,7 +15,6 @@ from rich.table import Table
 from . import cli_boundary
 from .cli_boundary import App, fail
 from .errors import terminal_safe
-from .spectrum import DEFAULT_SPECTRUM_FRACTIONS
 
 app = App(help="Compare diffusion checkpoints weight by weight: norm vs direction (WaDi, CVPR 2026).")
 console = Console(emoji=False)
@@ -62,17 +61,24 @@ def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _ratio(summary: dict, key: str) -> str:
+    """A ratio cell; none where the norms are preserved at rounding (a ratio to rounding is no measurement)."""
+    return "at rounding" if summary.get("norms_preserved_at_rounding") else _fmt(summary.get(key), 1) + "×"
+
+
 def print_summary(summary: dict, layers) -> None:
     table = Table(title="teacher → student: norm vs direction", show_header=True, header_style="bold")
     table.add_column("all-layer average")
     table.add_column("norm change %", justify="right")
     table.add_column("direction change %", justify="right")
     table.add_column("direction / norm", justify="right")
+    table.add_column("angle (rad) / norm", justify="right")
     for moment in ("mean", "std"):
         for suffix, label in (("", ""), ("_weighted", " (param-weighted)")):
             table.add_row(f"{moment}{label}", _fmt(summary[f"norm_change_{moment}{suffix}"]),
                           _fmt(summary[f"direction_change_{moment}{suffix}"]),
-                          _fmt(summary[f"direction_to_norm_{moment}_ratio{suffix}"], 1) + "×")
+                          _ratio(summary, f"direction_to_norm_{moment}_ratio{suffix}"),
+                          _ratio(summary, f"angle_to_norm_{moment}_ratio{suffix}"))
     console.print(table)
     console.print(
         f"layers analysed [bold]{summary['n_layers']}[/] ({summary['n_identical']} identical, "
@@ -109,7 +115,7 @@ def compare(
     ema: Annotated[Optional[EmaSide], typer.Option(help="Use the EMA copy (model_ema.*) of an LDM checkpoint.")] = None,
     precision: Annotated[Precision, typer.Option(help="Arithmetic for the statistics.")] = Precision.float32,
     spectrum: Annotated[bool, typer.Option("--spectrum", help="Add residual spectra (energy in the top 30 % of the rank, rank for 90/93/95 %).")] = False,
-    spectrum_fraction: Annotated[Optional[list[float]], typer.Option(min=0.0, max=1.0, help=f"Rank fractions for --spectrum (repeatable; default {' '.join(map(str, DEFAULT_SPECTRUM_FRACTIONS))}).")] = None,
+    spectrum_fraction: Annotated[Optional[list[float]], typer.Option(min=0.0, max=1.0, help="Rank fractions for --spectrum (repeatable; default 0.1 0.2 0.3 0.5 0.7).")] = None,
     lorad_fit: Annotated[bool, typer.Option("--lorad-fit", help="Add the LoRaD fit: share of the change a pure pair rotation expresses.")] = False,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Layers measured in parallel (default: CPUs, at most 8).")] = None,
     report: Annotated[bool, typer.Option("--report", help="Also write report.html and report.pdf to --out.")] = False,
@@ -118,6 +124,7 @@ def compare(
 ) -> None:
     """Compare TEACHER and STUDENT weight by weight: per-row norm and direction change."""
     from .compare import check_comparison_output, compare as run_compare
+    from .spectrum import DEFAULT_SPECTRUM_FRACTIONS  # imported here: --help starts without torch
 
     if (student is None) == (student_lora is None):
         fail("give either STUDENT or --student-lora FILE")

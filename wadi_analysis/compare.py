@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -22,23 +21,26 @@ from threadpoolctl import threadpool_limits
 
 from .atomic import atomic_write_text, probe_writable
 from .checkpoint import CheckpointError, CheckpointSource, TensorDictSource
-from .decompose import layer_statistics, row_norms
+from .comparison_files import read_comparison, read_layers, read_summary  # noqa: F401  (their home until now)
+from .decompose import layer_statistics, norm_rounding_level, row_norms
 from .spectrum import DEFAULT_SPECTRUM_FRACTIONS, PAPER_RANK_FRACTION, lorad_fit, residual_spectra
-from .errors import InvalidValue, UserError, terminal_safe
+from .errors import InvalidValue, terminal_safe
 from .keymap import align
 from .layers import label
 from .locate import open_checkpoint
 from .lora_student import LoraStudentSource
 from .outputs import check_output
+from .summary import summarize
 
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
-STAT_NAMES = ("norm_change", "direction_change", "angle_deg")
 LAYER_COLUMNS = [
     "name", "kind", "block", "role", "group", "shape", "numel", "rows", "dtype", "student_dtype",
     "norm_change_mean", "norm_change_std", "norm_change_max",
     "direction_change_mean", "direction_change_std", "direction_change_max",
     "angle_deg_mean", "angle_deg_std", "angle_deg_max",
-    "frobenius_change", "valid_rows", "zero_norm_rows", "nonfinite_rows", "status",
+    "radial_change_mean", "radial_change_std", "radial_change_max",
+    "tangential_change_mean", "tangential_change_std", "tangential_change_max", "rotation_share", "angle_to_norm_ratio",
+    "frobenius_change", "norm_rounding_level", "valid_rows", "zero_norm_rows", "nonfinite_rows", "status",
 ]
 
 
@@ -96,106 +98,6 @@ def check_comparison_output(out_dir: str | os.PathLike, inputs: Iterable = (), *
         check_output(out_dir / name, inputs, folder=False)
     probe_writable(out_dir / COMPARISON_FILES[0])
     return out_dir
-
-
-TEXT_COLUMNS = ("name", "kind", "block", "role", "group", "shape", "dtype", "student_dtype", "status")
-REQUIRED_COLUMNS = ("name", "kind", "block", "group", "shape", "numel", "rows", "direction_change_mean", "status")
-
-
-def read_layers(path: str | os.PathLike) -> pd.DataFrame:
-    """``layers.csv`` as :meth:`Comparison.write` writes it: text columns kept verbatim (a block named
-    ``NA`` stays ``NA``), every other column numeric (empty cells become NaN); a cell that is not a
-    number, or a file that is no CSV table, is a :class:`UserError` naming the file, column and row."""
-    path = Path(path)
-    try:
-        layers = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise UserError(f"{path} is empty: not a table of layers") from None
-    except (pd.errors.ParserError, UnicodeDecodeError):
-        raise UserError(f"{path} is not a CSV table of layers") from None
-    for column in layers.columns:
-        if column in TEXT_COLUMNS:
-            continue
-        text = layers[column]
-        numbers = pd.to_numeric(text.replace("", float("nan")), errors="coerce")
-        bad = numbers.isna() & (text != "") & (text.str.lower() != "nan")
-        if bad.any():
-            row = int(bad.to_numpy().argmax())
-            raise UserError(f"{path}: column {str(column)[:40]!r} holds {text.iloc[row][:40]!r} in row {row + 1}, "
-                            f"not a number")
-        layers[column] = numbers
-    return layers
-
-
-def read_summary(path: str | os.PathLike) -> dict:
-    """``summary.json``: a JSON object whose ``teacher``/``student`` entries, when present, are objects."""
-    path = Path(path)
-    try:
-        summary = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise UserError(f"{path} is not JSON") from None
-    if not isinstance(summary, dict):
-        kind = {list: "a list", type(None): "null", str: "a string", bool: "true or false"}.get(type(summary), "a number")
-        raise UserError(f"{path} is not a comparison summary (a JSON object is needed, not {kind})")
-    for side in ("teacher", "student"):
-        if summary.get(side) is not None and not isinstance(summary[side], dict):
-            raise UserError(f"{path}: {side} is not an object")
-    return summary
-
-
-def _check_statistics(layers: pd.DataFrame, path: Path) -> None:
-    """What :func:`compare_sources` writes, and nothing else: statistics finite (or empty) and >= 0,
-    counts and ranks whole numbers, energy shares and the LoRaD fit percentages of at most 100."""
-    for column in layers.columns:
-        if column in TEXT_COLUMNS:
-            continue
-        values = layers[column]
-        count = (column in ("numel", "rows", "valid_rows", "zero_norm_rows", "nonfinite_rows")
-                 or ("_rank" in column and "_rank_rel" not in column))
-        share = "energy" in column or column == "lorad_fit"
-        known = values.dropna()
-        bad = (known < 0) | ~known.map(math.isfinite).astype(bool) | (share & (known > 100.001))
-        bad |= count & ((known % 1 != 0) | (known > 2.0 ** 53))
-        if bad.any():
-            row = int(values.index.get_loc(bad[bad].index[0]))
-            raise UserError(f"{path}: column {str(column)[:40]!r} holds {known[bad].iloc[0]!r} in row {row + 1}, "
-                            f"which no comparison writes ({'a whole number' if count else 'a percentage' if share else 'a finite value'} "
-                            f">= 0{', at most 100' if share else ''} is expected)")
-
-
-def read_comparison(folder: str | os.PathLike, product: str) -> tuple[pd.DataFrame, dict]:
-    """``layers.csv`` (with the columns every product needs) and ``summary.json`` of a comparison folder."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a comparison folder (not a folder)")
-    with reading_comparison(folder, product):
-        try:
-            layers, summary = read_layers(folder / "layers.csv"), read_summary(folder / "summary.json")
-        except UserError as exc:
-            raise UserError(f"cannot build {product} from {folder}: {exc}") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in layers.columns]
-    if missing:
-        raise UserError(f"cannot build {product} from {folder}: layers.csv has no column {', '.join(missing)}")
-    _check_statistics(layers, folder / "layers.csv")
-    twice = layers["name"][layers["name"].duplicated()]
-    if len(twice):
-        raise UserError(f"cannot build {product} from {folder}: layers.csv lists {twice.iloc[0][:80]!r} twice")
-    return layers, summary
-
-
-@contextmanager
-def reading_comparison(folder: str | os.PathLike, product: str):
-    """Around building ``product`` (e.g. "the report") from a folder :meth:`Comparison.write` filled:
-    a missing file, or one that does not parse or lacks a column, becomes one :class:`UserError`."""
-    try:
-        yield
-    except UserError:
-        raise
-    except FileNotFoundError as exc:
-        raise UserError(f"{folder} is not a comparison folder ({Path(exc.filename or '?').name} missing)") from None
-    except (ValueError, KeyError) as exc:  # pandas' ParserError and json's JSONDecodeError are ValueErrors
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"cannot build {product} from {folder}: {detail}") from None
 
 
 def _open(source, component, variant, ema) -> tuple[CheckpointSource, bool]:
@@ -260,7 +162,8 @@ def compare_sources(teacher: CheckpointSource, student: CheckpointSource, *, sel
     def measure(item):
         name, _ = item
         teacher_weight, student_weight = teacher.tensor(name), student.tensor(name)
-        stats = layer_statistics(row_norms(teacher_weight, student_weight, compute_dtype))
+        level = norm_rounding_level(teacher_weight[0].numel(), teacher_weight.dtype, student_weight.dtype)
+        stats = layer_statistics(row_norms(teacher_weight, student_weight, compute_dtype), level)
         finite = not stats["nonfinite_rows"]  # a spectrum of NaN/inf has no meaning (and LAPACK fails on it)
         if spectrum and finite:
             stats.update(residual_spectra(teacher_weight, student_weight, fractions=spectrum_fractions))
@@ -363,52 +266,6 @@ def compare(teacher: CheckpointLike, student: CheckpointLike | None = None, *,
                                progress=progress, workers=workers, spectrum=spectrum,
                                spectrum_fractions=tuple(sorted({*spectrum_fractions, PAPER_RANK_FRACTION})),
                                fit=fit)
-
-
-def _mean_or_none(values: pd.Series, weights: pd.Series | None = None) -> float | None:
-    mask = values.notna()
-    if not mask.any():
-        return None
-    if weights is None:
-        return float(values[mask].mean())
-    return float((values[mask] * weights[mask]).sum() / weights[mask].sum())
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or denominator is None or denominator == 0 or not math.isfinite(numerator / denominator):
-        return None
-    return numerator / denominator
-
-
-def summarize(layers: pd.DataFrame) -> dict:
-    """The paper's all-layer figures: averages over layers of per-layer means and stds, and ratios.
-
-    Layers with non-finite values are left out of the averages (and listed); identical layers count
-    as real zero changes. ``*_weighted`` variants weight each layer by its parameter count.
-    """
-    usable = layers[layers["status"] != "nonfinite"]
-    summary: dict = {"n_layers": int(len(layers)), "n_layers_in_means": int(len(usable))}
-    for suffix, weights in (("", None), ("_weighted", usable["numel"].astype(float))):
-        for stat in STAT_NAMES:
-            for moment in ("mean", "std"):
-                summary[f"{stat}_{moment}{suffix}"] = _mean_or_none(usable[f"{stat}_{moment}"], weights)
-        for moment in ("mean", "std"):
-            summary[f"direction_to_norm_{moment}_ratio{suffix}"] = _ratio(
-                summary[f"direction_change_{moment}{suffix}"], summary[f"norm_change_{moment}{suffix}"])
-    if len(usable):
-        worst = usable.loc[usable["direction_change_mean"].idxmax()] if usable["direction_change_mean"].notna().any() else None
-        summary["max_layer_direction_change_mean"] = None if worst is None else float(worst["direction_change_mean"])
-        summary["max_layer_direction_change_name"] = None if worst is None else str(worst["name"])
-    weights = usable["numel"].astype(float)
-    for column in [c for c in usable.columns if c.endswith(("_energy_top30", "_rank_rel_90")) or c == "lorad_fit"
-                   or (c.startswith(("residual_energy_top", "direction_residual_energy_top")))]:
-        summary[f"{column}_mean"] = _mean_or_none(usable[column])  # e.g. residual_energy_top30_mean
-        summary[f"{column}_mean_weighted"] = _mean_or_none(usable[column], weights)
-    summary["n_identical"] = int((layers["status"] == "identical").sum())
-    summary["nonfinite_layers"] = layers.loc[layers["status"] == "nonfinite", "name"].tolist()
-    summary["zero_norm_rows"] = int(layers["zero_norm_rows"].sum())
-    summary["n_params_analysed"] = int(layers["numel"].sum())
-    return summary
 
 
 def describe_checkpoint(path: str | os.PathLike, *, component: str | None = None,

@@ -59,6 +59,8 @@ PRESETS = {
                            r"^(down_blocks|mid_block|up_blocks)\..*\.(attn1|attn2|ff)\.", 32),
     "pixart-generator": Preset("PixArt generator: every Linear except adaln_single, rank 128",
                                r".", 128, exclude=r"^adaln_single\."),
+    "pixart-generator-released": Preset("PixArt generator as the released code adapts it: every Linear, "
+                                        "adaln_single included, rank 128", r".", 128),
     "pixart-fake": Preset("PixArt fake score: Linear layers in transformer_blocks, rank 32",
                           r"^transformer_blocks\.", 32),
 }

@@ -94,8 +94,7 @@ def _inject(config, model: nn.Module, name: str) -> None:
 
 def activate(model: nn.Module, name: str | None) -> None:
     """Make adapter ``name`` the active one (``None``: the frozen base) for LoRaD and peft layers alike."""
-    if lorad.adapter_names(model):
-        lorad.set_adapter(model, name if name in lorad.adapter_names(model) else None)
+    lorad.activate(model, name)
     for layer in _peft_layers(model):
         if name is None or name not in layer.lora_A:
             layer.enable_adapters(False)

@@ -18,13 +18,16 @@ from wadi_analysis.errors import UserError
 
 from .config import ADAPTERS, EMBEDDED_DEFAULTS, PRECISIONS, RunConfig
 from .embedded.teacher_training import TeacherConfig
+from .embedded.controlnet_training import ControlNetConfig
 from .embedded.vae_training import VAEConfig
+from .published import PUBLISHED_ALPHA_T
 
 # ValueError: validation of options and files; ImportError: an optional extra (peft, torchmetrics) missing
 app = App(expected=(ValueError, ImportError), help="LoRaD adapters and one-step VSD distillation (WaDi, CVPR 2026).")
 console = Console(soft_wrap=True)  # one result per line, never re-wrapped
 TEACHER = TeacherConfig()  # the defaults `wadi-distill teacher` shows: TeacherConfig owns them
 VAE = VAEConfig()  # and those of `wadi-distill vae`
+CONTROLNET = ControlNetConfig()  # and those of `wadi-distill controlnet`
 RUN = RunConfig()  # the defaults of `wadi-distill run` with --teacher; without it EMBEDDED_DEFAULTS apply
 
 
@@ -147,6 +150,28 @@ def export(
         say(summary_line(read_report(paths["lora"])))
 
 
+@app.command("import-published")
+def import_published_command(
+    file: Annotated[Path, typer.Argument(help=(
+        "A released merged file (rotated_unet-sdv1-5.safetensors, rotated_unet-sdv2-1.safetensors, "
+        "rotated_transformer.safetensors): diffusers keys of the whole U-Net or transformer."))],
+    teacher: Annotated[Path, typer.Option(help="The teacher's diffusers pipeline folder (SD 1.5, SD 2.1, PixArt-α).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the one-step pipeline (what export writes).")],
+    alpha_t: Annotated[float, typer.Option("--alpha-t", help=(
+        "a_T of the one step; the published inference uses 0.0047 for every teacher."))] = PUBLISHED_ALPHA_T,
+    component: Annotated[Optional[str], typer.Option(help="unet | transformer: the denoiser the file replaces "
+                                                          "(default: the teacher pipeline's).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder that is not an export.")] = False,
+) -> None:
+    """Turn the published WaDi weights and their teacher into the complete one-step pipeline `export` writes
+    (one conditional pass at t = 999 with a_T recorded); `sample` and `evaluate` read it."""
+    from .published import import_published
+
+    paths = import_published(file, teacher, out, alpha_T=alpha_t, component=component, overwrite=overwrite)
+    for label, path in paths.items():
+        say(f"{label}: {path}")
+
+
 @app.command("sample")
 def sample_command(
     source: Annotated[Path, typer.Argument(help="A run folder or an exported one-step model folder.")],
@@ -157,12 +182,19 @@ def sample_command(
     guidance: Annotated[float, typer.Option(help=(
         "Classifier-free guidance as diffusers' guidance_scale: <= 1 (default) one conditional pass, how the "
         "one-step generator is trained; > 1 guidance against the empty prompt (two passes)."))] = 1.0,
+    controlnet: Annotated[Optional[Path], typer.Option(help=(
+        "A diffusers ControlNet folder trained on the teacher (the embedded one: `wadi-distill embedded --path "
+        "controlnet`); steers the one-step student."))] = None,
+    control_image: Annotated[Optional[list[Path]], typer.Option(help=(
+        "Control image for --controlnet (an edge map for the embedded one): one for all prompts, or one per prompt."))] = None,
+    control_scale: Annotated[float, typer.Option(help="ControlNet conditioning scale (diffusers' controlnet_conditioning_scale).")] = 1.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out folder that does not hold only this command's images.")] = False,
 ) -> None:
-    """One-step images (PNG files + grid) from a run or an exported model."""
+    """One-step images (PNG files + grid) from a run or an exported model, optionally steered by a ControlNet."""
     from .sampling import write_samples
 
-    paths = write_samples(source, prompt, n, out, seed=seed, overwrite=overwrite, guidance=guidance)
+    paths = write_samples(source, prompt, n, out, seed=seed, overwrite=overwrite, guidance=guidance,
+                          controlnet=controlnet, control_images=control_image, control_scale=control_scale)
     say(f"wrote {len(paths) - 1} images and {paths[-1]}")
 
 
@@ -201,14 +233,15 @@ def teacher(
 
 @app.command()
 def embedded(
-    path: Annotated[Optional[str], typer.Option(help="Print only this path: teacher | classifier | prompts.")] = None,
+    path: Annotated[Optional[str], typer.Option(help="Print only this path: teacher | classifier | prompts | controlnet.")] = None,
 ) -> None:
-    """Where the embedded teacher, its evaluation classifier and its prompts are, and how they were made."""
+    """Where the embedded teacher, its evaluation classifier, its prompts and its ControlNet are, and how
+    they were made."""
     from . import embedded as bundle
 
     paths = bundle.paths()
     if path is not None and path not in paths:
-        raise UserError(f"--path must be teacher, classifier or prompts (got {path!r})")
+        raise UserError(f"--path must be one of {', '.join(paths)} (got {path!r})")
     if path is not None:
         typer.echo(paths[path])
         return
@@ -244,6 +277,49 @@ def vae(
 
 
 @app.command()
+def controlnet(
+    out: Annotated[Path, typer.Option("--out", "-o", help=(
+        "ControlNet folder to write, renamed into place when complete; an existing non-empty folder only if "
+        "this command wrote it (it holds wadi_controlnet.json) or with --overwrite."))],
+    teacher: Annotated[Optional[Path], typer.Option(help="Teacher pipeline folder (default: the embedded teacher).")] = None,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = CONTROLNET.steps,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = CONTROLNET.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine to 0).")] = CONTROLNET.lr,
+    images: Annotated[int, typer.Option(help="Training images per class (0: the whole training split).")] = CONTROLNET.images,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and of every random draw.")] = CONTROLNET.seed,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = CONTROLNET.device,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder this command did not write.")] = False,
+) -> None:
+    """Train a ControlNet for the (embedded) teacher on edge maps of Fashion-MNIST (ControlNetModel.from_unet,
+    the teacher frozen); `sample --controlnet` then steers a one-step student with it."""
+    options = {k: v for k, v in locals().items() if k not in ("out", "overwrite")}
+    from .embedded.controlnet_training import controlnet_config, train_controlnet
+
+    train_controlnet(controlnet_config(**options), out, log=say, overwrite=overwrite)
+    say(f"ControlNet written to {out}")
+
+
+@app.command("control-report")
+def control_report_command(
+    student: Annotated[Path, typer.Argument(help="A run folder or an exported one-step model of the embedded teacher.")],
+    controlnet: Annotated[Optional[Path], typer.Option(help="ControlNet folder (default: the embedded one).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for table.csv, table.md, samples.png, settings.json.")] = Path(
+        "reports/controlnet"),
+    per_class: Annotated[int, typer.Option(min=1, help="Control maps per class (10 classes).")] = 100,
+    seed: Annotated[int, typer.Option()] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder this command did not write.")] = False,
+) -> None:
+    """Control fidelity (edge F1) and FD of the teacher at 25 steps and the student at one step, each with
+    and without the ControlNet, beside the real images' ceiling and chance."""
+    from . import embedded as bundle
+    from .experiments.control import control_report
+
+    rows = control_report(student, controlnet or bundle.controlnet_path(), out, per_class=per_class, seed=seed,
+                          overwrite=overwrite, log=say)
+    say(f"wrote {len(rows)} rows to {out}/table.csv")
+
+
+@app.command()
 def classifier(
     out: Annotated[Path, typer.Option("--out", "-o", help="Classifier .safetensors file to write.")],
     epochs: Annotated[int, typer.Option(min=1)] = 4,
@@ -272,6 +348,9 @@ def evaluate(
     inception: Annotated[Optional[Path], typer.Option(help="SD protocol: local Inception weights (FID).")] = None,
     clip: Annotated[Optional[Path], typer.Option(help="SD protocol: local CLIP model folder (CLIP score).")] = None,
     batch: Annotated[int, typer.Option(min=1, help="SD protocol: samples per batch.")] = 16,
+    kid_subset: Annotated[Optional[int], typer.Option(min=2, help=(
+        "KID subset size, below the sample count (default: min(1000, samples // 2))."))] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Sample a fixed prompt set with a fixed seed and score it. Default: FD, KID, precision/recall and
     prompt accuracy in the evaluation classifier's feature space, each beside its real-vs-real value.
@@ -280,7 +359,8 @@ def evaluate(
 
     _, line = evaluate_source(source, per_class=per_class, steps=steps, guidance=guidance, seed=seed,
                               classifier=classifier_file, prompts=prompts, reference_stats=reference_stats,
-                              inception=inception, clip=clip, batch=batch, json_out=json_out)
+                              inception=inception, clip=clip, batch=batch, json_out=json_out,
+                              kid_subset=kid_subset, progress=not quiet)
     say(line)
 
 

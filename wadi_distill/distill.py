@@ -1,5 +1,7 @@
 """One WaDi iteration on ONE frozen base that plays three roles by switching adapters (WaDi §3):
 teacher (no adapter), generator (large-rank adapter ``generator``), fake score (small-rank ``fake``).
+The fake score's LoRaD weights, built under ``no_grad`` for the generator step, serve its own training
+step unbuilt (:mod:`wadi_distill.lorad.model`; not with gradient checkpointing, where memory comes first).
 
 :func:`attach_roles` wires the roles onto the teacher's denoiser; ``generator_step`` and ``fake_step``
 return losses; the caller (the training loop) owns optimisers, accumulation and devices. Every
@@ -84,6 +86,8 @@ def attach_roles(teacher: Teacher, config: RunConfig) -> tuple[Roles, dict[str, 
             counts[role] = adapters.attach(model, method, targets, role, seed=seed)
         except ValueError as exc:
             raise TrainingError(f"{role} targets do not fit this teacher: {exc}") from None
+    if config.gradient_checkpointing:  # memory first: the fake score's rotated weights are not kept from
+        lorad.set_rotation_reuse(model, False)  # the generator step (no_grad) to its own step
     return roles, counts
 
 

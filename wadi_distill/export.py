@@ -52,21 +52,25 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, ema: bool = F
     scheduler = one_step_scheduler(teacher.pipeline.scheduler.config, one_step_alpha(teacher, generator.config))
     made = _lora(model, generator, base, lora) if lora else None  # the SVDs and the output check, before writing
     with staged_folder(out) as stage:
-        names = _write(model, generator, scheduler, stage)
+        names = write_folder(model, generator, scheduler, stage)
         if made is not None:
             lora_export.write(stage / lora_export.LORA_FOLDER, *made)
             names["lora"] = lora_export.LORA_FOLDER
     return {label: out / name if name else out for label, name in names.items()}
 
 
-def _write(merged: nn.Module, generator: OneStepModel, scheduler, out: Path) -> dict[str, str]:
+def write_folder(merged: nn.Module, generator: OneStepModel, scheduler, out: Path,
+                 source: dict | None = None) -> dict[str, str]:
+    """The export's files in ``out`` (a staging folder): the pipeline, which is also the model folder, the single
+    file, the adapter (adapter runs) and ``wadi_one_step.json`` (with ``source``, where the weights came from:
+    :mod:`wadi_distill.published`). Returns {label: name inside ``out``}."""
     pipeline = write_pipeline(generator.teacher, merged, scheduler, out)
     save_file({k: v.contiguous() for k, v in merged.state_dict().items()}, out / SINGLE_FILE)
     names = {"pipeline": "", "model": generator.teacher.component, "single_file": SINGLE_FILE}
     if generator.adapter_file is not None:
         names["adapter"] = "generator_adapter.safetensors"
         shutil.copyfile(generator.adapter_file, out / names["adapter"])
-    write_one_step_info(out, generator.teacher, generator.config, pipeline)
+    write_one_step_info(out, generator.teacher, generator.config, pipeline, source)
     return names
 
 

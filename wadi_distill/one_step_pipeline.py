@@ -16,8 +16,11 @@ so the pipeline's latents equal the project's bit for bit (tested; ``LCMSchedule
 through its boundary condition, the default DDIM does not at all). A run whose a_T differs from the
 schedule's own gets the teacher's betas with only the last one replaced (``trained_betas``), so that the
 schedule's last a is a_T and every earlier one is the teacher's; where no beta in (0, 1) does that
-(a_T at or above a at T - 2, e.g. the published 0.0047 on PixArt's schedule, whose last a is ~4e-5),
-no diffusers schedule of this teacher runs the generator in one step, and export refuses.
+(a_T at or above a at T - 2, e.g. the published 0.0047 on PixArt's schedule, whose last a is ~4e-5,
+the published PixArt weights of :mod:`wadi_distill.published` included), the schedule follows the
+teacher's a until it falls below a_T and holds a_T from there to T - 1 (:func:`betas_held_at`): one
+step reads only the last a, so the pipeline is still exactly the generator's step (several steps on
+such a schedule are not the teacher's, and the export is meant for one).
 """
 
 from __future__ import annotations
@@ -66,18 +69,40 @@ def betas_ending_at(betas: torch.Tensor, alpha_T: float) -> torch.Tensor:
     return betas
 
 
+def betas_held_at(betas: torch.Tensor, alpha_T: float) -> torch.Tensor:
+    """``betas`` whose cumulative product is the teacher's while that lies above ``alpha_T`` and ``alpha_T`` from
+    then on to the last timestep (one beta changed, the later ones 0): a schedule ending at an ``alpha_T`` above
+    the teacher's a at T - 2 (the published 0.0047 on PixArt's schedule, whose a falls below it at t = 727). One
+    step reads only its last a; several steps on it are not the teacher's. A :class:`UserError` for an
+    ``alpha_T`` at or above the schedule's first a."""
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    below = (alphas_cumprod < alpha_T).nonzero()
+    if below.numel() == 0 or int(below[0]) == 0:
+        raise UserError(f"alpha_T = {alpha_T:.6g} must lie between this teacher's last and first a "
+                        f"({float(alphas_cumprod[-1]):.6g}, {float(alphas_cumprod[0]):.6g})")
+    first = int(below[0])
+    held = betas.clone()
+    held[first] = 1.0 - alpha_T / float(alphas_cumprod[first - 1])
+    held[first + 1:] = 0.0
+    return held
+
+
 def one_step_scheduler(scheduler_config: dict, alpha_T: float):
     """A ``DDIMScheduler`` whose ``num_inference_steps=1`` is the generator's step: at T - 1, with a_T =
-    ``alpha_T``, returning x0. Refuses (:class:`UserError`) an ``alpha_T`` no schedule of this teacher ends at."""
+    ``alpha_T``, returning x0: the teacher's betas with the last one changed (:func:`betas_ending_at`), or,
+    for an ``alpha_T`` at or above the teacher's a at T - 2, held from where the teacher's a falls below it
+    (:func:`betas_held_at`); a :class:`UserError` for an ``alpha_T`` outside the teacher's range of a."""
     from diffusers import DDIMScheduler
 
     betas = teacher_betas(scheduler_config)
     settings = dict(ONE_STEP_SCHEDULER)
-    own_last = torch.cumprod(1.0 - betas, dim=0)[-1]
-    if own_last != torch.tensor(alpha_T, dtype=torch.float32) or \
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    if alphas_cumprod[-1] != torch.tensor(alpha_T, dtype=torch.float32) or \
             scheduler_config.get("beta_schedule") not in DDIM_BETA_SCHEDULES:
+        held = alpha_T >= float(alphas_cumprod[-2])
         # the betas themselves, already rescaled where the teacher rescales them (zero SNR)
-        settings.update(trained_betas=betas_ending_at(betas, alpha_T).tolist(), rescale_betas_zero_snr=False)
+        trained = betas_held_at(betas, alpha_T) if held else betas_ending_at(betas, alpha_T)
+        settings.update(trained_betas=trained.tolist(), rescale_betas_zero_snr=False)
     return DDIMScheduler.from_config(scheduler_config, **settings)
 
 

@@ -246,14 +246,16 @@ def teacher_name(recorded: str | None) -> str | None:
     return Path(recorded).name
 
 
-def write_one_step_info(out: Path, teacher: Teacher, config: dict, pipeline: str) -> Path:
+def write_one_step_info(out: Path, teacher: Teacher, config: dict, pipeline: str, source: dict | None = None) -> Path:
     """``wadi_one_step.json`` of an export: the parametrisation, the timestep and a_T of the one step (beside the
-    schedule's own last value), the pipeline class and its one-step call, and the teacher by name."""
+    schedule's own last value), the pipeline class and its one-step call, the teacher by name and, with
+    ``source``, where the weights came from (an imported file: its name and SHA-256)."""
     info = {"prediction_type": teacher.prediction_type, "timestep": teacher.num_timesteps - 1,
             "alpha_T": one_step_alpha(teacher, config), "schedule_alpha_T": float(teacher.alphas_cumprod[-1]),
             "pipeline": pipeline, "scheduler": "DDIMScheduler (trailing, set_alpha_to_one)",
             "one_step_call": "pipe(prompt, num_inference_steps=1, guidance_scale=0.0)",
-            "teacher": teacher_name(config["teacher"]), "teacher_config": teacher_name(config.get("teacher_config"))}
+            "teacher": teacher_name(config["teacher"]), "teacher_config": teacher_name(config.get("teacher_config")),
+            **({"source": source} if source is not None else {})}
     return atomic_write_text(out / ONE_STEP_INFO, json.dumps(info, indent=2) + "\n")
 
 

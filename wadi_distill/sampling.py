@@ -96,11 +96,12 @@ def initial_noise(teacher: Teacher, count: int, seed: int) -> torch.Tensor:
 def one_step_sample(teacher: Teacher, generator, noise: torch.Tensor, conditioning: Conditioning, vsd: VSDConfig,
                     guidance: float = 1.0) -> torch.Tensor:
     """The one-step student's x0, guided as diffusers' ``guidance_scale``: <= 1 one conditional pass, > 1
-    x0_u + G (x0_c - x0_u) with the empty prompt (x0 is affine in the network output, so this is guiding
-    epsilon or v, as a pipeline does)."""
+    x0_u + G (x0_c - x0_u) against what the pipeline guides against (:meth:`Teacher.unconditional`: the empty
+    prompt; zeros for SDXL) — x0 is affine in the network output, so this is guiding epsilon or v, as a
+    pipeline does."""
     if guidance <= 1:
         return one_step(teacher, generator, noise, conditioning, vsd)
-    both = Conditioning.cat([teacher.encode([""]).repeat_to(len(conditioning)), conditioning])
+    both = Conditioning.cat([teacher.unconditional(len(conditioning)), conditioning])
     unconditional, conditional = one_step(teacher, generator, torch.cat([noise, noise]), both, vsd).chunk(2)
     return guided(unconditional, conditional, guidance)
 
@@ -114,10 +115,14 @@ def check_guidance(guidance: float) -> float:
 
 @torch.no_grad()
 def write_samples(source: str | os.PathLike, prompts: list[str], count: int, out: str | os.PathLike,
-                  seed: int = 0, overwrite: bool = False, guidance: float = 1.0) -> list[Path]:
+                  seed: int = 0, overwrite: bool = False, guidance: float = 1.0,
+                  controlnet: str | os.PathLike | None = None, control_images: list | None = None,
+                  control_scale: float = 1.0) -> list[Path]:
     """``count`` one-step images per prompt from a run or an export, as PNG files plus ``grid.png`` in ``out``
     (replaced whole: if it exists, an earlier ``sample`` output, or ``overwrite``); ``guidance`` as in
-    :func:`one_step_sample` (default: one conditional pass, the student's own convention)."""
+    :func:`one_step_sample` (default: one conditional pass, the student's own convention). With ``controlnet``
+    (a ControlNet folder) the student is steered by ``control_images`` (one for all prompts, or one per
+    prompt) at ``control_scale``, as ``StableDiffusionControlNetPipeline`` steers its U-Net."""
     from PIL import Image
 
     from wadi_analysis.outputs import staged_folder
@@ -125,9 +130,16 @@ def write_samples(source: str | os.PathLike, prompts: list[str], count: int, out
     from .runs import check_output_for, load_one_step
 
     guidance = check_guidance(guidance)
-    out = check_output_for(source, out, ours=_holds_only_samples, overwrite=overwrite)
+    if (controlnet is None) != (not control_images):
+        raise UserError("--controlnet and --control-image go together")
+    inputs = tuple(p for p in [controlnet, *(control_images or [])] if p is not None)
+    out = check_output_for(source, out, ours=_holds_only_samples, overwrite=overwrite, inputs=inputs)
     model = load_one_step(source)
     teacher, generator = model.teacher, model.generator.eval()
+    if controlnet is not None:
+        from .controlnet import controlled
+
+        generator = controlled(teacher, generator, controlnet, control_images, len(prompts), count, control_scale)
     all_prompts = [p for p in prompts for _ in range(count)]
     conditioning = teacher.encode(all_prompts)
     noise = initial_noise(teacher, len(all_prompts), seed)

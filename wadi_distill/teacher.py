@@ -115,7 +115,7 @@ class Teacher:
             embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
                                                     clean_caption=False)
             return Conditioning(embeds, {"encoder_attention_mask": mask,
-                                         "added_cond_kwargs": {"resolution": None, "aspect_ratio": None}})
+                                         "added_cond_kwargs": self._pixart_size_conditions(embeds)})
         if self.family == "sdxl":
             embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False)
@@ -124,6 +124,31 @@ class Teacher:
             return Conditioning(embeds, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}})
         embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
         return Conditioning(embeds)
+
+    def _pixart_size_conditions(self, embeds: torch.Tensor) -> dict:
+        """PixArt's micro-conditions as ``PixArtAlphaPipeline`` passes them at its default size: for a transformer
+        with ``use_additional_conditions`` (diffusers' default for sample_size 128, the 1024 px PixArt-α) the
+        image's (height, width) in pixels and height / width, one row per prompt, in the embeddings' dtype and
+        device; else None for both (the 256/512 px models take none)."""
+        if not getattr(self.denoiser, "use_additional_conditions", False):
+            return {"resolution": None, "aspect_ratio": None}
+        size = self.sample_size * self.pipeline.vae_scale_factor  # square, as every sample here is
+        rows = embeds.shape[0]
+        resolution = torch.tensor([size, size]).repeat(rows, 1).to(dtype=embeds.dtype, device=embeds.device)
+        aspect_ratio = torch.tensor([1.0]).repeat(rows, 1).to(dtype=embeds.dtype, device=embeds.device)
+        return {"resolution": resolution, "aspect_ratio": aspect_ratio}
+
+    @torch.no_grad()
+    def unconditional(self, batch: int) -> Conditioning:
+        """What the teacher's pipeline guides against with no negative prompt, for ``batch`` samples: the
+        empty prompt's embeddings, or zeros for SDXL pipelines with ``force_zeros_for_empty_prompt`` (their
+        default), text and pooled embeddings alike (the time ids stay)."""
+        null = self.encode([""]).repeat_to(batch)
+        if self.family == "sdxl" and getattr(self.pipeline.config, "force_zeros_for_empty_prompt", False):
+            added = null.extra["added_cond_kwargs"]
+            null = Conditioning(torch.zeros_like(null.hidden_states), {"added_cond_kwargs": {
+                "text_embeds": torch.zeros_like(added["text_embeds"]), "time_ids": added["time_ids"]}})
+        return null
 
     def network_output(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: Conditioning) -> torch.Tensor:

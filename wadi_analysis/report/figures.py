@@ -14,11 +14,13 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from ..spectrum import PAPER_RANK_FRACTION
-from .tables import (OPTIONAL_COLUMNS, aggregate, aggregate_rows, all_zero, clean, fmt, natural_key, number, usable,
-                     values, wants_log)
+from .axes import CONSTANT_SPREAD, histogram_bins, log_ticks, note, plain
+from .tables import (AT_ROUNDING, NORM_COLUMNS, OPTIONAL_COLUMNS, aggregate, aggregate_rows, all_zero, clean, fmt,
+                     natural_key, norms_preserved, number, rounding_mask, usable, values, wants_log, without_rounding)
 
 NORM = {"color": "#0173b2", "marker": "o", "label": "norm change"}
 DIRECTION = {"color": "#de8f05", "marker": "s", "label": "direction change"}
@@ -33,32 +35,23 @@ CAPTIONS = {
     "by_block_group": "Average over layers of the per-layer mean change, by block and by role group "
                       "(whiskers: average per-layer standard deviation; non-finite layers left out).",
     "distributions": "Distributions over layers of the per-layer mean norm and direction change.",
-    "heatmap": "Layer × metric heatmap, each column min–max scaled (tick labels give the range; grey: not available).",
+    "heatmap": "Layer × metric heatmap, each column min–max scaled (tick labels give the range; grey: not available; "
+               "light: a constant column, or a norm change at rounding, neither colour-scaled).",
     "swaps": "Swap experiment (WaDi Fig. 1c): hybrids sampled as one-step generators.",
 }
 HEATMAP_METRICS = ["norm_change_mean", "norm_change_std", "direction_change_mean", "direction_change_std",
-                   "angle_deg_mean", "frobenius_change",
+                   "angle_deg_mean", "tangential_change_mean", "rotation_share", "frobenius_change",
                    *[c for c in OPTIONAL_COLUMNS if c != "residual_rank_90"]]  # absolute rank: size, not change
 MAX_HEATMAP_LAYERS = 60
-
-
-def plain(text, limit: int | None = 48) -> str:
-    """Untrusted text made safe for matplotlib: control characters removed, ``$`` escaped (no mathtext)."""
-    return clean(text, limit).replace("$", r"\$")
-
-
-def _note(ax, text: str, where: str = "bottom") -> None:
-    """A grey note inside the axes: bottom-left, centre, or top-centre."""
-    x, y, ha, va = {"bottom": (0.01, 0.01, "left", "bottom"), "center": (0.5, 0.5, "center", "center"),
-                    "top": (0.5, 0.75, "center", "center")}[where]
-    ax.text(x, y, text, transform=ax.transAxes, fontsize=9, ha=ha, va=va, color="0.3")
+NEUTRAL = "0.97"  # heatmap cells that are not colour-scaled (constant columns, norm changes at rounding)
 
 
 def fig_mean_std(layers: pd.DataFrame, summary: dict) -> Figure:
     """Fig. 1a: per-layer (mean, std) of norm change and of direction change, all-layer points large."""
     fig = Figure(figsize=(7.5, 5.8), layout="constrained")
     ax = fig.add_subplot()
-    data = usable(layers)
+    data, rounded = without_rounding(usable(layers))
+    preserved = norms_preserved(summary, layers)
     pairs = {stat: (values(data, f"{stat}_mean"), values(data, f"{stat}_std")) for stat in ("norm_change", "direction_change")}
     log = wants_log(*[a for pair in pairs.values() for a in pair])
     hidden = drawn = 0
@@ -69,27 +62,35 @@ def fig_mean_std(layers: pd.DataFrame, summary: dict) -> Figure:
             hidden += int((keep & ((x <= 0) | (y <= 0))).sum())
             keep &= (x > 0) & (y > 0)
         drawn += int(keep.sum())
+        if stat == "norm_change" and rounded and not keep.any():
+            continue  # every norm change is rounding: nothing to draw (the note says so)
         ax.scatter(x[keep], y[keep], s=16, alpha=0.55, color=style["color"], marker=style["marker"],
                    linewidths=0, label=f"{style['label']}, per layer (n = {int(keep.sum())})")
         mx, my = (number(summary.get(f"{stat}_{m}")) for m in ("mean", "std"))
         if mx is None or my is None:  # summary without the figure: recompute it from the table
             mx, my = (number(np.nanmean(v)) if np.isfinite(v).any() else None for v in (x, y))
+        if preserved and stat == "norm_change":
+            continue  # the all-layer norm change is rounding: no marker
         if mx is not None and my is not None and (not log or (mx > 0 and my > 0)):
             ax.scatter([mx], [my], s=320, color=style["color"], marker=style["marker"], edgecolors="black",
                        linewidths=1.6, zorder=5, label=f"{style['label']}, all layers: {fmt(mx, 3)} ± {fmt(my, 3)} %")
     if log:
         ax.set_xscale("log")
         ax.set_yscale("log")
-    if hidden:
-        _note(ax, f"{hidden} zero-change points not shown on the log axes")
+        log_ticks(ax.xaxis, *[pair[0] for pair in pairs.values()])
+        log_ticks(ax.yaxis, *[pair[1] for pair in pairs.values()])
+    notes = ([f"{hidden} zero-change points not shown on the log axes"] if hidden else []) + \
+        ([f"{AT_ROUNDING} in {rounded} layers: their norm change is rounding, not drawn"] if rounded else [])
+    if notes:
+        note(ax, "\n".join(notes))
     if not drawn:
-        _note(ax, "no finite per-layer statistics", "center")
+        note(ax, "no finite per-layer statistics", "center")
     elif all_zero(*[a for pair in pairs.values() for a in pair]):
-        _note(ax, "every change is zero: teacher and student weights are identical", "top")
+        note(ax, "every change is zero: teacher and student weights are identical", "top")
     ax.set_xlabel("per-layer mean change (%)")
     ax.set_ylabel("per-layer std of the change (%)")
     ax.set_title("Norm vs direction change per layer")
-    ax.legend(fontsize=8, loc="upper left", frameon=True)
+    ax.legend(fontsize=8, loc="best", frameon=True)
     return fig
 
 
@@ -102,8 +103,12 @@ def fig_low_rank(layers: pd.DataFrame, summary: dict) -> Figure | None:
     curve = _energy_curve_columns(layers)
     extra = (["energy_curve"] if len(curve) >= 3 else []) + \
         [c for c in ("residual_rank_rel_90", "lorad_fit") if np.isfinite(values(layers, c)).any()]
-    fig = Figure(figsize=(5.5 * (1 + len(extra)), 4.8), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, 1 + len(extra)))
+    panels = 1 + len(extra)
+    columns, grid_rows = min(2, panels), -(-panels // 2)  # two panels a row: fits a page, not a strip
+    fig = Figure(figsize=(5.8 * columns, 4.6 * grid_rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(grid_rows, columns)).ravel()
+    for spare in axes[panels:]:
+        fig.delaxes(spare)
     size = values(layers, "numel")
     ax = axes[0]
     for series, label, style in ((energy, "W_s − W_t", NORM), (direction_energy, "direction residual", DIRECTION)):
@@ -116,6 +121,7 @@ def fig_low_rank(layers: pd.DataFrame, summary: dict) -> Figure | None:
         ax.axhline(mean, color="0.3", ls="--", lw=1, label=f"summary mean {fmt(mean, 3)} %")
     if wants_log(size, spread=10):
         ax.set_xscale("log")
+        log_ticks(ax.xaxis, size)
     ax.set_xlabel("layer size (parameters)")
     ax.set_ylabel("energy in top 30 % singular values (%)")
     ax.set_title("Residual energy at 30 % rank")
@@ -133,7 +139,8 @@ def fig_low_rank(layers: pd.DataFrame, summary: dict) -> Figure | None:
             ax.set_title("Energy at 30 % rank vs relative rank")
         else:
             keep = np.isfinite(other)
-            ax.hist(other[keep], bins=_bins(other[keep], False), color=DIRECTION["color"], alpha=0.8)
+            ax.hist(other[keep], bins=histogram_bins(other[keep], False), color=DIRECTION["color"], alpha=0.8)
+            ax.ticklabel_format(axis="x", style="plain", useOffset=False)  # no "1e-10+1e1" offset text
             ax.set_xlabel("share of the change a pair rotation expresses (%)")
             ax.set_ylabel("layers")
             ax.set_title("LoRaD fit per layer")
@@ -163,7 +170,8 @@ def _draw_energy_curves(ax, layers: pd.DataFrame, curve: dict[float, str]) -> No
         if PAPER_RANK_FRACTION in curve:
             energy, percent = mean[list(curve).index(PAPER_RANK_FRACTION) + 1], round(100 * PAPER_RANK_FRACTION)
             ax.annotate(f"{fmt(energy, 3)} % at {percent} % rank", (percent, energy), textcoords="offset points",
-                        xytext=(8, -14))
+                        xytext=(14, -28), fontsize=8, arrowprops={"arrowstyle": "-", "color": "0.4", "lw": 0.8},
+                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "0.7", "alpha": 0.9})
         ax.legend(fontsize=8, loc="lower right")
     ax.set_xlim(0, 100 * fractions.max())
     ax.set_ylim(0, 101)
@@ -172,20 +180,9 @@ def _draw_energy_curves(ax, layers: pd.DataFrame, curve: dict[float, str]) -> No
     ax.set_title("Residual energy vs rank")
 
 
-def _bins(v: np.ndarray, log: bool, count: int = 40) -> np.ndarray:
-    v = v[np.isfinite(v) & (v > 0)] if log else v[np.isfinite(v)]
-    if not len(v):
-        return np.linspace(0, 1, 2)
-    lo, hi = (np.log10(v.min()), np.log10(v.max())) if log else (v.min(), v.max())
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
-    edges = np.linspace(lo, hi, min(count, max(5, len(v))) + 1)
-    return 10 ** edges if log else edges
-
-
 def fig_by_block_group(layers: pd.DataFrame) -> Figure:
     """Horizontal grouped bars of direction vs norm change per block and per role group."""
-    data = usable(layers)
+    data, rounded = without_rounding(usable(layers))
     keys = [k for k in ("block", "group") if k in data.columns] or ["kind"]
     tables = {k: aggregate(data, k) for k in keys}
     tallest = max([len(t) for t in tables.values()] + [1])
@@ -197,15 +194,16 @@ def fig_by_block_group(layers: pd.DataFrame) -> Figure:
         for offset, stat, style in ((-0.2, "direction_change", DIRECTION), (0.2, "norm_change", NORM)):
             mean, std = np.nan_to_num(table[f"{stat}_mean"].to_numpy()), np.nan_to_num(table[f"{stat}_std"].to_numpy())
             whiskers = np.vstack([np.minimum(std, mean), std])  # a change is >= 0: no whisker below zero
+            label = style["label"] + (f" ({rounded} layers at rounding: not drawn)" if rounded and stat == "norm_change" else "")
             ax.barh(y + offset, mean, height=0.38, xerr=whiskers, color=style["color"],
-                    error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "0.3"}, label=style["label"])
+                    error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "0.3"}, label=label)
         ax.set_yticks(y, [f"{plain(name, 32)} ({n})" for name, n in zip(table.index, table["n"])],
                       fontsize=max(5, min(9, 300 / max(len(table), 1))))
         ax.set_ylim(len(table) - 0.5, -0.5)
         ax.set_xlabel("average per-layer mean change (%)")
         ax.set_title(f"by {key} (layers in brackets)")
         if not len(table):
-            _note(ax, "no usable layers", "center")
+            note(ax, "no usable layers", "center")
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside upper center", ncols=2, fontsize=8, frameon=False)
     return fig
@@ -213,22 +211,25 @@ def fig_by_block_group(layers: pd.DataFrame) -> Figure:
 
 def fig_distributions(layers: pd.DataFrame) -> Figure:
     """Histograms of per-layer mean changes, and their spread per role group (box + points)."""
-    data = usable(layers)
+    data, rounded = without_rounding(usable(layers))
     norm, direction = values(data, "norm_change_mean"), values(data, "direction_change_mean")
     log = wants_log(norm, direction)
     fig = Figure(figsize=(12, 5), layout="constrained")
     left, right = fig.subplots(1, 2)
-    bins = _bins(np.concatenate([norm, direction]), log)
+    bins = histogram_bins(np.concatenate([norm, direction]), log)
     for v, style in ((norm, NORM), (direction, DIRECTION)):
         keep = np.isfinite(v) & ((v > 0) if log else True)
         left.hist(v[keep], bins=bins, alpha=0.6, color=style["color"], label=f"{style['label']} (n = {int(keep.sum())})")
+    zeros = int(((norm == 0) | (direction == 0)).sum()) if log else 0
     if log:
         left.set_xscale("log")
-        zeros = int(((norm == 0) | (direction == 0)).sum())
-        if zeros:
-            _note(left, f"{zeros} layers with a zero mean not shown on the log axis")
+        log_ticks(left.xaxis, norm, direction)
+    notes = ([f"{zeros} layers with a zero mean not shown on the log axis"] if zeros else []) + \
+        ([f"{AT_ROUNDING} in {rounded} layers: not drawn"] if rounded else [])
+    if notes:
+        note(left, "\n".join(notes))
     if all_zero(norm, direction):
-        _note(left, "every change is zero: teacher and student weights are identical", "top")
+        note(left, "every change is zero: teacher and student weights are identical", "top")
     left.set_xlabel("per-layer mean change (%)")
     left.set_ylabel("layers")
     left.set_title("Per-layer mean change")
@@ -248,38 +249,65 @@ def fig_distributions(layers: pd.DataFrame) -> Figure:
         sns.stripplot(data=long, x="value", y="group", hue="metric", order=order, palette=palette, ax=right,
                       size=2.5, dodge=True, alpha=0.5, legend=False, hue_order=list(palette), jitter=0.15)
         right.legend(fontsize=8, loc="lower right")
+        if log:
+            log_ticks(right.xaxis, long["value"].to_numpy())
     else:
-        _note(right, "no finite per-layer statistics", "center")
+        note(right, "no finite per-layer statistics", "center")
     right.set_xlabel("per-layer mean change (%)")
     right.set_ylabel("role group")
     right.set_title("By role group")
     return fig
 
 
+def _heatmap_table(layers: pd.DataFrame, metrics: list[str]) -> tuple[pd.DataFrame, str]:
+    """The heatmap's rows (layers, or block · group means) with norm changes at rounding blanked and
+    ``_at_rounding`` (1.0 where every layer of the row is at rounding)."""
+    aggregated = len(layers) > MAX_HEATMAP_LAYERS and "block" in layers.columns
+    data = usable(layers) if aggregated else layers
+    measured, _ = without_rounding(data)
+    measured = measured.assign(_at_rounding=rounding_mask(data).astype(float))
+    if aggregated:
+        table, unit = aggregate_rows(measured, metrics + ["_at_rounding"], 2 * MAX_HEATMAP_LAYERS)
+        return table, f"Mean per {unit} ({len(layers)} layers in {len(table)} rows; non-finite layers left out)"
+    columns = {m: values(measured, m) for m in metrics + ["_at_rounding"]}
+    return pd.DataFrame(columns, index=[clean(n, 56) for n in layers["name"]]), "Per layer"
+
+
 def fig_heatmap(layers: pd.DataFrame) -> Figure:
     """Rows = layers (or block · group means when there are many layers), columns = metrics, each
-    column min-max scaled so every metric uses the whole colour range."""
+    column min-max scaled so every metric uses the whole colour range — except a constant column and
+    norm changes at rounding, which are drawn neutral and labelled, never colour-scaled."""
     metrics = [m for m in HEATMAP_METRICS if m in layers.columns]
-    if len(layers) > MAX_HEATMAP_LAYERS and "block" in layers.columns:
-        table, unit = aggregate_rows(usable(layers), metrics, 2 * MAX_HEATMAP_LAYERS)
-        title = f"Mean per {unit} ({len(layers)} layers in {len(table)} rows; non-finite layers left out)"
-    else:
-        table = pd.DataFrame({m: values(layers, m) for m in metrics}, index=[clean(n, 56) for n in layers["name"]])
-        title = "Per layer"
+    table, title = _heatmap_table(layers, metrics)
     matrix = table[metrics].to_numpy(dtype=float) if len(table) else np.zeros((0, len(metrics)))
     finite = np.isfinite(matrix)
     low = np.array([c[np.isfinite(c)].min() if np.isfinite(c).any() else np.nan for c in matrix.T])
     high = np.array([c[np.isfinite(c)].max() if np.isfinite(c).any() else np.nan for c in matrix.T])
     span = high - low
+    constant = finite.any(axis=0) & (span <= CONSTANT_SPREAD * np.fmax(np.abs(low), np.abs(high)))
+    at_rounding = (table["_at_rounding"].to_numpy(dtype=float)[:, None] == 1.0) if len(table) else np.zeros((0, 1), bool)
+    neutral = (finite & constant) | (at_rounding & np.isin(metrics, NORM_COLUMNS))
     scaled = np.divide(matrix - low, span, out=np.full_like(matrix, 0.5), where=finite & (span > 0))
-    scaled[~finite] = np.nan
+    scaled[~finite | neutral] = np.nan
     rows = max(len(table), 1)
     fig = Figure(figsize=(max(8, 1.05 * len(metrics) + 4.5), min(24, max(3.8, 0.19 * rows + 2.6))), layout="constrained")
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.85")
     image = ax.imshow(np.ma.masked_invalid(scaled), aspect="auto", cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks(range(len(metrics)), [f"{m}\n({fmt(a, 3)} – {fmt(b, 3)})" for m, a, b in zip(metrics, low, high)],
-                  rotation=35, ha="right", fontsize=7)
+    ax.imshow(np.ma.masked_where(~neutral, np.zeros_like(matrix)), aspect="auto", cmap=ListedColormap([NEUTRAL]),
+              vmin=0, vmax=1, interpolation="nearest")
+    labels = []
+    for j, (m, a, b) in enumerate(zip(metrics, low, high)):
+        if constant[j]:
+            labels.append(f"{m}\n(constant {fmt(a, 4)})")
+        elif neutral[:, j].any() and not (finite[:, j] & ~neutral[:, j]).any():
+            labels.append(f"{m}\n(at rounding)")
+        else:
+            labels.append(f"{m}\n({fmt(a, 3)} – {fmt(b, 3)})")
+        if len(table) and neutral[:, j].all():
+            ax.text(j, (len(table) - 1) / 2, "constant" if constant[j] else "at rounding", rotation=90, ha="center",
+                    va="center", fontsize=8, color="0.35")
+    ax.set_xticks(range(len(metrics)), labels, rotation=35, ha="right", fontsize=7)
     ax.set_yticks(range(len(table)), [plain(label, None) for label in table.index], fontsize=max(4, min(8, 320 / rows)))
     ax.grid(False)
     ax.set_title(title)
@@ -302,7 +330,8 @@ def fig_swaps(swaps: pd.DataFrame) -> Figure | None:
         v = values(swaps, metric)
         x = np.arange(len(v))
         bars = ax.bar(x, np.nan_to_num(v), color=colors)
-        ax.bar_label(bars, labels=[fmt(a, 3) for a in v], fontsize=8, padding=2)
+        ax.bar_label(bars, labels=[fmt(a, 3) for a in v], fontsize=8, padding=3,  # above the bar, on white
+                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.9})
         if np.isfinite(v).all() and (v > 0).all() and wants_log(v, spread=20):
             ax.set_yscale("log")
         ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)

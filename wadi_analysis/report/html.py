@@ -17,8 +17,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .figures import CAPTIONS
-from .tables import (clean, count_rows, fmt, headline_rows, number, source_line, table_columns,
-                     versions_line, warning_lists)
+from .tables import (AT_ROUNDING, HEADLINE_NOTE, TOP_ROTATION_HEADER, clean, count_rows, fmt, headline_rows,
+                     norms_preserved, number, source_line, table_columns, top_rotation_rows, versions_line,
+                     warning_lists)
 
 MAX_WARNING_ITEMS = 200
 CSS = """
@@ -27,7 +28,8 @@ h1{font-size:24px;margin:24px 0 4px}h2{font-size:19px;border-bottom:2px solid #d
 nav a{margin-right:14px}.sources{color:#444;margin:0}code{font:12px ui-monospace,monospace;word-break:break-all}
 table{border-collapse:collapse;font-size:13px}th,td{padding:3px 8px;border-bottom:1px solid #e4e4e4;text-align:left}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
-.headline td:first-child,.counts td:first-child{font-weight:600}.headline th{background:#f3f3f3}
+.headline td:first-child,.counts td:first-child{font-weight:600}.headline th,.top-rotation th{background:#f3f3f3}
+.note{color:#444;font-size:13px;max-width:1100px}.top-rotation td:nth-child(2){font:12px ui-monospace,monospace;overflow-wrap:anywhere}
 .warn{background:#fff5e0;border-left:4px solid #e69f00;padding:6px 12px;margin:10px 0}.ok{color:#2a7a2a}
 details ul{max-height:260px;overflow:auto;margin:6px 0}figure{margin:18px 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#444;font-size:13px;max-width:1100px}
@@ -130,12 +132,23 @@ def _table(header: list[str], rows: list[list[str]], cls: str) -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
-def summary_section(summary: dict) -> str:
-    """The headline table (unweighted and parameter-weighted)."""
+def summary_section(summary: dict, layers: pd.DataFrame | None = None) -> str:
+    """The headline table (unweighted and parameter-weighted), the paper's view then the first-order view."""
     header = ["", "mean", "std", "mean (param.-weighted)", "std (param.-weighted)"]
     return ('<section id="summary"><h2>Summary</h2><p>All-layer averages of the per-layer mean and standard '
             'deviation over rows (WaDi §1); weighted columns weight each layer by its parameter count.</p>'
-            + _table(header, headline_rows(summary), "headline") + "</section>")
+            + _table(header, headline_rows(summary, layers), "headline")
+            + f'<p class="note">{esc(HEADLINE_NOTE)}</p></section>')
+
+
+def top_rotation_section(summary: dict, layers: pd.DataFrame) -> str:
+    """The layers that rotate most (``top_rotation_layers``), full names."""
+    rows = top_rotation_rows(summary, layers)
+    if not rows:
+        return ""
+    return (f'<section id="top-rotation"><h2>Top {len(rows)} layers by rotation</h2><p>Largest per-layer mean '
+            'direction change 100·(1 − cos), with the mean angle, the tangential (rotation) part and the norm change.</p>'
+            + _table(TOP_ROTATION_HEADER, rows, "top-rotation") + "</section>")
 
 
 def counts_section(summary: dict, layers: pd.DataFrame) -> str:
@@ -214,7 +227,12 @@ def render_html(layers: pd.DataFrame, summary: dict, figures: dict[str, Figure])
               "base-uri 'none'; form-action 'none'")
     n = summary.get("n_layers", len(layers))
     ratio = number(summary.get("direction_to_norm_mean_ratio"))
-    lead = f"{esc(n)} layers" + (f"; direction change is {fmt(ratio, 3)}× the norm change on average" if ratio else "")
+    first_order = number(summary.get("angle_to_norm_mean_ratio"))
+    if norms_preserved(summary, layers):
+        lead = f"{esc(n)} layers; {AT_ROUNDING}: the student only rotates rows"
+    else:
+        lead = f"{esc(n)} layers" + (f"; direction change 1 − cos is {fmt(ratio, 3)}× the norm change on average" if ratio else "")
+        lead += f" (first order: the angle is {fmt(first_order, 3)}× the relative norm change)" if first_order else ""
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f'<meta http-equiv="Content-Security-Policy" content="{policy}">'
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -222,7 +240,8 @@ def render_html(layers: pd.DataFrame, summary: dict, figures: dict[str, Figure])
             "<header><h1>WaDi weight-change report: teacher vs student</h1>"
             f'<p class="sources">Teacher: <code>{esc(source_line(summary, "teacher"))}</code> · '
             f'Student: <code>{esc(source_line(summary, "student"))}</code></p><p>{lead}.</p>'
-            '<nav><a href="#summary">Summary</a><a href="#counts">Counts and warnings</a>'
-            '<a href="#figures">Figures</a><a href="#layers">Layers</a></nav></header>'
-            + summary_section(summary) + counts_section(summary, layers) + figures_section(figures)
+            '<nav><a href="#summary">Summary</a><a href="#top-rotation">Top rotation</a>'
+            '<a href="#counts">Counts and warnings</a><a href="#figures">Figures</a><a href="#layers">Layers</a></nav></header>'
+            + summary_section(summary, layers) + top_rotation_section(summary, layers) + counts_section(summary, layers)
+            + figures_section(figures)
             + layers_section(layers) + footer(summary) + f"<script>{SCRIPT}</script></body></html>\n")

@@ -15,6 +15,14 @@ import numpy as np
 import pandas as pd
 
 from ..compare import read_layers  # noqa: F401  (the layers.csv reader, re-exported for the report)
+from ..summary import norms_at_rounding, top_rotation_layers
+
+AT_ROUNDING = "norms preserved (at rounding)"
+# The norm-change columns that hold rounding, not a measurement, where a layer's norms are at rounding.
+NORM_COLUMNS = ("norm_change_mean", "norm_change_std", "norm_change_max")
+HEADLINE_NOTE = ("First order: each row's change splits into a radial part along the teacher row (the rescaling) "
+                 "and a tangential part across it (the rotation, about the angle in radians); 1 − cos is second "
+                 "order (θ²/2), so its ratio to the norm change grows with how far the student moved, the angle's does not.")
 
 # Optional spectrum / LoRaD columns: shown wherever present, never required.
 OPTIONAL_COLUMNS = {
@@ -32,6 +40,8 @@ LAYER_TABLE = [
     ("norm_change_max", "norm max (%)", True),
     ("direction_change_mean", "dir. mean (%)", True), ("direction_change_std", "dir. std (%)", True),
     ("direction_change_max", "dir. max (%)", True), ("angle_deg_mean", "angle mean (°)", True),
+    ("radial_change_mean", "radial mean (%)", True), ("tangential_change_mean", "tangential mean (%)", True),
+    ("rotation_share", "rotation share (%)", True), ("angle_to_norm_ratio", "angle / norm", True),
     ("frobenius_change", "Frobenius (%)", True),
 ]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -144,18 +154,76 @@ def fmt(value, digits: int = 4) -> str:
     return f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
 
 
-def headline_rows(summary: dict) -> list[list[str]]:
-    """The paper's headline table: [quantity, mean, std, weighted mean, weighted std]."""
+def rounding_mask(layers: pd.DataFrame) -> np.ndarray:
+    """Per layer: True where its norm change is at the rounding level of its dtypes (no measurement)."""
+    return norms_at_rounding(layers).to_numpy(dtype=bool)
+
+
+def without_rounding(layers: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """``layers`` with the norm-change columns blanked (NaN) where they are rounding, and how many layers that is."""
+    mask = rounding_mask(layers)
+    if not mask.any():
+        return layers, 0
+    layers = layers.copy()
+    for column in NORM_COLUMNS:
+        if column in layers.columns:
+            layers[column] = values(layers, column)
+            layers.loc[mask, column] = np.nan
+    return layers, int(mask.sum())
+
+
+def norms_preserved(summary: dict, layers: pd.DataFrame | None = None) -> bool:
+    """The summary's ``norms_preserved_at_rounding``; for an older summary, decided from the table."""
+    if "norms_preserved_at_rounding" in summary or layers is None:
+        return bool(summary.get("norms_preserved_at_rounding"))
+    changed = usable(layers)
+    changed = changed[changed["status"] == "ok"] if "status" in changed.columns else changed
+    return bool(len(changed)) and bool(rounding_mask(changed).all())
+
+
+def _ratio_cell(value, preserved: bool) -> str:
+    x = number(value)
+    return AT_ROUNDING if preserved else "n/a" if x is None else f"{fmt(x, 3)}×"
+
+
+def headline_rows(summary: dict, layers: pd.DataFrame | None = None) -> list[list[str]]:
+    """The headline table: [quantity, mean, std, weighted mean, weighted std] — the paper's view (norm,
+    1 − cos, angle, their ratio), then the first-order view (radial, tangential, rotation share, angle /
+    norm). Where norms are preserved at rounding, no ratio is printed and the norm figures say so."""
+    preserved = norms_preserved(summary, layers)
+    moments = [(m, s) for s in ("", "_weighted") for m in ("mean", "std")]
     rows = []
-    for label, key in (("norm change (%)", "norm_change"), ("direction change (%)", "direction_change"),
+    for label, key in (("norm change (%)", "norm_change"), ("direction change, 1 − cos (%)", "direction_change"),
                        ("angle (°)", "angle_deg")):
-        rows.append([label] + [fmt(summary.get(f"{key}_{m}{s}")) for s in ("", "_weighted") for m in ("mean", "std")])
-    ratio = ["direction / norm ratio"]
-    for s in ("", "_weighted"):
-        for m in ("mean", "std"):
-            x = number(summary.get(f"direction_to_norm_{m}_ratio{s}"))
-            ratio.append("n/a" if x is None else f"{fmt(x, 3)}×")
-    return rows + [ratio]
+        cells = [fmt(summary.get(f"{key}_{m}{s}")) for m, s in moments]
+        if preserved and key == "norm_change":
+            cells = [f"{c} (rounding)" for c in cells]
+        rows.append([label] + cells)
+    rows.append(["direction / norm ratio"] + [_ratio_cell(summary.get(f"direction_to_norm_{m}_ratio{s}"), preserved)
+                                              for m, s in moments])
+    for label, key in (("first order: radial, rescaling (%)", "radial_change"),
+                       ("first order: tangential, rotation (%)", "tangential_change")):
+        rows.append([label] + [fmt(summary.get(f"{key}_{m}{s}")) for m, s in moments])
+    rows.append(["first order: rotation share of ‖ΔW‖² (%)"]
+                + [fmt(summary.get(f"rotation_share_mean{s}")) if m == "mean" else "" for m, s in moments])
+    rows.append(["first order: angle (rad) / norm ratio"]
+                + [_ratio_cell(summary.get(f"angle_to_norm_{m}_ratio{s}"), preserved) for m, s in moments])
+    return rows
+
+
+def top_rotation_rows(summary: dict, layers: pd.DataFrame | None = None) -> list[list[str]]:
+    """[rank, layer, 1 − cos (%), angle (°), tangential (%), norm (%)] of the layers that rotate most: the
+    summary's ``top_rotation_layers``, or (older summaries) ranked from the table."""
+    top = summary.get("top_rotation_layers")
+    if not isinstance(top, list):
+        top = top_rotation_layers(usable(layers)) if layers is not None and "name" in layers.columns else []
+    keys = ("direction_change_mean", "angle_deg_mean", "tangential_change_mean")
+    return [[str(rank), clean(item.get("name"))] + [fmt(item.get(k)) for k in keys]
+            + ["at rounding" if item.get("norm_change_at_rounding") is True else fmt(item.get("norm_change_mean"))]
+            for rank, item in enumerate((i for i in top if isinstance(i, dict)), 1)]
+
+
+TOP_ROTATION_HEADER = ["#", "layer", "1 − cos (%)", "angle (°)", "tangential (%)", "norm (%)"]
 
 
 def _count(value) -> str:

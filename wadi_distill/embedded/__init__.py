@@ -3,8 +3,8 @@ and the evaluation classifier, both shipped with the package; the teacher's ``wa
 the classifier's metadata record the commands and seeds that reproduce them.
 
 Also here: the Fashion-MNIST reader and captions (:mod:`.datasets`), the CLIP BPE tokenizer
-(:mod:`.tokenizer`), the autoencoder's training (:mod:`.vae_training`) and the teacher's
-(:mod:`.teacher_training`)."""
+(:mod:`.tokenizer`), the autoencoder's training (:mod:`.vae_training`), the teacher's
+(:mod:`.teacher_training`) and its ControlNet's (:mod:`.controlnet_training`)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,15 @@ def prompts_path() -> Path:
     return HERE / "prompts.txt"
 
 
+def controlnet_path() -> Path:
+    """The embedded teacher's ControlNet folder (``wadi-distill controlnet``: edge maps of Fashion-MNIST)."""
+    return HERE / "controlnet"
+
+
 def paths() -> dict[str, Path]:
-    """The embedded files by name: teacher, classifier, prompts."""
-    return {"teacher": teacher_path(), "classifier": classifier_path(), "prompts": prompts_path()}
+    """The embedded files by name: teacher, classifier, prompts, controlnet."""
+    return {"teacher": teacher_path(), "classifier": classifier_path(), "prompts": prompts_path(),
+            "controlnet": controlnet_path()}
 
 
 def provenance() -> str:

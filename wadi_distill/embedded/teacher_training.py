@@ -241,7 +241,7 @@ def _load_vae(folder: Path, config: TeacherConfig):
 
 
 @torch.no_grad()
-def _latent_posterior(vae, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_posterior(vae, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of q(z|x) for every image, times the VAE's scaling factor (encoded once)."""
     means, stds = [], []
     for chunk in images.split(batch):
@@ -276,7 +276,7 @@ def _train(config: TeacherConfig, out: Path, data, tokenizer, init, vae, log) ->
     null_ids = null_ids.to(device)
     alphas = sd_scheduler().alphas_cumprod.float().to(device)
     if vae is not None:  # SD's recipe: z ~ q(z|x) afresh each step, scaled to unit variance
-        latent_mean, latent_std = (t.to(device) for t in _latent_posterior(vae, data.images))
+        latent_mean, latent_std = (t.to(device) for t in latent_posterior(vae, data.images))
     else:
         latent_mean, latent_std = data.images.to(device), None
     data_labels = data.labels.to(device)

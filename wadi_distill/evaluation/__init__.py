@@ -16,9 +16,11 @@ def evaluate_source(source: str | os.PathLike | None = None, *, per_class: int =
                     guidance: float = 1.5, seed: int = 0, classifier: str | os.PathLike | None = None,
                     prompts: str | os.PathLike | None = None, reference_stats: str | os.PathLike | None = None,
                     inception: str | os.PathLike | None = None, clip: str | os.PathLike | None = None,
-                    batch: int = 16, json_out: str | os.PathLike | None = None) -> tuple[dict, str]:
+                    batch: int = 16, json_out: str | os.PathLike | None = None, kid_subset: int | None = None,
+                    progress: bool = False) -> tuple[dict, str]:
     """Score a teacher folder, run or export (default: the embedded teacher); returns (result, line)
-    and, with ``json_out``, writes the result there as JSON.
+    and, with ``json_out``, writes the result there as JSON. ``progress``: a bar over the samples on
+    stderr; ``kid_subset``: KID's subset size (:class:`.benchmark.Benchmark`).
 
     Without ``prompts``/``reference_stats``/``inception``/``clip``: FD, KID, precision/recall and
     prompt accuracy in the evaluation classifier's features, each beside its real-vs-real value
@@ -37,19 +39,25 @@ def evaluate_source(source: str | os.PathLike | None = None, *, per_class: int =
     if prompts is None and reference_stats is None and inception is None and clip is None:
         from .benchmark import evaluate, summary_line
 
-        result = evaluate(source, classifier, per_class=per_class, seed=seed, steps=steps, guidance_scale=guidance)
+        result = evaluate(source, classifier, per_class=per_class, seed=seed, steps=steps, guidance_scale=guidance,
+                          kid_subset=kid_subset, progress=progress)
         line = summary_line(result)
     else:
         from ..training.prompts import read_prompts
-        from .benchmark import generate_batches
+        from .benchmark import counted, generate_batches, sampling_progress
         from .sd_protocol import evaluate_sd
 
         if prompts is None or (reference_stats is None) != (inception is None):
             raise UserError("the SD protocol needs --prompts, and --reference-stats with --inception (FID) "
                             "and/or --clip")
-        batches = generate_batches(source, read_prompts(prompts), seed, steps, guidance, batch, decoded=True)
-        result = {"source": str(source), "seed": seed, "prompts": str(prompts),
-                  **evaluate_sd(batches, reference=reference_stats, inception=inception, clip=clip)}
+        if kid_subset is not None:
+            raise UserError("--kid-subset is the embedded benchmark's; the SD protocol reports FID and CLIP score")
+        prompt_list = read_prompts(prompts)
+        with sampling_progress(len(prompt_list), progress) as advance:
+            batches = generate_batches(source, prompt_list, seed, steps, guidance, batch, decoded=True)
+            batches = counted(batches, advance)
+            result = {"source": str(source), "seed": seed, "prompts": str(prompts),
+                      **evaluate_sd(batches, reference=reference_stats, inception=inception, clip=clip)}
         line = " · ".join(f"{k} {v:.4f}" for k, v in result.items() if k in ("fid", "clip_score"))
     if json_out is not None:
         from wadi_analysis.atomic import atomic_write_text

@@ -6,12 +6,14 @@ exported one-step model (one step, as distilled). Real reference: ``per_class`` 
 every class; the real-vs-real row compares an equally sized, disjoint set of training images with the
 same reference, which is the floor (or ceiling) a perfect generator would reach at this sample count.
 With a VAE, the autoencoder row scores those training images encoded and decoded: the floor of any
-generator in that latent space.
+generator in that latent space. Both come shipped with the package up to the default ``per_class``
+(:mod:`.reference`), so no dataset is needed for them.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -20,6 +22,7 @@ from ..embedded import datasets
 from ..runs import load_sampler
 from . import metrics
 from .classifier import Classifier, embed, load_classifier
+from .reference import SHIPPED_DATASET, real_data
 
 
 @dataclass
@@ -75,10 +78,46 @@ def generate_batches(source: str | os.PathLike, prompts: list[str], seed: int = 
     yield from sample_model(teacher, model, prompts, vsd, seed, steps, guidance_scale, batch, decoded)
 
 
+@contextmanager
+def sampling_progress(total: int, enabled: bool = True):
+    """``advance(count)`` for a rich progress bar over ``total`` samples on stderr, as `run` shows its
+    steps (on a terminal it redraws; elsewhere rich prints its final state once); a no-op when disabled.
+    When the body raises, the bar is taken away, so the error stays the one line the CLI prints."""
+    if not enabled:
+        yield lambda count: None
+        return
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    with Progress(TextColumn("[bold]sampling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task("samples", total=total)
+        try:
+            yield lambda count: bar.advance(task, count)
+        except BaseException:
+            bar.live.transient = True  # a terminal erases it
+            bar.console.quiet = not bar.console.is_terminal  # elsewhere nothing is printed
+            raise
+
+
+def counted(batches, advance):
+    """The (samples, prompts) batches unchanged, calling ``advance(len(prompts))`` as each is made."""
+    for samples, prompts in batches:
+        advance(len(prompts))
+        yield samples, prompts
+
+
 def score(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
-          kid_subset: int = 1000) -> Scores:
-    """All metrics of ``images`` (meant to show class ``labels``) against the reference features."""
-    features, predicted = embed(classifier, images)
+          kid_subset: int | None = None) -> Scores:
+    """All metrics of ``images`` (meant to show class ``labels``) against the reference features; KID
+    over subsets of ``kid_subset`` (default :func:`.metrics.kid_subset_size` of the sample count)."""
+    return score_features(*embed(classifier, images), labels, reference, kid_subset)
+
+
+def score_features(features: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
+                   kid_subset: int | None = None) -> Scores:
+    """:func:`score` of images already embedded: their features and predicted classes."""
     kid, kid_std = metrics.kernel_inception_distance(features, reference, subset_size=kid_subset)
     precision, recall = metrics.precision_recall(reference, features)
     return Scores(metrics.frechet_distance(features, reference), kid, kid_std, precision, recall,
@@ -87,23 +126,26 @@ def score(classifier: Classifier, images: torch.Tensor, labels: torch.Tensor, re
 
 class Benchmark:
     """The fixed evaluation set: prompts "a photo of a {class}" × ``per_class``, the real reference
-    features (test split) and the real-vs-real scores (as many training images), computed once."""
+    features (test split) and the real-vs-real scores (as many training images), computed once; KID over
+    subsets of ``kid_subset`` samples (default: :func:`.metrics.kid_subset_size`)."""
 
     def __init__(self, classifier: str | os.PathLike | Classifier | None = None, per_class: int = 100,
-                 dataset: str = "fashion-mnist"):
+                 dataset: str = SHIPPED_DATASET, kid_subset: int | None = None):
         from .. import embedded
 
         if not isinstance(classifier, Classifier):
             classifier = load_classifier(classifier or embedded.classifier_path())
-        self.classifier, self.per_class = classifier, per_class
-        test, train = datasets.load(dataset, "test", classifier.image_size), datasets.load(dataset, "train", classifier.image_size)
-        self.reference, _ = embed(classifier, test.balanced(per_class, seed=0).images)
-        self.prompts, self.labels = datasets.evaluation_prompts(test.classes, per_class)
-        self.real = train.balanced(per_class, seed=1)
-        self.real_vs_real = asdict(score(classifier, self.real.images, self.real.labels, self.reference))
+        self.classifier, self.per_class, self.kid_subset = classifier, per_class, kid_subset
+        real = real_data(classifier, per_class, dataset)
+        self.reference, self.real = real.reference, real.real
+        self.prompts, self.labels = datasets.evaluation_prompts(self.real.classes, per_class)
+        if kid_subset is not None:  # before minutes of sampling
+            metrics.check_kid_subset(kid_subset, len(self.labels))
+        self.real_vs_real = asdict(score_features(real.real_features, real.real_predictions, self.real.labels,
+                                                  self.reference, kid_subset))
 
     def score(self, images: torch.Tensor) -> dict:
-        return asdict(score(self.classifier, images, self.labels, self.reference))
+        return asdict(score(self.classifier, images, self.labels, self.reference, self.kid_subset))
 
     def reconstruction(self, vae) -> dict:
         """Scores of the real-vs-real row's images encoded and decoded by ``vae`` (x ↦ D(E(x))): the floor
@@ -111,30 +153,41 @@ class Benchmark:
         from ..embedded.vae_training import reconstruct
 
         images = reconstruct(vae, self.real.images.to(vae.dtype)).float()
-        return asdict(score(self.classifier, images, self.real.labels, self.reference))
+        return asdict(score(self.classifier, images, self.real.labels, self.reference, self.kid_subset))
 
     def evaluate_model(self, teacher, model, vsd=None, seed: int = 0, steps: int = 25,
-                       guidance_scale: float = 1.5) -> dict:
-        """Scores of samples of ``model`` (see :func:`sample_model`) with the real-vs-real values."""
-        images = torch.cat([s.float() for s, _ in sample_model(teacher, model, self.prompts, vsd, seed, steps,
-                                                                guidance_scale)])
+                       guidance_scale: float = 1.5, progress: bool = False) -> dict:
+        """Scores of samples of ``model`` (see :func:`sample_model`) with the real-vs-real values; with
+        ``progress``, a bar over the samples (:func:`sampling_progress`)."""
+        with sampling_progress(len(self.prompts), progress) as advance:
+            batches = sample_model(teacher, model, self.prompts, vsd, seed, steps, guidance_scale)
+            images = torch.cat([s.float() for s, _ in counted(batches, advance)])
         return {"sampler": "one step" if vsd is not None else f"DDIM {steps} steps, guidance {guidance_scale}",
-                "samples": len(self.prompts), "seed": seed, "scores": self.score(images),
+                "samples": len(self.prompts), "seed": seed, "kid_subset": metrics.kid_subset_size(len(self.prompts))
+                if self.kid_subset is None else self.kid_subset, "scores": self.score(images),
                 "real_vs_real": self.real_vs_real}
 
 
 def evaluate(source: str | os.PathLike, classifier: str | os.PathLike | Classifier | Benchmark | None = None,
              per_class: int = 100, seed: int = 0, steps: int = 25, guidance_scale: float = 1.5,
-             dataset: str = "fashion-mnist") -> dict:
+             dataset: str = SHIPPED_DATASET, kid_subset: int | None = None, progress: bool = False) -> dict:
     """Scores of ``source`` (teacher folder, run or export) and of real data at the same sample count,
-    as a JSON-ready dict."""
-    benchmark = classifier if isinstance(classifier, Benchmark) else Benchmark(classifier, per_class, dataset)
+    as a JSON-ready dict (``kid_subset``: see :class:`Benchmark`, whose own applies when one is given as
+    ``classifier``; ``progress``: a bar on stderr)."""
+    benchmark = (classifier if isinstance(classifier, Benchmark)
+                 else Benchmark(classifier, per_class, dataset, kid_subset))
     teacher, model, vsd = load_sampler(source)
-    result = {"source": str(source), **benchmark.evaluate_model(teacher, model, vsd, seed, steps, guidance_scale)}
+    result = {"source": str(source), **benchmark.evaluate_model(teacher, model, vsd, seed, steps, guidance_scale,
+                                                                progress)}
     vae = getattr(teacher.pipeline, "vae", None)
     if vae is not None:
         result["autoencoder"] = benchmark.reconstruction(vae)
     return result
+
+
+def _shown(values: dict, key: str, fmt: str) -> str:
+    """One metric's value; KID with its standard deviation over subsets."""
+    return f"{values[key]:{fmt}}" + (f" ± {values['kid_std']:{fmt}}" if key == "kid" else "")
 
 
 def summary_line(result: dict) -> str:
@@ -142,7 +195,7 @@ def summary_line(result: dict) -> str:
     scores, real = result["scores"], result["real_vs_real"]
     parts = [("FD", "frechet_distance", ".3f"), ("KID", "kid", ".5f"), ("precision", "precision", ".3f"),
              ("recall", "recall", ".3f"), ("prompt accuracy", "prompt_accuracy", ".3f")]
-    line = " · ".join(f"{label} {scores[key]:{fmt}} (real {real[key]:{fmt}})" for label, key, fmt in parts)
+    line = " · ".join(f"{label} {_shown(scores, key, fmt)} (real {_shown(real, key, fmt)})" for label, key, fmt in parts)
     if "autoencoder" in result:
         line += f" · VAE reconstruction FD {result['autoencoder']['frechet_distance']:.3f}"
     return line

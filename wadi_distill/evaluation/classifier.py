@@ -6,6 +6,7 @@ precision/recall) and for CLIP (its agreement with the prompt's class is the pro
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -45,6 +46,21 @@ class Classifier(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(F.relu(self.body(images.float())))
 
+    def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`features` and :meth:`forward` from one pass through the body."""
+        hidden = self.body(images.float())
+        return hidden * self.feature_scale, self.head(F.relu(hidden))
+
+
+def classifier_digest(classifier: Classifier) -> str:
+    """SHA-256 of the network: its config, then every state tensor (name, dtype, shape, bytes) in name
+    order. The same for a file and for the network loaded from it; any changed weight changes it."""
+    sha = hashlib.sha256(json.dumps(classifier.config, sort_keys=True).encode())
+    for name, tensor in sorted(classifier.state_dict().items()):
+        sha.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        sha.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
 
 @torch.no_grad()
 def embed(classifier: Classifier, images: torch.Tensor, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +69,9 @@ def embed(classifier: Classifier, images: torch.Tensor, batch: int = 1000) -> tu
     images = datasets.resize(images.float().clamp(-1, 1), classifier.image_size)
     features, predictions = [], []
     for chunk in images.split(batch):
-        features.append(classifier.features(chunk))
-        predictions.append(classifier(chunk).argmax(1))
+        chunk_features, logits = classifier.features_and_logits(chunk)
+        features.append(chunk_features)
+        predictions.append(logits.argmax(1))
     return torch.cat(features).double(), torch.cat(predictions)
 
 

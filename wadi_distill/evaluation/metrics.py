@@ -3,7 +3,8 @@
 * Fréchet distance (Heusel et al. 2017) between Gaussians fitted to two feature sets, computed as
   pytorch-fid does (``scipy.linalg.sqrtm``, a small diagonal offset when the product is singular).
 * KID (Bińkowski et al. 2018): the unbiased MMD² with the cubic polynomial kernel
-  k(x, y) = (xᵀy / D + 1)³, averaged over random subsets (mean and standard deviation).
+  k(x, y) = (xᵀy / D + 1)³, averaged over random subsets smaller than the sets (mean and standard
+  deviation; :func:`kid_subset_size`).
 * k-NN precision and recall (Kynkäänniemi et al. 2019): the share of generated samples inside the real
   samples' k-NN balls, and of real samples inside the generated samples' balls.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from scipy import linalg
+
+from wadi_analysis.errors import InvalidValue
 
 
 def _array(features) -> np.ndarray:
@@ -43,11 +46,39 @@ def frechet_distance(features1, features2) -> float:
     return frechet_distance_from_statistics(*gaussian(features1), *gaussian(features2))
 
 
-def kernel_inception_distance(features1, features2, subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 0) -> tuple[float, float]:
-    """(mean, std) over ``subsets`` random subsets of the unbiased polynomial-kernel MMD²."""
+KID_SUBSETS = 100       # subsets drawn, as torchmetrics and clean-fid do
+KID_MAX_SUBSET = 1000   # their subset size, for sets of 10k-50k samples
+
+
+def kid_subset_size(count: int) -> int:
+    """The default KID subset size for ``count`` samples per set: min(1000, count // 2).
+
+    1000 is the usual protocol's size (Bińkowski et al., torchmetrics, clean-fid: subsets of 1000 drawn
+    from 10k-50k samples). Below that, half the set: a subset as large as the set makes every subset the
+    whole set, and the standard deviation over subsets 0 by construction (it was ~1e-15 at 1,000
+    samples). At m = n/2 the spread means something: the subset value's expectation given the sets is
+    the full-set value, so by the law of total variance Var(subset value | sets) = Var_m − Var_n, which is
+    Var_n when an estimate's variance goes as 1/(sample count) (its leading order): the standard
+    deviation over half-size subsets is about the standard error of the full-set KID itself."""
+    return max(2, min(KID_MAX_SUBSET, count // 2))
+
+
+def kernel_inception_distance(features1, features2, subsets: int = KID_SUBSETS,
+                              subset_size: int | None = None, seed: int = 0) -> tuple[float, float]:
+    """(mean, std) over ``subsets`` random subsets of the unbiased polynomial-kernel MMD²:
+
+        MMD²_u = Σ_{i≠j} k(a_i, a_j) / (m(m−1)) + Σ_{i≠j} k(b_i, b_j) / (m(m−1))
+                 − 2 Σ_{i,j} k(a_i, b_j) / m²
+
+    over subsets a, b of ``subset_size`` = m samples of each set, drawn without replacement. Each subset's
+    value is unbiased, and so is their mean: over random subsets its expectation is the full-set MMD²_u.
+    ``subset_size`` defaults to :func:`kid_subset_size` of the smaller set. The rule for a given size:
+    2 ≤ m ≤ the smaller set's count, and m equal to that count only for ``subsets=1`` (the full-set
+    value), since many subsets that are all the whole set have no spread (:func:`check_kid_subset`)."""
     x, y = _array(features1), _array(features2)
-    size = min(subset_size, len(x), len(y))
+    count = min(len(x), len(y))
+    size = kid_subset_size(count) if subset_size is None else subset_size
+    check_kid_subset(size, count, subsets)
     rng = np.random.default_rng(seed)
     dimension = x.shape[1]
     values = []
@@ -61,6 +92,17 @@ def kernel_inception_distance(features1, features2, subsets: int = 100, subset_s
         values.append((k_xx.sum() - np.trace(k_xx)) / off_diagonal + (k_yy.sum() - np.trace(k_yy)) / off_diagonal
                       - 2 * k_xy.mean())
     return float(np.mean(values)), float(np.std(values))
+
+
+def check_kid_subset(size, count: int, subsets: int = KID_SUBSETS) -> None:
+    """The subset-size rule of :func:`kernel_inception_distance` (``InvalidValue``, a ``ValueError``)."""
+    if isinstance(subsets, bool) or not isinstance(subsets, int) or subsets < 1:
+        raise InvalidValue(f"KID needs at least one subset, not {subsets!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 2:
+        raise InvalidValue(f"the KID subset size must be an integer of at least 2, not {size!r}")
+    if size > count or (size == count and subsets > 1):
+        raise InvalidValue(f"the KID subset size ({size}) must be below the sample count ({count}): subsets of "
+                           "the whole set are all the same, so their spread says nothing")
 
 
 def _knn_radii(features: np.ndarray, k: int) -> np.ndarray:

@@ -57,6 +57,9 @@ CANDIDATES: dict[str, dict] = {
     # the weighting of the two losses over t (vsd.GENERATOR_WEIGHTINGS, vsd.FAKE_WEIGHTINGS)
     "weighting-dmd": {"vsd": {"generator_weighting": "dmd"}},
     "fake-weighting-uniform": {"vsd": {"fake_weighting": "uniform"}},
+    # the three best single changes of the first 23 runs together
+    "combined-best": {"generator_preset": "sd-unet-generator-conv", "generator_rank": 8,
+                      "vsd": {"generator_weighting": "dmd", "guidance_fake": 1.0}},
 }
 STABLE_WINDOW = 0.4   # the last 40 % of training ...
 STABLE_RATIO = 1.5    # ... has no validation FD above 1.5 × the final one

@@ -59,8 +59,9 @@ def fig_convergence(curves: pd.DataFrame) -> Figure:
 def fig_1a(analysis: pd.DataFrame) -> Figure:
     fig, ax = _axes(6, 4)
     ax.scatter(analysis["norm_change_mean"], analysis["direction_change_mean"])
-    for _, row in analysis.iterrows():
-        ax.annotate(row["model"], (row["norm_change_mean"], row["direction_change_mean"]), fontsize=7)
+    for _, row in analysis.iterrows():  # labels beside their markers, not over them
+        ax.annotate(row["model"], (row["norm_change_mean"], row["direction_change_mean"]), fontsize=7,
+                    textcoords="offset points", xytext=(5, 4))
     ax.set(xlabel="mean relative norm change", ylabel="mean direction change (1 − cos)", xscale="log", yscale="log")
     fig.tight_layout()
     return fig
@@ -83,7 +84,8 @@ def fig_ranks(table: pd.DataFrame) -> Figure | None:
     ranks = ranks.sort_values("trainable")
     ax.plot(ranks["trainable"], ranks["frechet_distance"], marker="o")
     for _, row in ranks.iterrows():
-        ax.annotate(row["model"], (row["trainable"], row["frechet_distance"]), fontsize=7)
+        ax.annotate(row["model"], (row["trainable"], row["frechet_distance"]), fontsize=7,
+                    textcoords="offset points", xytext=(5, 4))
     ax.set(xlabel="trainable parameters", ylabel="final one-step FD", xscale="log")
     fig.tight_layout()
     return fig

@@ -112,7 +112,9 @@ def analyse(name: str, out: Path) -> dict:
                          spectrum=True, fit=True)
     comparison.write(out / "compare" / name)
     keys = ("direction_change_mean", "norm_change_mean", "direction_to_norm_mean_ratio",
-            "direction_to_norm_std_ratio", "residual_energy_top30_mean", "lorad_fit_mean")
+            "direction_to_norm_std_ratio", "angle_deg_mean", "radial_change_mean", "tangential_change_mean",
+            "rotation_share_mean", "angle_to_norm_mean_ratio", "norms_preserved_at_rounding",
+            "residual_energy_top30_mean", "lorad_fit_mean")
     return {"model": name, **{k: comparison.summary.get(k) for k in keys}}
 
 
