@@ -11,13 +11,19 @@ from wadi_analysis.layers import label
 
 # Published parameter counts; they pin the configs to the real architectures.
 PARAMETERS = {"sd15_unet": 859_520_964, "sd21_unet": 865_910_724, "sdxl_unet": 2_567_463_684,
-              "pixart_alpha_xl2_transformer": 610_856_096}
+              "pixart_alpha_xl2_transformer": 610_856_096,
+              # the flow-matching transformers (published 2.03 B, 11.9 B, 1.6 B): see tests/test_flow_layers.py
+              "sd3_medium_transformer": 2_028_328_000, "flux1_dev_transformer": 11_901_408_320,
+              "sana_1600m_1024px_transformer": 1_604_462_752}
+MODEL_CLASSES = {"pixart_alpha_xl2_transformer": "PixArtTransformer2DModel",
+                 "sd3_medium_transformer": "SD3Transformer2DModel", "flux1_dev_transformer": "FluxTransformer2DModel",
+                 "sana_1600m_1024px_transformer": "SanaTransformer2DModel"}
 
 
 def meta_model(name):
-    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+    import diffusers
 
-    cls = PixArtTransformer2DModel if name.startswith("pixart") else UNet2DConditionModel
+    cls = getattr(diffusers, MODEL_CLASSES.get(name, "UNet2DConditionModel"))
     with init_empty_weights():
         return cls.from_config(real_config(name))
 
@@ -48,6 +54,10 @@ def test_kinds_match_module_types(architecture):
     modules = list(model.modules())
     assert counted["linear"] == sum(isinstance(m, torch.nn.Linear) for m in modules)
     assert counted["conv"] == sum(isinstance(m, torch.nn.Conv2d) for m in modules)
+    for module_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            expected = "linear" if isinstance(module, torch.nn.Linear) else "conv"
+            assert label(module_name + ".weight", module.weight.ndim).kind == expected, module_name
     for module_name, module in model.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             expected = "linear" if isinstance(module, torch.nn.Linear) else "conv"

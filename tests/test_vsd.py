@@ -75,3 +75,75 @@ def test_generator_loss_with_dmd_weighting_has_that_gradient():
 def test_uniform_fake_weighting_is_the_plain_denoising_loss():
     alpha_bar = torch.tensor([[0.25], [1.0]])
     assert vsd.fake_score_loss(torch.zeros(2, 3), torch.ones(2, 3), alpha_bar, "uniform").item() == 1.0
+
+
+def _flow_batch(seed):
+    generator = torch.Generator().manual_seed(seed)
+    x0, noise = (torch.randn(4, 4, 8, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    sigma = torch.tensor([0.0, 0.3, 0.8, 1.0], dtype=torch.float64).view(4, 1, 1, 1)
+    return x0, noise, sigma
+
+
+def test_flow_parametrisations_round_trip():
+    x0, noise, sigma = _flow_batch(3)
+    noisy = vsd.flow_add_noise(x0, noise, sigma)
+    velocity = vsd.flow_velocity(x0, noise)
+    assert torch.allclose(vsd.flow_x0(velocity, noisy, sigma), x0, atol=1e-6)
+    assert torch.allclose(vsd.flow_epsilon(velocity, noisy, sigma), noise, atol=1e-6)
+    assert torch.allclose(vsd.flow_velocity(vsd.flow_x0(velocity, noisy, sigma),
+                                            vsd.flow_epsilon(velocity, noisy, sigma)), velocity, atol=1e-6)
+    # the VP view: same eps, x_sigma / s is add_noise at a(sigma), and the eps equations recover x0
+    eps, noisy_vp, alpha_bar = vsd.flow_as_epsilon(velocity, noisy, sigma)
+    assert torch.allclose(noisy_vp, vsd.add_noise(x0, noise, alpha_bar), atol=1e-6)
+    inner = slice(1, 3)  # a = 0 at sigma = 1 and eps is undefined at sigma = 0 for the eps -> x0 division
+    assert torch.allclose(vsd.predicted_x0(eps[inner], noisy_vp[inner], alpha_bar[inner], "epsilon"), x0[inner],
+                          atol=1e-6)
+
+
+def test_shifted_sigmas_are_the_flow_match_euler_schedulers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    for shift in (1.0, 3.0, 6.0):
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        unshifted = torch.linspace(1, 1000, 1000, dtype=torch.float64).flip(0) / 1000
+        expected = scheduler.sigmas.double()  # the training sigmas, before set_timesteps
+        assert torch.allclose(vsd.shifted_sigma(unshifted, shift), expected, atol=1e-6)
+        assert scheduler.sigmas[0].item() == pytest.approx(1.0)  # sigma_max: pure noise for every shift
+    assert vsd.shifted_sigma(torch.tensor(0.5), 3.0).item() == pytest.approx(0.75)
+
+
+def test_flow_sigmas_are_drawn_with_the_teachers_shift():
+    generator = torch.Generator().manual_seed(0)
+    sigmas = vsd.sample_flow_sigmas(20000, 3.0, generator=generator)
+    assert 0 <= sigmas.min() and sigmas.max() <= 1
+    # median of the shifted draw is shifted_sigma(0.5) = 0.75, not 0.5
+    assert sigmas.median().item() == pytest.approx(0.75, abs=0.02)
+
+
+def test_flow_generator_gradient_is_the_published_weighting_in_velocity_units():
+    generator = torch.Generator().manual_seed(4)
+    shape = (3, 4, 8, 8)
+    x0 = torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+    noisy, v_real, v_fake = (torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(3))
+    sigma = torch.tensor([0.2, 0.6, 0.95], dtype=torch.float64).view(3, 1, 1, 1)
+    eps_real, noisy_vp, alpha_bar = vsd.flow_as_epsilon(v_real, noisy, sigma)
+    eps_fake, _, _ = vsd.flow_as_epsilon(v_fake, noisy, sigma)
+    vsd.generator_loss(x0, eps_real, eps_fake, alpha_bar, noisy_vp).backward()
+    weight = sigma ** 2 * (1 - sigma) / ((1 - sigma) ** 2 + sigma ** 2)
+    expected = weight * (v_real - v_fake) / x0.numel()
+    assert torch.allclose(x0.grad, expected, rtol=1e-6, atol=1e-12)
+    assert torch.allclose(vsd.flow_published_gradient(v_real, v_fake, sigma) / x0.numel(), expected)
+    # pure noise carries no signal about x0: the weight vanishes at sigma = 1
+    assert vsd.flow_published_gradient(v_real, v_fake, torch.tensor(1.0)).abs().max() == 0
+
+
+def test_flow_prediction_type_in_vp_units():
+    x0, noise, sigma = _flow_batch(5)
+    velocity = vsd.flow_velocity(x0, noise)
+    noisy_vp = vsd.add_noise(x0, noise, vsd.flow_alpha_bar(sigma))  # = x_sigma / s(sigma)
+    alpha_bar = vsd.flow_alpha_bar(sigma)
+    assert torch.allclose(noisy_vp * vsd.flow_scale(sigma), vsd.flow_add_noise(x0, noise, sigma), atol=1e-6)
+    assert torch.allclose(vsd.predicted_x0(velocity, noisy_vp, alpha_bar, "flow"), x0, atol=1e-6)
+    assert torch.allclose(vsd.predicted_epsilon(velocity, noisy_vp, alpha_bar, "flow"), noise, atol=1e-6)
+    # the one-step generator's start: a = 0 is sigma = 1, pure noise, and x0 = eps - v
+    assert torch.allclose(vsd.predicted_x0(velocity[3:], noise[3:], alpha_bar[3:], "flow"), x0[3:], atol=1e-6)

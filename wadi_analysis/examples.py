@@ -21,7 +21,8 @@ from .atomic import probe_writable
 from .decompose import rows
 from .outputs import check_output, staged_folder
 
-CONFIGS = ("sd15_unet", "sd21_unet", "sdxl_unet", "pixart_alpha_xl2_transformer")
+CONFIGS = ("sd15_unet", "sd21_unet", "sdxl_unet", "pixart_alpha_xl2_transformer", "sd3_medium_transformer",
+           "flux1_dev_transformer", "sana_1600m_1024px_transformer")
 
 
 def real_config(name: str) -> dict:

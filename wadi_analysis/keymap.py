@@ -2,7 +2,8 @@
 
 Checkpoints name the same weight differently: original Stable Diffusion files use the LDM layout
 (``model.diffusion_model.input_blocks.1.1.proj_in.weight``), training frameworks add prefixes
-(``module.``, ``unet.``). Everything is mapped to diffusers names. The LDM mapping is diffusers' own
+(``module.``, ``unet.``), original SD3 / FLUX / PixArt files fuse q, k, v (:mod:`.transformer_layouts`).
+Everything is mapped to diffusers names. The LDM mapping is diffusers' own
 converter run on the *names* alone (each value is its own key), so no tensor data is read to build it.
 """
 
@@ -14,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import CheckpointSource, KeyMapping, TensorInfo
+from .checkpoint import CheckpointError, CheckpointSource, KeyMapping, TensorInfo
 from .errors import one_line
+from .transformer_layouts import RowKeyMapping, detect_layout, original_layout_mapping, read_rows, sliced_info
 
 LDM_UNET_PREFIX = "model.diffusion_model."
 LDM_EMA_PREFIX = "model_ema."
@@ -77,6 +79,10 @@ def ldm_unet_mapping(names: list[str], ema: bool = False) -> KeyMapping:
 
 def normalize_names(names: list[str], ema: bool = False) -> KeyMapping:
     """Canonical (diffusers-style) names for a checkpoint's keys."""
+    if detect_layout(names) is not None:  # SD3 / FLUX / PixArt originals (before LDM: SD3 shares its prefix)
+        if ema:
+            raise ValueError("--ema applies to original LDM U-Net checkpoints with model_ema.* keys")
+        return original_layout_mapping(names)
     if sum(k.startswith(LDM_UNET_PREFIX) for k in names) > 0:
         return ldm_unet_mapping(names, ema=ema)
     if ema:
@@ -97,9 +103,18 @@ class RenamedSource(CheckpointSource):
         self.path = source.path
         self.format = source.format + ("" if mapping.layout == "diffusers" else f", {mapping.layout} keys")
         self.metadata = source.metadata
-        self._infos = {new: source.info(old) for new, old in mapping.names.items()}
+        # Row ranges of fused weights (transformer originals): checked against the stored rows here.
+        self._rows = mapping.rows if isinstance(mapping, RowKeyMapping) else {}
+        try:
+            self._infos = {new: sliced_info(source.info(old), self._rows[new]) if new in self._rows
+                           else source.info(old) for new, old in mapping.names.items()}
+        except ValueError as exc:
+            source.close()
+            raise CheckpointError(f"{source.path}: {exc}") from None
 
     def tensor(self, name: str) -> torch.Tensor:
+        if name in self._rows:
+            return read_rows(self.inner, self.mapping.names[name], self._rows[name])
         return self.inner.tensor(self.mapping.names[name])
 
     def release(self, name: str) -> None:

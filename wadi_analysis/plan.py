@@ -63,6 +63,26 @@ PRESETS = {
                                         "adaln_single included, rank 128", r".", 128),
     "pixart-fake": Preset("PixArt fake score: Linear layers in transformer_blocks, rank 32",
                           r"^transformer_blocks\.", 32),
+    # Flow-matching transformers: the project's placements (no published LoRaD placement exists for
+    # them), the same split as above: the generator adapts every Linear of the blocks, modulation
+    # included; the fake score only attention and feed-forward.
+    "sd3-generator": Preset("SD3/SD3.5 generator: every Linear in transformer_blocks, rank 128",
+                            r"^transformer_blocks\.", 128),
+    "sd3-fake": Preset("SD3/SD3.5 fake score: attention and feed-forward Linear layers, rank 32",
+                       r"^transformer_blocks\.\d+\.(attn2?|ff|ff_context)\.", 32),
+    "flux-generator": Preset("FLUX.1 generator: every Linear in the double and single blocks, rank 128",
+                             r"^(single_)?transformer_blocks\.", 128),
+    "flux-fake": Preset("FLUX.1 fake score: attention and feed-forward Linear layers (single blocks: q/k/v, "
+                        "proj_mlp, proj_out), rank 32",
+                        r"^transformer_blocks\.\d+\.(attn|ff|ff_context)\.|"
+                        r"^single_transformer_blocks\.\d+\.(attn\.|proj_mlp$|proj_out$)", 32),
+    # SANA's blocks hold only attention and the GLUMBConv feed-forward, whose 1x1 convolutions are
+    # Linears on pixels; its depthwise 3x3 (one input channel per row) is left out.
+    "sana-generator": Preset("SANA generator: every Linear and 1x1 conv in transformer_blocks, rank 128",
+                             r"^transformer_blocks\.", 128, kinds=("linear", "conv"), exclude=r"\.conv_depth$"),
+    "sana-fake": Preset("SANA fake score: attention and feed-forward in transformer_blocks, rank 32",
+                        r"^transformer_blocks\.\d+\.(attn1|attn2|ff)\.", 32, kinds=("linear", "conv"),
+                        exclude=r"\.conv_depth$"),
 }
 
 

@@ -57,6 +57,9 @@ def swap_sources(teacher: CheckpointSource, student: CheckpointSource, out: str 
                  and teacher.info(n).dtype.is_floating_point and student.info(n).dtype.is_floating_point}
     if not swappable:
         raise CheckpointError("no common weights with >= 2 dims: nothing to swap")
+    if getattr(student.key_mapping, "rows", None):  # one stored tensor holds several diffusers weights
+        raise CheckpointError(f"the student ({student.format}) fuses q, k, v in one stored weight; swap writes the "
+                              f"student's own layout, so convert it to diffusers keys first")
     # Write in the student's own key layout: raw names, including keys outside the denoiser.
     stored = student.raw_source
     canonical = {student.raw_name(name): name for name in student.names()}

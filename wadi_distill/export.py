@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
+from wadi_analysis.errors import UserError
 from wadi_analysis.outputs import staged_folder
 
 from . import adapters, lora_export, lora_keys
@@ -43,6 +44,9 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, ema: bool = F
     generator = load_run_generator(run_dir, ema=ema)  # with the text encoders: they are the pipeline's
     model = generator.generator
     teacher = generator.teacher
+    if teacher.prediction_type == "flow":  # its one-step pipeline needs a FlowMatchEulerDiscreteScheduler
+        raise UserError(f"export of runs on flow-matching teachers ({teacher.family}) is not implemented yet; "
+                        f"the run's adapter is in {run_dir}")
     adapter_run = generator.adapter_file is not None
     # before merging, which rewrites the adapted weights in place
     base = lora_export.teacher_weights(model if adapter_run else teacher.denoiser) if lora else None

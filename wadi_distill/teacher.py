@@ -4,7 +4,13 @@ Everything is local: diffusers model and pipeline folders are read with ``local_
 single-file SD checkpoint is read with diffusers' ``from_single_file`` against a local pipeline folder that
 provides the configs, tokenizers and scheduler (``--teacher-config``). The
 pipeline's own ``encode_prompt`` produces the conditioning, so SD, SDXL (pooled text embeddings and
-time ids) and PixArt (T5 with attention masks) are encoded exactly as their pipelines do.
+time ids), PixArt (T5 with attention masks) and SD3 (two CLIP encoders and T5, pooled embeddings) are encoded
+exactly as their pipelines do.
+
+Rectified-flow teachers (SD3, ``FlowMatchEulerDiscreteScheduler``) are seen in the eps teachers' units:
+timestep i stands for the scheduler's training sigma_i (shift included), ``alphas_cumprod`` holds
+a(sigma_i) = flow_alpha_bar, and the network's velocity is the "flow" prediction type; so x_t = x_sigma / s,
+the generator starts at sigma_max = 1 (a = 0, pure noise) and loss timesteps are drawn in sigma with the shift.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from torch import nn
 from wadi_analysis.checkpoint import CheckpointError
 from wadi_analysis.locate import model_folder
 
-from .vsd import predicted_epsilon
+from .vsd import flow_alpha_bar, flow_scale, predicted_epsilon
 
 LDM_UNET_PREFIX = "model.diffusion_model."  # the U-Net of an original single-file SD checkpoint
 
@@ -84,17 +90,18 @@ class Teacher:
     """A frozen teacher: denoiser + schedule facts + prompt encoder (the pipeline, text side only)."""
 
     denoiser: nn.Module
-    family: str  # "unet" (SD1/SD2), "sdxl" or "pixart"
+    family: str  # "unet" (SD1/SD2), "sdxl", "pixart" or "sd3"
     alphas_cumprod: torch.Tensor  # float64, one per training timestep
-    prediction_type: str  # epsilon | v_prediction | sample
+    prediction_type: str  # epsilon | v_prediction | sample | flow (velocity; see vsd.flow_alpha_bar)
     pipeline: object | None = None
     latent_channels: int = 4
     sample_size: int = 64
+    sigmas: torch.Tensor | None = None  # flow teachers: float64 sigma per training timestep, ascending (else None)
 
     @property
     def component(self) -> str:
         """The denoiser's name in its pipeline (and the prefix of LoRA files for it)."""
-        return "transformer" if self.family == "pixart" else "unet"
+        return "transformer" if self.family in TRANSFORMER_FAMILIES else "unet"
 
     @property
     def num_timesteps(self) -> int:
@@ -116,6 +123,10 @@ class Teacher:
                                                     clean_caption=False)
             return Conditioning(embeds, {"encoder_attention_mask": mask,
                                          "added_cond_kwargs": self._pixart_size_conditions(embeds)})
+        if self.family == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                                      do_classifier_free_guidance=False)
+            return Conditioning(embeds, {"pooled_projections": pooled})
         if self.family == "sdxl":
             embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False)
@@ -153,8 +164,13 @@ class Teacher:
     def network_output(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: Conditioning) -> torch.Tensor:
         """The raw network output at x_t (U-Nets and transformers name their inputs differently);
-        learned-sigma outputs (PixArt) keep their prediction half."""
-        sample = "hidden_states" if self.family == "pixart" else "sample"
+        learned-sigma outputs (PixArt) keep their prediction half. Flow teachers see x_sigma = s(sigma) x_t at
+        timestep 1000 sigma, as their scheduler feeds them, and return the velocity."""
+        sample = "hidden_states" if self.family in TRANSFORMER_FAMILIES else "sample"
+        if self.sigmas is not None:
+            sigma = self.sigmas.to(noisy.device)[timesteps.long().to(noisy.device)]
+            noisy = noisy * flow_scale(sigma).to(noisy.dtype).view(-1, *([1] * (noisy.ndim - 1)))
+            timesteps = (1000 * sigma).to(noisy.dtype)
         output = model(**{sample: noisy}, timestep=timesteps, encoder_hidden_states=conditioning.hidden_states,
                        **conditioning.extra, return_dict=False)[0]
         if output.shape[1] == 2 * noisy.shape[1]:
@@ -169,15 +185,21 @@ class Teacher:
                                  self.prediction_type)
 
 
+TRANSFORMER_FAMILIES = ("pixart", "sd3")
+
+
 def _family(denoiser: nn.Module) -> str:
     name = type(denoiser).__name__
+    if name == "SD3Transformer2DModel":
+        return "sd3"
     if name.startswith("PixArt"):
         return "pixart"
     if getattr(denoiser.config, "addition_embed_type", None) == "text_time":
         return "sdxl"
     if name == "UNet2DConditionModel":
         return "unet"
-    raise CheckpointError(f"unsupported denoiser {name}: WaDi distils UNet2DConditionModel and PixArt transformers")
+    raise CheckpointError(f"unsupported denoiser {name}: WaDi distils UNet2DConditionModel, PixArt and SD3 "
+                          "transformers")
 
 
 def _quiet_libraries() -> None:
@@ -288,11 +310,26 @@ def _teacher_from_pipeline(pipe, scheduler, source: str, text: bool) -> Teacher:
     if denoiser is None:
         raise CheckpointError(f"pipeline {source} has no unet or transformer")
     denoiser.requires_grad_(False)
-    for part in ("text_encoder", "text_encoder_2", "vae"):
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae"):
         if getattr(pipe, part, None) is not None:
             getattr(pipe, part).requires_grad_(False)
     config = denoiser.config
-    return Teacher(denoiser=denoiser, family=_family(denoiser),
-                   alphas_cumprod=scheduler.alphas_cumprod.double().clone(),
-                   prediction_type=scheduler.config.prediction_type, pipeline=pipe if text else None,
-                   latent_channels=config.in_channels, sample_size=config.sample_size)
+    sigmas = flow_sigmas(pipe.scheduler)
+    alphas_cumprod = scheduler.alphas_cumprod.double().clone() if sigmas is None else flow_alpha_bar(sigmas)
+    return Teacher(denoiser=denoiser, family=_family(denoiser), alphas_cumprod=alphas_cumprod,
+                   prediction_type=scheduler.config.prediction_type if sigmas is None else "flow",
+                   pipeline=pipe if text else None, latent_channels=config.in_channels, sample_size=config.sample_size,
+                   sigmas=sigmas)
+
+
+def flow_sigmas(scheduler) -> torch.Tensor | None:
+    """A flow-matching scheduler's training sigmas (shift included), ascending so that timestep i has the
+    i-th least noise and the last is sigma_max = 1; None for any other scheduler."""
+    if not type(scheduler).__name__.startswith("FlowMatch"):
+        return None
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # before any set_timesteps
+    if fresh.config.use_dynamic_shifting:
+        raise CheckpointError("flow teachers with dynamic (resolution-dependent) shifting are not supported yet")
+    return fresh.sigmas.double().flip(0).clone()

@@ -2,7 +2,10 @@
 
 Notation: ``alpha_bar`` is the teacher schedule's cumulative product a_t (a tensor broadcastable to
 the latents, e.g. shape (B, 1, 1, 1)); ``prediction_type`` is the network's parametrisation:
-"epsilon" (noise), "v_prediction" (v = sqrt(a) eps - sqrt(1 - a) x0) or "sample" (x0 itself).
+"epsilon" (noise), "v_prediction" (v = sqrt(a) eps - sqrt(1 - a) x0), "sample" (x0 itself) or "flow" (a
+rectified-flow velocity eps - x0, at the VP level a(sigma) of flow_alpha_bar; see flow_* below).
+Flow-matching teachers (``flow_*``) use ``sigma`` instead: x_sigma = (1 - sigma) x0 + sigma eps, v = eps - x0;
+``flow_as_epsilon`` maps them onto the eps equations, so the losses below serve both.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 # fake-score prompt dropout: each sample alone (ours), or the whole batch at once (the published code)
 DROPOUT_SCOPES = ("sample", "batch")
 
@@ -51,6 +54,8 @@ def predicted_x0(output: torch.Tensor, noisy: torch.Tensor, alpha_bar: torch.Ten
         return alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * output
     if prediction_type == "sample":
         return output
+    if prediction_type == "flow":
+        return flow_x0(output, noisy * _flow_scale_from(alpha_bar), _sigma_from(alpha_bar))
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}")
 
 
@@ -64,7 +69,86 @@ def predicted_epsilon(output: torch.Tensor, noisy: torch.Tensor, alpha_bar: torc
         return alpha_bar.sqrt() * output + (1 - alpha_bar).sqrt() * noisy
     if prediction_type == "sample":
         return (noisy - alpha_bar.sqrt() * output) / (1 - alpha_bar).sqrt()
+    if prediction_type == "flow":
+        return flow_epsilon(output, noisy * _flow_scale_from(alpha_bar), _sigma_from(alpha_bar))
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}")
+
+
+# --- rectified flow (SD3, FLUX, SANA): x_sigma = (1 - sigma) x0 + sigma eps, velocity v = eps - x0 ---
+
+def flow_add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x_sigma = (1 - sigma) x0 + sigma eps."""
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def flow_velocity(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """v = eps - x0 (= d x_sigma / d sigma), what flow-matching transformers predict."""
+    return noise - x0
+
+
+def flow_x0(velocity: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """x0 = x_sigma - sigma v."""
+    return noisy - sigma * velocity
+
+
+def flow_epsilon(velocity: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """eps = x_sigma + (1 - sigma) v."""
+    return noisy + (1 - sigma) * velocity
+
+
+def shifted_sigma(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """sigma' = shift sigma / (1 + (shift - 1) sigma), as FlowMatchEulerDiscreteScheduler (static shift);
+    shift 1 is the identity, sigma = 1 stays 1 (pure noise) for every shift."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def flow_scale(sigma: torch.Tensor) -> torch.Tensor:
+    """s(sigma) = sqrt((1 - sigma)^2 + sigma^2): x_sigma / s is a variance-preserving x_t (see flow_alpha_bar)."""
+    return ((1 - sigma) ** 2 + sigma ** 2).sqrt()
+
+
+def flow_alpha_bar(sigma: torch.Tensor) -> torch.Tensor:
+    """The VP level of a flow level:  a(sigma) = (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2).
+
+    x_sigma / s = ((1 - sigma) / s) x0 + (sigma / s) eps = sqrt(a) x0 + sqrt(1 - a) eps with the same eps, so
+    add_noise(x0, eps, a) = x_sigma / s and every eps-space equation above applies unchanged."""
+    return (1 - sigma) ** 2 / flow_scale(sigma) ** 2
+
+
+def flow_as_epsilon(velocity: torch.Tensor, noisy: torch.Tensor, sigma: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A flow prediction in the eps teachers' units: (eps, x_t, a_t) =
+    (x_sigma + (1 - sigma) v,  x_sigma / s(sigma),  a(sigma)), ready for generator_loss / fake_score_loss."""
+    return flow_epsilon(velocity, noisy, sigma), noisy / flow_scale(sigma), flow_alpha_bar(sigma)
+
+
+def flow_published_gradient(v_real: torch.Tensor, v_fake: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The published VSD weighting for a flow teacher, in velocity units:
+    g = sigma^2 (1 - sigma) / ((1 - sigma)^2 + sigma^2) (v_real - v_fake).
+
+    Derivation: x_sigma = s x_t with x_t at a = a(sigma) and the same eps (flow_alpha_bar), so the flow
+    teacher is an eps teacher at level a; the published g = (1 - a)(e_real - e_fake) carries over with
+    1 - a = sigma^2 / s^2, and at the same x_sigma e_real - e_fake = (1 - sigma)(v_real - v_fake)
+    (flow_epsilon). It vanishes at sigma = 1, where x_sigma is pure noise and says nothing about x0."""
+    return sigma ** 2 * (1 - sigma) / flow_scale(sigma) ** 2 * (v_real - v_fake)
+
+
+def _sigma_from(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """flow_alpha_bar inverted:  sigma = sqrt(1 - a) / (sqrt(a) + sqrt(1 - a))."""
+    return (1 - alpha_bar).sqrt() / (alpha_bar.sqrt() + (1 - alpha_bar).sqrt())
+
+
+def _flow_scale_from(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """s(sigma) at a = a(sigma):  s = 1 / (sqrt(a) + sqrt(1 - a)), so x_sigma = s x_t."""
+    return 1 / (alpha_bar.sqrt() + (1 - alpha_bar).sqrt())
+
+
+def sample_flow_sigmas(batch: int, shift: float, low: float = 0.0, high: float = 1.0,
+                       generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Loss levels for a flow teacher: sigma = shifted_sigma(u, shift), u ~ U[low, high] (low, high in
+    unshifted sigma, as the teacher's scheduler spaces its own timesteps); timestep = 1000 sigma."""
+    u = torch.rand(batch, generator=generator, device=device) * (high - low) + low
+    return shifted_sigma(u, shift)
 
 
 def guided(unconditional: torch.Tensor, conditional: torch.Tensor, scale: float) -> torch.Tensor:

@@ -107,3 +107,45 @@ def tiny_pixart_pipeline(folder: Path, seed: int = 0) -> Path:
     PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                         scheduler=scheduler).save_pretrained(folder)
     return folder
+
+
+def tiny_sd3_pipeline(folder: Path, seed: int = 0, shift: float = 3.0) -> Path:
+    """A StableDiffusion3Pipeline folder: 2-layer SD3 transformer (joint attention), 16-channel VAE, two CLIP
+    encoders with projections (pooled 2 x 32 = 64) and a 2-layer T5 encoder, FlowMatchEulerDiscreteScheduler."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(folder.parent / f".{folder.name}-tokenizer")
+
+    def clip_encoder():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+
+    words = ["<pad>", "</s>", "<unk>"] + "a an the photo of sneaker bag shirt dress coat boot sandal".split()
+    backend = Tokenizer(models.Unigram([(w, 0.0 if i < 3 else -1.0) for i, w in enumerate(words)], unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    t5_tokenizer = T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                   extra_ids=0, model_max_length=77)
+    # T5 width = the CLIP widths joined (32 + 32): encode_prompt concatenates CLIP and T5 along the sequence
+    t5 = T5EncoderModel(T5Config(vocab_size=len(words), d_model=64, d_kv=8, d_ff=128, num_layers=2, num_heads=2,
+                                 pad_token_id=0, eos_token_id=1))
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=64,
+        pos_embed_max_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=16, norm_num_groups=8, sample_size=16, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae,
+                             text_encoder=clip_encoder(), tokenizer=tokenizer,
+                             text_encoder_2=clip_encoder(), tokenizer_2=tokenizer,
+                             text_encoder_3=t5, tokenizer_3=t5_tokenizer).save_pretrained(folder)
+    return folder

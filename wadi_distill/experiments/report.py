@@ -39,6 +39,32 @@ def _mean_by_model(results: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def interval_sections(out: Path) -> str:
+    """HTML for intervals.csv (per-arm mean and bootstrap 95 % interval over seeds), the pairwise orderings
+    that the intervals support (:func:`ordering`), and convergence.csv; empty for a reproduction older
+    than these files."""
+    from itertools import combinations
+
+    from ..evaluation.intervals import ordering
+
+    if not (out / "intervals.csv").is_file():
+        return ""
+    intervals = pd.read_csv(out / "intervals.csv")
+    rows = intervals.set_index("model").to_dict("index")
+    kind = intervals.set_index("model")["experiment"].to_dict() if "experiment" in intervals else {}
+    students = [m for m in rows if kind.get(m, "students") == "students"]
+    # every pair of students, and each swap hybrid against the student it came from ("<student>: <label>")
+    compared = list(combinations(students, 2)) + [(m.split(": ")[0], m) for m in rows
+                                                  if kind.get(m) == "swap" and m.split(": ")[0] in rows]
+    pairs = pd.DataFrame([{"arm A": a, "arm B": b, "FD ordering": ordering(a, rows[a], b, rows[b])}
+                          for a, b in compared])
+    html = (f"<h2>Final FD over seeds: mean and percentile-bootstrap 95 % interval</h2>{_table(intervals)}"
+            f"<h2>Orderings (stated only where the intervals separate)</h2>{_table(pairs)}")
+    if (out / "convergence.csv").is_file():
+        html += f"<h2>Convergence (validation FD curve flattened)</h2>{_table(pd.read_csv(out / 'convergence.csv'))}"
+    return html
+
+
 def _axes(width: float, height: float):
     """A standalone figure (no pyplot state) with one axes."""
     fig = Figure(figsize=(width, height))
@@ -122,6 +148,7 @@ def write_reproduction_report(out: str | Path) -> dict[str, Path]:
             f"<p>Command: <code>wadi-distill reproduce --out {esc(out.name)}</code>; settings: "
             f"<code>{esc(json.dumps(settings['settings']))}</code>; {settings['seconds']} s.</p>"
             f"<h2>Scores (final, mean over seeds)</h2>{_table(shown)}"
+            f"{interval_sections(out)}"
             f"<h2>Weight analysis (teacher vs student)</h2>{_table(analysis)}<h2>Figures</h2>")
     for name, fig in figures.items():
         html += (f'<figure><img src="{png_data_uri(fig)}" alt="{esc(CAPTIONS[name])}">'

@@ -6,7 +6,8 @@
    ``validate_every`` steps (convergence) and at the end, over ``seeds``.
 3. ``wadi_analysis.compare`` of the teacher with each student: norm vs direction change (Fig 1a),
    direction/norm ratios, residual energy at 30 % rank (Fig 1b).
-4. Swaps (Fig 1c): the full fine-tuning student with the teacher's norms, and with the teacher's directions.
+4. Swaps (Fig 1c) for every student family and seed: the student with the teacher's norms, and with the
+   teacher's directions.
 5. LoRaD rank ablation, and LoRaD with Conv2d targets.
 
 Every number is measured by this code; nothing is tuned towards the paper's values.
@@ -34,11 +35,14 @@ class Settings:
     validate_every: int = 100
     curve_per_class: int = 30         # samples per class for convergence points
     final_per_class: int = 100        # samples per class for final scores
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # >= 5 seeds: bootstrap intervals over seeds (issue 14)
     ranks: tuple[int, ...] = (4, 8, 16, 32)
     published_rank: int = 16          # the published placement at ~9 % of the U-Net
     teacher_steps: tuple[int, ...] = (1, 4, 25)
     guidance: float = 1.5
+    flat_window: int = 3              # convergence: relative FD improvement over the last K points ...
+    flat_threshold: float = 0.02      # ... below this (wadi_distill.evaluation.intervals.flattened_at)
+    swap_students: tuple[str, ...] | None = None  # Fig 1c for these arms; None: every student family
     extra: dict = field(default_factory=dict)
 
 
@@ -93,6 +97,30 @@ def train_student(name: str, overrides: dict, seed: int, out: Path, settings: Se
              "train_seconds": round(seconds, 1), **scores}, points)
 
 
+def arm_intervals(results, metric: str = "frechet_distance") -> list[dict]:
+    """Per student arm and per swap hybrid: mean of ``metric`` over seeds, percentile-bootstrap 95 % interval."""
+    from ..evaluation.intervals import bootstrap_interval
+
+    arms = results[results["experiment"].isin(("students", "swap"))]
+    return [{"experiment": experiment, "model": name, "metric": metric,
+             **bootstrap_interval(group[metric].tolist())}
+            for (experiment, name), group in arms.groupby(["experiment", "model"], sort=False)]
+
+
+def convergence_rows(curves, settings: Settings, metric: str = "frechet_distance") -> list[dict]:
+    """Per arm and seed: whether the validation curve flattened (``flattened_at``) and at which step."""
+    from ..evaluation.intervals import flattened_at
+
+    rows = []
+    for (name, seed), group in curves.groupby(["student", "seed"], sort=False):
+        group = group.sort_values("step")
+        index = flattened_at(group[metric].tolist(), settings.flat_window, settings.flat_threshold)
+        rows.append({"model": name, "seed": seed, "converged": index is not None,
+                     "converged_step": None if index is None else int(group["step"].iloc[index]),
+                     "window": settings.flat_window, "threshold": settings.flat_threshold})
+    return rows
+
+
 def teacher_rows(settings: Settings, final: Benchmark) -> list[dict]:
     """Experiment 1: the teacher at several step counts, and as a one-step generator without guidance."""
     teacher, model, _ = load_sampler(embedded.teacher_path())
@@ -118,21 +146,28 @@ def analyse(name: str, out: Path) -> dict:
     return {"model": name, **{k: comparison.summary.get(k) for k in keys}}
 
 
-def swap_rows(out: Path, final: Benchmark) -> list[dict]:
-    """Experiment 4: hybrids of the full fine-tuning student (seed 0) and the teacher."""
+SWAP_LABELS = (("teacher norms + student directions", "teacher", "student"),
+               ("student norms + teacher directions", "student", "teacher"))
+
+
+def swap_rows(out: Path, final: Benchmark, students, seeds) -> list[dict]:
+    """Experiment 4 (Fig 1c) for every student family and seed: hybrids of the exported student and the
+    teacher, one with the teacher's row norms, one with the teacher's row directions."""
     from wadi_analysis.swap import swap
 
-    student = out / "runs" / "full-seed0" / "export"
     rows = []
-    for label, norm_from, direction_from in (("teacher norms + student directions", "teacher", "student"),
-                                             ("student norms + teacher directions", "student", "teacher")):
-        hybrid = out / "swaps" / f"norm-{norm_from}-direction-{direction_from}"
-        shutil.rmtree(hybrid, ignore_errors=True)
-        swap(embedded.teacher_path(), student, hybrid, norm_from=norm_from, direction_from=direction_from,
-             component="unet")
-        shutil.copy(student / ONE_STEP_INFO, hybrid / ONE_STEP_INFO)
-        rows.append({"experiment": "swap", "model": label, "seed": 0,
-                     **final.evaluate_model(*load_sampler(hybrid))["scores"]})
+    for name in students:
+        for seed in seeds:
+            student = out / "runs" / f"{name}-seed{seed}" / "export"
+            for label, norm_from, direction_from in SWAP_LABELS:
+                hybrid = out / "swaps" / f"{name}-seed{seed}-norm-{norm_from}-direction-{direction_from}"
+                shutil.rmtree(hybrid, ignore_errors=True)
+                swap(embedded.teacher_path(), student, hybrid, norm_from=norm_from,
+                     direction_from=direction_from, component="unet")
+                shutil.copy(student / ONE_STEP_INFO, hybrid / ONE_STEP_INFO)
+                rows.append({"experiment": "swap", "model": f"{name}: {label}", "student": name, "seed": seed,
+                             **final.evaluate_model(*load_sampler(hybrid))["scores"]})
+                shutil.rmtree(hybrid)  # a full U-Net per hybrid: keep the scores, not the weights
     return rows
 
 
@@ -198,11 +233,15 @@ def _reproduce(out: Path, settings: Settings, log) -> Path:
                 rows.append(row)
                 curves += points
             analysis.append(analyse("lorad-plan", out))
-    rows += swap_rows(out, final)
+    trained = list(dict.fromkeys(r["model"] for r in rows if r["experiment"] == "students"))
+    rows += swap_rows(out, final, settings.swap_students or trained, settings.seeds)
     real = {"experiment": "real", "model": "real vs real (floor)", "seed": 0, **final.real_vs_real}
     results = pd.DataFrame(rows + [real])
     results.to_csv(out / "results.csv", index=False)
-    pd.DataFrame(curves).to_csv(out / "curves.csv", index=False)
+    curves = pd.DataFrame(curves)
+    curves.to_csv(out / "curves.csv", index=False)
+    pd.DataFrame(arm_intervals(results)).to_csv(out / "intervals.csv", index=False)
+    pd.DataFrame(convergence_rows(curves, settings)).to_csv(out / "convergence.csv", index=False)
     pd.DataFrame(analysis).to_csv(out / "analysis.csv", index=False)
     info = {"settings": asdict(settings), "seconds": round(time.perf_counter() - started),
             "curve_real_vs_real": curve.real_vs_real}

@@ -1,0 +1,60 @@
+"""Across-seed statistics for the reproduction (issue 14): intervals, orderings, and a stopping rule.
+
+* :func:`bootstrap_interval` — percentile bootstrap of the mean over seeds: resample the n seed scores
+  with replacement ``n_boot`` times (fixed ``rng_seed``), take the mean of each resample, and report
+  the (α/2, 1 − α/2) quantiles of those means. Constant data gives a zero-width interval.
+* :func:`ordering` — states "A < B" only when the two intervals are disjoint; otherwise the pair is
+  "not distinguishable here".
+* :func:`flattened_at` — the convergence criterion: a validation curve (lower is better) has flattened at
+  evaluation point i ≥ K when its relative improvement over the last K points,
+  (v[i−K] − v[i]) / |v[i−K]|, is below ``threshold``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from wadi_analysis.errors import InvalidValue
+
+N_BOOT = 10_000
+NOT_DISTINGUISHABLE = "not distinguishable here"
+
+
+def bootstrap_interval(values: Sequence[float], level: float = 0.95, n_boot: int = N_BOOT,
+                       rng_seed: int = 0) -> dict:
+    """Mean of ``values`` and its percentile-bootstrap ``level`` interval (``n_boot`` resamples, fixed rng)."""
+    data = np.asarray(values, dtype=np.float64)
+    if data.ndim != 1 or data.size == 0 or not np.all(np.isfinite(data)):
+        raise InvalidValue("bootstrap_interval needs a non-empty list of finite scores")
+    if not 0.0 < level < 1.0 or n_boot < 1:
+        raise InvalidValue(f"bootstrap_interval needs 0 < level < 1 and n_boot >= 1, got {level}, {n_boot}")
+    rng = np.random.default_rng(rng_seed)
+    means = data[rng.integers(0, data.size, size=(n_boot, data.size))].mean(axis=1)
+    alpha = 1.0 - level
+    low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return {"mean": float(data.mean()), "low": float(low), "high": float(high), "n": int(data.size),
+            "level": level, "n_boot": n_boot}
+
+
+def ordering(name_a: str, interval_a: dict, name_b: str, interval_b: dict) -> str:
+    """``"A < B"`` (lower score first) when the intervals are disjoint, else :data:`NOT_DISTINGUISHABLE`."""
+    if interval_a["high"] < interval_b["low"]:
+        return f"{name_a} < {name_b}"
+    if interval_b["high"] < interval_a["low"]:
+        return f"{name_b} < {name_a}"
+    return NOT_DISTINGUISHABLE
+
+
+def flattened_at(curve: Sequence[float], window: int, threshold: float) -> int | None:
+    """First evaluation index where the relative improvement over the last ``window`` points < ``threshold``."""
+    if window < 1 or threshold < 0:
+        raise InvalidValue(f"flattened_at needs window >= 1 and threshold >= 0, got {window}, {threshold}")
+    values = [float(v) for v in curve]
+    for i in range(window, len(values)):
+        before = values[i - window]
+        improvement = (before - values[i]) / max(abs(before), 1e-12)
+        if improvement < threshold:
+            return i
+    return None
