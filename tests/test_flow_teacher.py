@@ -40,6 +40,10 @@ def test_flow_teacher_schedule_is_the_shifted_sigmas(teacher):
     assert torch.allclose(teacher.sigmas, vsd.shifted_sigma(unshifted, 3.0), atol=1e-6)
     assert torch.allclose(teacher.alphas_cumprod, vsd.flow_alpha_bar(teacher.sigmas))
     assert teacher.alphas_cumprod[-1].item() == 0
+    # The loss levels the loop draws (uniform timestep indices, distill.py) are sigma drawn with the shift:
+    # their median is shifted_sigma(0.5) = 0.75, not 0.5.
+    drawn = teacher.sigmas[torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(0))]
+    assert drawn.median().item() == pytest.approx(0.75, abs=0.02)
 
 
 def test_flow_teacher_encodes_through_the_pipeline_with_pooled_embeddings(teacher):

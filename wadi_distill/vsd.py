@@ -5,7 +5,9 @@ the latents, e.g. shape (B, 1, 1, 1)); ``prediction_type`` is the network's para
 "epsilon" (noise), "v_prediction" (v = sqrt(a) eps - sqrt(1 - a) x0), "sample" (x0 itself) or "flow" (a
 rectified-flow velocity eps - x0, at the VP level a(sigma) of flow_alpha_bar; see flow_* below).
 Flow-matching teachers (``flow_*``) use ``sigma`` instead: x_sigma = (1 - sigma) x0 + sigma eps, v = eps - x0;
-``flow_as_epsilon`` maps them onto the eps equations, so the losses below serve both.
+``flow_as_epsilon`` maps them onto the eps equations, so the losses below serve both. Loss levels of a flow
+teacher are drawn as for any teacher, uniform over its schedule's indices, whose levels are the shifted sigmas
+(``Teacher.sigmas``, from ``teacher.flow_sigmas``): sigma is drawn with the teacher's shift.
 """
 
 from __future__ import annotations
@@ -141,14 +143,6 @@ def _sigma_from(alpha_bar: torch.Tensor) -> torch.Tensor:
 def _flow_scale_from(alpha_bar: torch.Tensor) -> torch.Tensor:
     """s(sigma) at a = a(sigma):  s = 1 / (sqrt(a) + sqrt(1 - a)), so x_sigma = s x_t."""
     return 1 / (alpha_bar.sqrt() + (1 - alpha_bar).sqrt())
-
-
-def sample_flow_sigmas(batch: int, shift: float, low: float = 0.0, high: float = 1.0,
-                       generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """Loss levels for a flow teacher: sigma = shifted_sigma(u, shift), u ~ U[low, high] (low, high in
-    unshifted sigma, as the teacher's scheduler spaces its own timesteps); timestep = 1000 sigma."""
-    u = torch.rand(batch, generator=generator, device=device) * (high - low) + low
-    return shifted_sigma(u, shift)
 
 
 def guided(unconditional: torch.Tensor, conditional: torch.Tensor, scale: float) -> torch.Tensor:
