@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .. import embedded
 from ..evaluation.benchmark import Benchmark
+from ..evaluation.intervals import bootstrap_interval, flattened_at
 from ..runs import ONE_STEP_INFO, load_sampler
 
 
@@ -99,8 +100,6 @@ def train_student(name: str, overrides: dict, seed: int, out: Path, settings: Se
 
 def arm_intervals(results, metric: str = "frechet_distance") -> list[dict]:
     """Per student arm and per swap hybrid: mean of ``metric`` over seeds, percentile-bootstrap 95 % interval."""
-    from ..evaluation.intervals import bootstrap_interval
-
     arms = results[results["experiment"].isin(("students", "swap"))]
     return [{"experiment": experiment, "model": name, "metric": metric,
              **bootstrap_interval(group[metric].tolist())}
@@ -109,8 +108,6 @@ def arm_intervals(results, metric: str = "frechet_distance") -> list[dict]:
 
 def convergence_rows(curves, settings: Settings, metric: str = "frechet_distance") -> list[dict]:
     """Per arm and seed: whether the validation curve flattened (``flattened_at``) and at which step."""
-    from ..evaluation.intervals import flattened_at
-
     rows = []
     for (name, seed), group in curves.groupby(["student", "seed"], sort=False):
         group = group.sort_values("step")
