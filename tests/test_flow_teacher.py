@@ -83,6 +83,7 @@ def test_a_few_distillation_steps_on_the_flow_teacher(sd3_folder, tmp_path):
 
 def test_wadi_distill_run_on_the_flow_teacher(sd3_folder, tmp_path):
     import csv
+    import json
     import math
 
     from typer.testing import CliRunner
@@ -100,7 +101,20 @@ def test_wadi_distill_run_on_the_flow_teacher(sd3_folder, tmp_path):
         rows = list(csv.DictReader(metrics))
     assert len(rows) == 3
     assert all(math.isfinite(float(row["generator_loss"])) and math.isfinite(float(row["fake_loss"])) for row in rows)
-    # Its one-step export (a FlowMatchEulerDiscreteScheduler pipeline) is not built yet: one clear line, nothing written.
+    # Its one-step export is a StableDiffusion3Pipeline with a one-step FlowMatchEulerDiscreteScheduler
+    # (tests/test_flow_export.py checks that plain diffusers reproduces `sample`).
     exported = CliRunner().invoke(app, ["export", str(tmp_path / "r"), "--out", str(tmp_path / "one-step")])
-    assert exported.exit_code == 2 and "flow-matching teachers" in exported.output
-    assert not (tmp_path / "one-step").exists()
+    assert exported.exit_code == 0, exported.output
+    index = json.loads((tmp_path / "one-step" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+
+
+@pytest.mark.slow
+def test_fsdp2_on_the_sd3_teacher_shards_and_trains_like_ddp(sd3_folder, tmp_path):
+    """Two CPU processes: FSDP2 shards the SD3 base half and half; adapters identical on both processes and
+    trained as under plain data parallelism (CFG pairs included: the default [vsd] guidance)."""
+    from tests.support.two_process import check_fsdp2_matches_ddp
+
+    check_fsdp2_matches_ddp(sd3_folder, tmp_path, ["a photo of a bag", "a photo of a shirt"],
+                            'generator_preset = "sd3-generator"\nfake_preset = "sd3-fake"\n')

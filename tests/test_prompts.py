@@ -192,3 +192,18 @@ def test_a_run_records_its_prompts(tmp_path):
     assert record["sha256"] == hashlib.sha256(json.dumps(expected).encode()).hexdigest()
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["prompt_column"], saved["prompt_dedupe"], saved["prompt_shuffle_seed"]) == ("Task2.Caption", True, 9)
+
+
+def test_the_embedding_cache_key_covers_sd3s_t5_encoder(tmp_path):
+    """SD3's third text encoder (T5) is part of the fingerprint: changing one of its weights changes the key."""
+    import torch
+
+    from tests.support.pipelines import tiny_sd3_pipeline
+    from wadi_distill.teacher import load_teacher
+    from wadi_distill.training.prompts import encoder_fingerprint
+
+    teacher = load_teacher(str(tiny_sd3_pipeline(tmp_path / "sd3")))
+    before = encoder_fingerprint(teacher)
+    with torch.no_grad():
+        next(teacher.pipeline.text_encoder_3.parameters()).view(-1)[0] += 1.0
+    assert encoder_fingerprint(teacher) != before

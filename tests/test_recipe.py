@@ -51,7 +51,11 @@ def test_unknown_candidates_and_seeds_are_refused(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_a_tiny_sweep_writes_every_table_and_keeps_what_it_has(tmp_path):
+def test_a_tiny_sweep_writes_every_table_and_keeps_what_it_has(tmp_path, monkeypatch):
+    from wadi_distill.experiments import reproduce
+
+    # candidates are compared at one budget: a curve that "flattened" does not end a sweep's run early
+    monkeypatch.setattr(reproduce, "curve_flattened", lambda values, settings: 1)
     settings = SweepSettings(steps=2, validate_every=1, curve_per_class=2, final_per_class=2,
                              candidates=("defaults", "dropout-per-batch"), single_step_guidance=(1.0,))
     out = sweep(tmp_path / "recipe", settings, log=lambda line: None)

@@ -51,3 +51,27 @@ def test_swap_hybrids_are_compared_with_their_own_student(tmp_path):
                    "mean": 9.0, "low": 8.0, "high": 10.0}]).to_csv(tmp_path / "intervals.csv", index=False)
     html = interval_sections(tmp_path)
     assert "lora &lt; lora: teacher norms + student directions" in html
+
+
+def test_convergence_rows_say_where_training_stopped_early():
+    curves = pd.DataFrame(
+        [{"student": "lora", "seed": 0, "step": 10 * (i + 1), "frechet_distance": v}
+         for i, v in enumerate([100.0, 50.0, 49.9])] +
+        [{"student": "lora", "seed": 1, "step": 10 * (i + 1), "frechet_distance": v}
+         for i, v in enumerate([100.0, 50.0, 25.0, 12.0])])
+    settings = Settings(steps=40, flat_window=1, flat_threshold=0.01)
+    rows = {row["seed"]: row for row in convergence_rows(curves, settings, {("lora", 0): 30, ("lora", 1): 40})}
+    assert rows[0]["stopped_early"] and rows[0]["stopped_step"] == 30 == rows[0]["converged_step"]
+    assert not rows[1]["stopped_early"] and rows[1]["stopped_step"] is None and rows[1]["trained_steps"] == 40
+    assert rows[1]["step_cap"] == 40 and not rows[1]["converged"]
+
+
+def test_early_stop_reads_the_convergence_criterion():
+    from wadi_distill.experiments.reproduce import curve_flattened
+    from wadi_distill.evaluation.intervals import flattened_at
+
+    settings = Settings(flat_window=2, flat_threshold=0.05)
+    for curve in ([10.0, 9.0, 8.0, 7.9, 7.8], [10.0, 5.0, 2.0, 1.0], [3.0, 3.0, 3.0]):
+        assert curve_flattened(curve, settings) == flattened_at(curve, 2, 0.05)
+    assert curve_flattened([10.0, 9.0, 8.0, 7.9, 7.8], settings) == 4  # (8 - 7.8) / 8 < 5 %
+    assert curve_flattened([10.0, 5.0, 2.0, 1.0], settings) is None

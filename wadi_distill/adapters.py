@@ -1,5 +1,11 @@
 """One API for every adapter the distiller can train on the same targets: LoRaD, peft LoRA and DoRA,
-and full fine-tuning (the baselines of WaDi's adapter ablation).
+DoRA with frozen magnitude, and full fine-tuning (the baselines of WaDi's adapter ablation).
+
+DoRA with frozen magnitude (``dora-frozen``, the paper's extra arm) is peft's DoRA,
+W' = m ⊙ (W + BA) / ‖W + BA‖_row, whose magnitude vector m (initialised to the teacher's row norms
+‖W‖_row) never trains: it is not among the adapter's parameters (so in no optimiser) and keeps
+``requires_grad`` False through every :func:`activate` (peft's own adapter switch would set it True).
+Only the direction part (A, B) trains, so the merged rows keep the teacher's norms, as LoRaD's do.
 
 Targets are always ``{module name: rank}`` (see :mod:`wadi_distill.lorad.targets`).
 
@@ -26,7 +32,10 @@ from .lorad import AdapterFileError
 
 PEFT_ADAPTER_FORMAT = "wadi-peft-adapter"
 
-METHODS = ("lorad", "lora", "dora", "full")
+METHODS = ("lorad", "lora", "dora", "dora-frozen", "full")
+DORA_METHODS = ("dora", "dora-frozen")
+PEFT_METHODS = ("lora",) + DORA_METHODS
+FROZEN_MAGNITUDE = "wadi_frozen_magnitude"  # peft-layer attribute: the adapters whose magnitude is frozen
 
 
 def _peft_layers(model: nn.Module):
@@ -42,7 +51,8 @@ def attach(model: nn.Module, method: str, targets: dict[str, int], name: str = "
     """Attach adapter ``name`` of ``method`` to the target modules; returns its trainable parameter count.
 
     Base weights are frozen (for ``full``: everything but the targets' weights and biases is frozen).
-    ``alpha`` is LoRA/DoRA's ``lora_alpha`` (default: equal to each rank, i.e. scale 1).
+    ``alpha`` is LoRA/DoRA's ``lora_alpha`` (default: equal to each rank, i.e. scale 1). For
+    ``dora-frozen`` the count excludes the frozen magnitude vectors (they are not trainable).
     """
     if method not in METHODS:
         raise ValueError(f"unknown adapter method {method!r}; one of {', '.join(METHODS)}")
@@ -66,7 +76,7 @@ def attach(model: nn.Module, method: str, targets: dict[str, int], name: str = "
 
     first_rank = next(iter(targets.values()))
     config = LoraConfig(
-        r=first_rank, lora_alpha=alpha or first_rank, target_modules=list(targets), use_dora=method == "dora",
+        r=first_rank, lora_alpha=alpha or first_rank, target_modules=list(targets), use_dora=method in DORA_METHODS,
         rank_pattern={re.escape(k): v for k, v in targets.items()},
         alpha_pattern={re.escape(k): alpha or v for k, v in targets.items()},
         init_lora_weights=True,  # B = 0: training starts exactly at the teacher, as LoRaD does
@@ -77,8 +87,26 @@ def attach(model: nn.Module, method: str, targets: dict[str, int], name: str = "
     with torch.random.fork_rng(devices=[]):  # peft draws A from the global RNG: seed it, as LoRaD does,
         torch.manual_seed(seed)                 # so every process of a multi-process run starts identical
         _inject(config, model, name)
+    if method == "dora-frozen":
+        freeze_magnitude(model, name)
     activate(model, name)
-    return sum(p.numel() for p in model.parameters() if id(p) not in before)
+    frozen = {id(p) for p in frozen_magnitudes(model, name)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in before and id(p) not in frozen)
+
+
+def freeze_magnitude(model: nn.Module, name: str) -> None:
+    """Freeze the DoRA magnitude vectors of peft adapter ``name``: recorded on each layer, so that
+    :func:`activate` keeps them frozen and :func:`adapter_parameters` leaves them out."""
+    for layer in _peft_layers(model):
+        if name in getattr(layer, "lora_magnitude_vector", {}):
+            setattr(layer, FROZEN_MAGNITUDE, getattr(layer, FROZEN_MAGNITUDE, frozenset()) | {name})
+            layer.lora_magnitude_vector[name].requires_grad_(False)
+
+
+def frozen_magnitudes(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The frozen DoRA magnitude vectors of adapter ``name`` (none for any other adapter)."""
+    return [p for layer in _peft_layers(model) if name in getattr(layer, FROZEN_MAGNITUDE, ())
+            for p in layer.lora_magnitude_vector[name].parameters()]
 
 
 def _inject(config, model: nn.Module, name: str) -> None:
@@ -101,6 +129,8 @@ def activate(model: nn.Module, name: str | None) -> None:
         else:
             layer.enable_adapters(True)
             layer.set_adapter(name)
+        for frozen in getattr(layer, FROZEN_MAGNITUDE, ()):  # peft's switch made them trainable again
+            layer.lora_magnitude_vector[frozen].requires_grad_(False)
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -125,11 +155,14 @@ def lora_ranks_at_equal_budget(model: nn.Module, targets: dict[str, int]) -> dic
 
 
 def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
-    """The parameters of adapter ``name``, LoRaD or peft alike (peft names them ``...lora_A.<name>.weight``)."""
+    """The trainable parameters of adapter ``name``, LoRaD or peft alike (peft names them
+    ``...lora_A.<name>.weight``); frozen DoRA magnitudes (:func:`freeze_magnitude`) are not among them."""
     found = lorad.adapter_parameters(model, name)
     if found:
         return found
-    return [p for n, p in model.named_parameters() if f".{name}." in f".{n}." and "lora_" in n]
+    frozen = {id(p) for p in frozen_magnitudes(model, name)}
+    return [p for n, p in model.named_parameters()
+            if f".{name}." in f".{n}." and "lora_" in n and id(p) not in frozen]
 
 
 
@@ -164,11 +197,18 @@ def save_adapter(model: nn.Module, name: str, path: str | os.PathLike, component
     targets = _peft_targets(model, name)
     metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(lora_config, sort_keys=True),
                 "wadi_format": PEFT_ADAPTER_FORMAT, "adapter_name": name, "component": component,
-                "method": "dora" if config.use_dora else "lora", "targets": json.dumps(targets),
+                "method": _peft_method(model, name, config), "targets": json.dumps(targets),
                 "base_fingerprint": lorad.base_fingerprint(model, targets)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+
+
+def _peft_method(model: nn.Module, name: str, config) -> str:
+    """``lora``, ``dora``, or ``dora-frozen`` (DoRA whose magnitudes are frozen)."""
+    if not config.use_dora:
+        return "lora"
+    return "dora-frozen" if frozen_magnitudes(model, name) else "dora"
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -184,7 +224,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None, strict_base: bool = True) -> str:
-    """Attach the adapter stored at ``path`` (LoRaD, or LoRA/DoRA written by :func:`save_adapter`) to
+    """Attach the adapter stored at ``path`` (LoRaD, or LoRA/DoRA/frozen-magnitude DoRA written by :func:`save_adapter`) to
     ``model`` under ``name`` or its saved name; returns the name. It is not activated (see :func:`activate`).
 
     With ``strict_base`` the base weights must be the ones the adapter was trained on.
@@ -225,6 +265,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     absent = [k for k in result.missing_keys if "lora_" in k and f".{name}" in k]
     if absent:
         raise AdapterFileError(f"{path} lacks {len(absent)} of the adapter's tensors (e.g. {absent[0]})")
+    if metadata["method"] == "dora-frozen":
+        freeze_magnitude(model, name)
+        if not frozen_magnitudes(model, name):
+            raise AdapterFileError(f"{path}: method dora-frozen, but its LoRA config makes no DoRA magnitudes")
     return name
 
 
@@ -267,8 +311,8 @@ def _peft_metadata(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[
     for key in ("adapter_name", "component", "method"):
         if not metadata.get(key):
             raise AdapterFileError(f"{path} has no {key!r} metadata")
-    if metadata["method"] not in ("lora", "dora"):
-        raise AdapterFileError(f"{path}: method {metadata['method']!r} is not lora or dora")
+    if metadata["method"] not in PEFT_METHODS:
+        raise AdapterFileError(f"{path}: method {metadata['method']!r} is not one of {', '.join(PEFT_METHODS)}")
     targets = _json_metadata(path, metadata, "targets", list)
     if not targets or not all(isinstance(t, str) for t in targets):
         raise AdapterFileError(f"{path}: its 'targets' metadata must be a non-empty list of module names")

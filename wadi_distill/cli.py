@@ -420,10 +420,13 @@ def reproduce(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --out folder that an earlier reproduction did not make.")] = False,
     seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds per arm (0..N-1); default 5, or 1 with --quick.")] = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Training iterations per arm (the cap; default 600).")] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="Arms and seeds trained at once, in as many worker processes.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu (each worker a share of the cores) or cuda (all on the one GPU).")] = "cpu",
 ) -> None:
     """The paper's experiments on the embedded teacher: teacher steps, students at equal budget
-    (LoRaD published/plan, LoRA, DoRA, full), weight analysis, swaps, rank and Conv2d ablations;
-    per-arm bootstrap 95 % intervals over seeds and a convergence check of each curve."""
+    (LoRaD published/plan, LoRA, DoRA, DoRA with frozen magnitude, full), weight analysis, swaps, rank and
+    Conv2d ablations; each arm trained until its validation curve flattens (at most --steps); per-arm
+    bootstrap 95 % intervals over seeds."""
     from dataclasses import replace
 
     from .experiments.reproduce import QUICK, Settings, reproduce as run_experiments
@@ -433,7 +436,7 @@ def reproduce(
         settings = replace(settings, seeds=tuple(range(seeds)))
     if steps is not None:
         settings = replace(settings, steps=steps, validate_every=min(settings.validate_every, steps))
-    run_experiments(out, settings, log=say, overwrite=overwrite)
+    run_experiments(out, settings, log=say, overwrite=overwrite, jobs=jobs, device=device)
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from wadi_analysis.errors import InvalidValue
 
 from .vsd import DROPOUT_SCOPES, FAKE_WEIGHTINGS, GENERATOR_WEIGHTINGS, VSDConfig
 
-ADAPTERS = ("lorad", "lora", "dora", "full")
+ADAPTERS = ("lorad", "lora", "dora", "full", "dora-frozen")  # dora-frozen: DoRA with frozen magnitude
 OPTIMIZERS = ("adamw", "adamw8bit")
 PRECISIONS = ("no", "fp16", "bf16")
 
@@ -42,7 +42,7 @@ class RunConfig:
     steps: int = 100
     batch_size: int = 4
     seed: int = 0
-    adapter: str = "lorad"                  # lorad | lora | dora (one shared frozen base) | full (own copy)
+    adapter: str = "lorad"                  # lorad | lora | dora | dora-frozen (one shared frozen base) | full (own copy)
     generator_preset: str = "sd-unet-generator"
     fake_preset: str = "sd-unet-fake"
     generator_rank: int | None = None       # None: the preset's rank
@@ -55,6 +55,9 @@ class RunConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 0                   # both learning rates rise linearly over these steps (0: constant)
     fake_steps_per_generator_step: int = 1
+    regression_weight: float = 0.0          # DMD's regression onto teacher DDIM pairs beside VSD (0: off; regression.py)
+    regression_pairs: int = 2048            # fixed (noise, prompt, teacher sample) pairs made at the start
+    regression_teacher_steps: int = 25      # DDIM steps of the pairs' teacher samples (at [vsd] guidance_real)
     mixed_precision: str = "no"             # no | fp16 | bf16
     gradient_checkpointing: bool = False
     ema_decay: float | None = None          # EMA of the generator adapter (e.g. 0.999); export --ema uses it
@@ -171,7 +174,9 @@ RULES: dict[str, Rule] = {
     "generator_rank": _optional(POSITIVE), "fake_rank": _optional(POSITIVE), "plan": _optional(_text(empty=False)),
     "optimizer": _choice(OPTIMIZERS), "generator_lr": LEARNING_RATE, "fake_lr": LEARNING_RATE,
     "weight_decay": _number(0, words="a number >= 0"), "grad_clip": _number(0, open_low=True, words="a number > 0"),
-    "warmup_steps": _integer(0), "fake_steps_per_generator_step": POSITIVE, "mixed_precision": _choice(PRECISIONS),
+    "warmup_steps": _integer(0), "fake_steps_per_generator_step": POSITIVE,
+    "regression_weight": _number(0, words="a number >= 0"), "regression_pairs": POSITIVE,
+    "regression_teacher_steps": POSITIVE, "mixed_precision": _choice(PRECISIONS),
     "gradient_checkpointing": _flag,
     "ema_decay": _optional(_number(0, 1, open_low=True, open_high=True, words="a number between 0 and 1 (exclusive)")),
     # keep_checkpoints 0 would keep every checkpoint (a [:-0] slice), the opposite of what it says

@@ -15,12 +15,11 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from wadi_analysis.errors import UserError
 from wadi_analysis.outputs import staged_folder
 
 from . import adapters, lora_export, lora_keys
 from .distill import GENERATOR
-from .one_step_pipeline import one_step_scheduler, write_pipeline
+from .one_step_pipeline import one_step_scheduler_for, write_pipeline
 from .runs import (OneStepModel, check_output_for, is_export, load_run_generator, one_step_alpha,
                    write_one_step_info)
 
@@ -38,22 +37,22 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, ema: bool = F
 
     ``out`` follows the output policy (:func:`wadi_distill.runs.check_output_for`): apart from the
     teacher and the run's own files, and an existing non-empty folder only if it is an earlier export
-    (or ``overwrite``); it is written beside its place and renamed there when complete. A run whose a_T no
-    scheduler of its teacher can end at is refused before anything is written."""
+    (or ``overwrite``); it is written beside its place and renamed there when complete. A run whose one step no
+    scheduler of its teacher runs (an a_T outside the teacher's range; on a flow teacher, a [vsd] alpha_T of its
+    own or dynamic shifting: :func:`wadi_distill.one_step_pipeline.one_step_scheduler_for`) is refused before
+    anything is written."""
     out = check_output_for(run_dir, out, ours=is_export, overwrite=overwrite)
     generator = load_run_generator(run_dir, ema=ema)  # with the text encoders: they are the pipeline's
     model = generator.generator
     teacher = generator.teacher
-    if teacher.prediction_type == "flow":  # its one-step pipeline needs a FlowMatchEulerDiscreteScheduler
-        raise UserError(f"export of runs on flow-matching teachers ({teacher.family}) is not implemented yet; "
-                        f"the run's adapter is in {run_dir}")
+    # before merging: a run whose one step no scheduler runs is refused, nothing written
+    scheduler = one_step_scheduler_for(teacher, one_step_alpha(teacher, generator.config))
     adapter_run = generator.adapter_file is not None
     # before merging, which rewrites the adapted weights in place
     base = lora_export.teacher_weights(model if adapter_run else teacher.denoiser) if lora else None
     if adapter_run:
         model = adapters.merge_and_unload(model, GENERATOR)
     adapters.check_finite(model, generator.adapter_file or run_dir)
-    scheduler = one_step_scheduler(teacher.pipeline.scheduler.config, one_step_alpha(teacher, generator.config))
     made = _lora(model, generator, base, lora) if lora else None  # the SVDs and the output check, before writing
     with staged_folder(out) as stage:
         names = write_folder(model, generator, scheduler, stage)

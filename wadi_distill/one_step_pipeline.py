@@ -21,6 +21,21 @@ the published PixArt weights of :mod:`wadi_distill.published` included), the sch
 teacher's a until it falls below a_T and holds a_T from there to T - 1 (:func:`betas_held_at`): one
 step reads only the last a, so the pipeline is still exactly the generator's step (several steps on
 such a schedule are not the teacher's, and the export is meant for one).
+
+A rectified-flow teacher (SD3: ``FlowMatchEulerDiscreteScheduler``) gets its own scheduler class instead, from
+its own config (:func:`one_step_flow_scheduler`): the generator predicts x0 = x_sigma - sigma v from pure noise at
+sigma_max (the last training sigma, shift included: 1 for a static shift), and one Euler step of that scheduler,
+x + (sigma_next - sigma) v with timesteps [1000 sigma_max] and sigmas [sigma_max, 0], is that very formula. So
+only the inference-time options that would move those two sigmas are switched off (``ONE_STEP_FLOW_SCHEDULER``:
+Karras/exponential/beta sigmas, a terminal shift, inverted sigmas, stochastic steps); the shift stays the
+teacher's, and the result is checked by running ``set_timesteps(1)``. A run's own ``[vsd] alpha_T`` (its x0 is
+no Euler step from sigma_max) is refused. Resolution-dependent (dynamic) shifting moves every sigma but 1
+(time_shift(mu, 1, 1) = 1 for every mu): FLUX's is kept, its one step checked at the config's lowest and highest
+mu (``FluxPipeline`` computes mu from the image size); an SD3 teacher with it is refused (its loader refuses it).
+
+A FLUX export is a ``FluxPipeline``: its ``guidance_scale`` is the guidance input of a guidance-distilled
+transformer, not CFG, so the one-step call passes the teacher's (:func:`one_step_call`), and ``sample --guidance
+G`` > 1 (CFG against the empty prompt) is the pipeline's ``true_cfg_scale=G`` with ``negative_prompt=""``.
 """
 
 from __future__ import annotations
@@ -42,6 +57,13 @@ ONE_STEP_SCHEDULER = {"timestep_spacing": "trailing", "set_alpha_to_one": True, 
                       "thresholding": False,
                       "steps_offset": 1}  # unused by trailing spacing; SD pipelines call another value outdated
 DDIM_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+# What makes one FlowMatchEulerDiscreteScheduler step the generator's step (see the module docstring).
+ONE_STEP_FLOW_SCHEDULER = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+                           "shift_terminal": None, "invert_sigmas": False, "stochastic_sampling": False}
+# How each kind of export's scheduler makes one step the generator's (wadi_one_step.json records it).
+SCHEDULER_SUMMARIES = {False: "DDIMScheduler (trailing, set_alpha_to_one)",
+                       True: "FlowMatchEulerDiscreteScheduler (one Euler step from sigma_max to 0)"}
+ONE_STEP_CALL = "pipe(prompt, num_inference_steps=1, guidance_scale=0.0)"
 
 
 def teacher_betas(scheduler_config: dict) -> torch.Tensor:
@@ -104,6 +126,57 @@ def one_step_scheduler(scheduler_config: dict, alpha_T: float):
         trained = betas_held_at(betas, alpha_T) if held else betas_ending_at(betas, alpha_T)
         settings.update(trained_betas=trained.tolist(), rescale_betas_zero_snr=False)
     return DDIMScheduler.from_config(scheduler_config, **settings)
+
+
+def one_step_flow_scheduler(scheduler_config: dict, sigma_max: float, dynamic: bool = False):
+    """A ``FlowMatchEulerDiscreteScheduler`` on the teacher's config (its shift kept) whose
+    ``num_inference_steps=1`` is the generator's step: timesteps [1000 sigma_max], sigmas [sigma_max, 0], so
+    the step x + (0 - sigma_max) v is x0 = x_sigma - sigma v at sigma_max; a :class:`UserError` for dynamic
+    shifting unless ``dynamic`` (FLUX: then checked at the config's base and max shift as mu) or a config on which
+    one step does not run so (checked by ``set_timesteps(1)``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if scheduler_config.get("use_dynamic_shifting") and not dynamic:
+        raise UserError("a flow teacher with dynamic (resolution-dependent) shifting cannot be exported as a one-step "
+                        "pipeline: its one step's sigma would depend on the image size")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config, **ONE_STEP_FLOW_SCHEDULER)
+    config = scheduler.config
+    mus = (config.get("base_shift", 0.5), config.get("max_shift", 1.15)) if config.use_dynamic_shifting else (None,)
+    expected = torch.tensor([sigma_max, 0.0], dtype=torch.float32)
+    for mu in mus:
+        probe = FlowMatchEulerDiscreteScheduler.from_config(config)
+        probe.set_timesteps(1, mu=mu)
+        if not torch.equal(probe.sigmas.float(), expected) or \
+                not torch.equal(probe.timesteps.float(), expected[:1] * probe.config.num_train_timesteps):
+            raise UserError(f"this flow teacher's scheduler does not run one step from sigma_max = {sigma_max:.6g} to "
+                            f"0 (its sigmas: {probe.sigmas.tolist()}), so no one-step pipeline is written")
+    return scheduler
+
+
+def one_step_scheduler_for(teacher: Teacher, alpha_T: float):
+    """The export's scheduler for ``teacher``: :func:`one_step_flow_scheduler` for a flow teacher (whose one step
+    starts at its sigma_max, a = 0: an ``alpha_T`` other than the schedule's own is refused), else
+    :func:`one_step_scheduler` with ``alpha_T``."""
+    config = teacher.pipeline.scheduler.config
+    if teacher.sigmas is None:
+        return one_step_scheduler(config, alpha_T)
+    if alpha_T != float(teacher.alphas_cumprod[-1]):
+        raise UserError(f"the run's [vsd] alpha_T = {alpha_T:.6g} has no one-step pipeline on a flow teacher, whose "
+                        "one Euler step starts at sigma_max (a = 0); export runs that leave alpha_T unset")
+    return one_step_flow_scheduler(config, float(teacher.sigmas[-1]), dynamic=teacher.family == "flux")
+
+
+def one_step_call(teacher: Teacher) -> str:
+    """The export's one-step call, for ``wadi_one_step.json``: ``guidance_scale=0.0`` (no CFG), or for a
+    guidance-distilled teacher (FLUX.1-dev) its guidance input, which is what FluxPipeline's ``guidance_scale`` is."""
+    if teacher.guidance is not None:
+        return f"pipe(prompt, num_inference_steps=1, guidance_scale={teacher.guidance:g})"
+    return ONE_STEP_CALL
+
+
+def scheduler_summary(teacher: Teacher) -> str:
+    """How the export's scheduler makes its one step the generator's, for ``wadi_one_step.json``."""
+    return SCHEDULER_SUMMARIES[teacher.sigmas is not None]
 
 
 def write_pipeline(teacher: Teacher, merged: nn.Module, scheduler, out: Path) -> str:

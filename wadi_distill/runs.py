@@ -50,6 +50,7 @@ from wadi_analysis.outputs import check_output
 
 from . import adapters
 from .distill import GENERATOR
+from .one_step_pipeline import one_step_call, scheduler_summary
 from .teacher import Teacher, load_denoiser, load_teacher
 from .vsd import VSDConfig
 
@@ -252,8 +253,8 @@ def write_one_step_info(out: Path, teacher: Teacher, config: dict, pipeline: str
     ``source``, where the weights came from (an imported file: its name and SHA-256)."""
     info = {"prediction_type": teacher.prediction_type, "timestep": teacher.num_timesteps - 1,
             "alpha_T": one_step_alpha(teacher, config), "schedule_alpha_T": float(teacher.alphas_cumprod[-1]),
-            "pipeline": pipeline, "scheduler": "DDIMScheduler (trailing, set_alpha_to_one)",
-            "one_step_call": "pipe(prompt, num_inference_steps=1, guidance_scale=0.0)",
+            **({"sigma_max": float(teacher.sigmas[-1])} if teacher.sigmas is not None else {}),
+            "pipeline": pipeline, "scheduler": scheduler_summary(teacher), "one_step_call": one_step_call(teacher),
             "teacher": teacher_name(config["teacher"]), "teacher_config": teacher_name(config.get("teacher_config")),
             **({"source": source} if source is not None else {})}
     return atomic_write_text(out / ONE_STEP_INFO, json.dumps(info, indent=2) + "\n")
@@ -287,10 +288,17 @@ def load_export(path: str | os.PathLike) -> OneStepModel:
     info = _one_step_info(path)
     vsd = VSDConfig(alpha_T=info["alpha_T"])
     if is_pipeline(path):
-        teacher = load_teacher(path)
+        teacher = _flow_checked(load_teacher(path), info, path)
         return OneStepModel(teacher, teacher.denoiser, vsd, info)
     teacher = load_teacher(_recorded_path(path, info["teacher"]), config=_recorded_path(path, info.get("teacher_config")))
-    return OneStepModel(teacher, load_denoiser(path), vsd, info)
+    return OneStepModel(_flow_checked(teacher, info, path), load_denoiser(path), vsd, info)
+
+
+def _flow_checked(teacher: Teacher, info: dict, path: Path) -> Teacher:
+    """An a_T of 0 (a flow export's: its one step starts at sigma_max) only with a flow teacher."""
+    if info["alpha_T"] == 0 and teacher.sigmas is None:
+        raise UserError(f"{path / ONE_STEP_INFO}: 'alpha_T' must be a number between 0 and 1")
+    return teacher
 
 
 def load_one_step(source: str | os.PathLike) -> OneStepModel:
@@ -350,7 +358,8 @@ def _one_step_info(path: Path) -> dict:
     except (OSError, ValueError, RecursionError):
         raise UserError(f"{path / ONE_STEP_INFO} is not readable JSON") from None
     check_teacher_keys(info, path / ONE_STEP_INFO)
-    if not _kind(info.get("alpha_T"), (int, float)) or not 0 < info["alpha_T"] < 1:
+    lowest = 0 if info.get("prediction_type") == "flow" else None  # a flow teacher's one step starts at a = 0
+    if not _kind(info.get("alpha_T"), (int, float)) or not (info["alpha_T"] == lowest or 0 < info["alpha_T"] < 1):
         raise UserError(f"{path / ONE_STEP_INFO}: 'alpha_T' must be a number between 0 and 1")
     return info
 

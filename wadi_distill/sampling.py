@@ -22,9 +22,10 @@ import torch
 
 from wadi_analysis.errors import UserError
 
+from .adapters import activate
 from .distill import guided_epsilon, one_step
 from .teacher import Conditioning, Teacher
-from .vsd import VSDConfig, guided
+from .vsd import VSDConfig, guided, predicted_epsilon, predicted_x0
 
 
 def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -37,15 +38,24 @@ def trailing_timesteps(num_timesteps: int, steps: int) -> list[int]:
 @torch.no_grad()
 def ddim(teacher: Teacher, model, noise: torch.Tensor, conditioning: Conditioning, null: Conditioning,
          steps: int, guidance_scale: float = 1.0) -> torch.Tensor:
-    """Deterministic DDIM from x_T = ``noise`` to x_0 in ``steps`` teacher evaluations (each with CFG)."""
+    """Deterministic DDIM from x_T = ``noise`` to x_0 in ``steps`` teacher evaluations (each with CFG).
+
+    A flow teacher's first level is a = 0 (sigma_max = 1), where x0 cannot come from eps: there x0 and eps come
+    from the guided velocity (vsd.predicted_x0 / predicted_epsilon, "flow"); DDIM on a(sigma) is then exactly the
+    flow's Euler step x_sigma' = x_sigma + (sigma' - sigma) v."""
     x = noise
     timesteps = trailing_timesteps(teacher.num_timesteps, steps)
     alphas = teacher.alphas_cumprod.to(device=noise.device)
     for index, timestep in enumerate(timesteps):
         timesteps_now = torch.full((x.shape[0],), timestep, dtype=torch.long, device=x.device)
-        epsilon = guided_epsilon(teacher, model, None, x, timesteps_now, conditioning, null, guidance_scale)
         alpha = alphas[timestep].to(x.dtype)
-        x0 = (x - (1 - alpha).sqrt() * epsilon) / alpha.sqrt()
+        if teacher.prediction_type == "flow":
+            velocity = _guided_output(teacher, model, x, timesteps_now, conditioning, null, guidance_scale)
+            x0 = predicted_x0(velocity, x, alpha, "flow")
+            epsilon = predicted_epsilon(velocity, x, alpha, "flow")
+        else:
+            epsilon = guided_epsilon(teacher, model, None, x, timesteps_now, conditioning, null, guidance_scale)
+            x0 = (x - (1 - alpha).sqrt() * epsilon) / alpha.sqrt()
         if index + 1 == len(timesteps):
             return x0
         alpha_next = alphas[timesteps[index + 1]].to(x.dtype)
@@ -53,14 +63,28 @@ def ddim(teacher: Teacher, model, noise: torch.Tensor, conditioning: Conditionin
     return x
 
 
+def _guided_output(teacher: Teacher, model, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: Conditioning,
+                   null: Conditioning, scale: float) -> torch.Tensor:
+    """The raw network output with CFG (as guided_epsilon guides eps; the same for a flow teacher, whose eps is
+    affine in v with a coefficient 1 on x)."""
+    activate(model, None)
+    both = Conditioning.cat([null.repeat_to(len(conditioning)), conditioning])
+    output = teacher.network_output(model, torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]), both)
+    unconditional, conditional = output.chunk(2)
+    return guided(unconditional, conditional, scale)
+
+
 @torch.no_grad()
 def to_pixels(teacher: Teacher, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> float images (N, C, H, W) in [-1, 1]: x = D(z / scaling_factor) with the teacher's VAE;
-    a pixel-space teacher (no VAE) has its images as latents."""
+    """Latents -> float images (N, C, H, W) in [-1, 1]: x = D(z / scaling_factor + shift_factor) with the
+    teacher's VAE (shift_factor: SD3's VAE; none for SD's), as the pipelines decode; a pixel-space teacher (no
+    VAE) has its images as latents."""
     vae = getattr(teacher.pipeline, "vae", None)
     if vae is None:
         return latents.float().clamp(-1, 1)
-    scaled = latents.to(vae.dtype) / vae.config.scaling_factor
+    scaled = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None) is not None:
+        scaled = scaled + vae.config.shift_factor
     return torch.cat([vae.decode(chunk).sample.float() for chunk in scaled.split(250)]).clamp(-1, 1)
 
 

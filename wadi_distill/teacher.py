@@ -11,6 +11,20 @@ Rectified-flow teachers (SD3, ``FlowMatchEulerDiscreteScheduler``) are seen in t
 timestep i stands for the scheduler's training sigma_i (shift included), ``alphas_cumprod`` holds
 a(sigma_i) = flow_alpha_bar, and the network's velocity is the "flow" prediction type; so x_t = x_sigma / s,
 the generator starts at sigma_max = 1 (a = 0, pure noise) and loss timesteps are drawn in sigma with the shift.
+
+FLUX.1 (``FluxPipeline``, family "flux") is such a teacher with three differences, each through the pipeline's own
+code: latents (B, C, H, W) are packed 2 x 2 into tokens with the image ids of ``_pack_latents`` /
+``_prepare_latent_image_ids`` (and unpacked after); prompts go through its ``encode_prompt`` (T5 sequence, CLIP
+pooled, text ids); and a guidance-distilled transformer (``guidance_embeds``, FLUX.1-dev) takes a guidance input
+instead of a conditional/unconditional pair. That input is a teacher fact, ``Teacher.guidance`` (the pipeline's
+default ``guidance_scale``, 3.5 for FLUX.1-dev), given in every call: the real score is the teacher at that
+guidance, and the fake score and the generator (LoRaD adapters on the same transformer) get the same input, so
+the fake score starts equal to the real one and the generator is the student of the guided teacher that
+``FluxPipeline(guidance_scale=guidance)`` samples. Run such a teacher with ``[vsd] guidance_real = guidance_fake =
+1`` (CFG of the two scores against the empty prompt on top of the embedded guidance is not what FLUX.1-dev was
+distilled for). The latent size is the VAE's ``sample_size`` over its scale factor (1024 / 8 = 128 for FLUX.1, the
+pipeline's default); with dynamic shifting (FLUX.1-dev's scheduler) the training sigmas are those the pipeline
+uses at that size (:func:`flux_sigmas`).
 """
 
 from __future__ import annotations
@@ -90,13 +104,14 @@ class Teacher:
     """A frozen teacher: denoiser + schedule facts + prompt encoder (the pipeline, text side only)."""
 
     denoiser: nn.Module
-    family: str  # "unet" (SD1/SD2), "sdxl", "pixart" or "sd3"
+    family: str  # "unet" (SD1/SD2), "sdxl", "pixart", "sd3" or "flux"
     alphas_cumprod: torch.Tensor  # float64, one per training timestep
     prediction_type: str  # epsilon | v_prediction | sample | flow (velocity; see vsd.flow_alpha_bar)
     pipeline: object | None = None
     latent_channels: int = 4
     sample_size: int = 64
     sigmas: torch.Tensor | None = None  # flow teachers: float64 sigma per training timestep, ascending (else None)
+    guidance: float | None = None  # guidance-distilled teachers (FLUX.1-dev): the guidance input; else None
 
     @property
     def component(self) -> str:
@@ -123,6 +138,11 @@ class Teacher:
                                                     clean_caption=False)
             return Conditioning(embeds, {"encoder_attention_mask": mask,
                                          "added_cond_kwargs": self._pixart_size_conditions(embeds)})
+        if self.family == "flux":
+            embeds, pooled, text_ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
+            # text ids (zeros, one row per token) kept per prompt, so that batches select and concatenate them
+            return Conditioning(embeds, {"pooled_projections": pooled,
+                                         "txt_ids": text_ids.unsqueeze(0).repeat(len(prompts), 1, 1)})
         if self.family == "sd3":
             embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
                                                       do_classifier_free_guidance=False)
@@ -165,7 +185,9 @@ class Teacher:
                 conditioning: Conditioning) -> torch.Tensor:
         """The raw network output at x_t (U-Nets and transformers name their inputs differently);
         learned-sigma outputs (PixArt) keep their prediction half. Flow teachers see x_sigma = s(sigma) x_t at
-        timestep 1000 sigma, as their scheduler feeds them, and return the velocity."""
+        timestep 1000 sigma, as their scheduler feeds them, and return the velocity (FLUX: :meth:`_flux_output`)."""
+        if self.family == "flux":
+            return self._flux_output(model, noisy, timesteps, conditioning)
         sample = "hidden_states" if self.family in TRANSFORMER_FAMILIES else "sample"
         if self.sigmas is not None:
             sigma = self.sigmas.to(noisy.device)[timesteps.long().to(noisy.device)]
@@ -177,6 +199,26 @@ class Teacher:
             output = output[:, : noisy.shape[1]]
         return output
 
+    def _flux_output(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                     conditioning: Conditioning) -> torch.Tensor:
+        """FLUX's velocity at x_t, as ``FluxPipeline`` calls its transformer: x_sigma = s(sigma) x_t packed 2 x 2
+        into tokens with their image ids, timestep (1000 sigma) / 1000, the guidance input ``self.guidance``
+        (guidance-distilled transformers), the text ids of ``encode_prompt``; the packed output unpacked to
+        (B, C, H, W)."""
+        from diffusers import FluxPipeline
+
+        sigma = self.sigmas.to(noisy.device)[timesteps.long().to(noisy.device)]
+        noisy = noisy * flow_scale(sigma).to(noisy.dtype).view(-1, *([1] * (noisy.ndim - 1)))
+        batch, channels, height, width = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, noisy.dtype)
+        guidance = None if self.guidance is None else torch.full((batch,), self.guidance, device=noisy.device)
+        extra = conditioning.extra
+        output = model(hidden_states=packed, timestep=(1000 * sigma).to(noisy.dtype) / 1000, guidance=guidance,
+                       pooled_projections=extra["pooled_projections"], encoder_hidden_states=conditioning.hidden_states,
+                       txt_ids=extra["txt_ids"][0], img_ids=image_ids, return_dict=False)[0]
+        return FluxPipeline._unpack_latents(output, height, width, 1)  # latent height and width: scale factor 1
+
     def epsilon(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: Conditioning) -> torch.Tensor:
         """The network's noise prediction at x_t, whatever its parametrisation."""
@@ -185,21 +227,23 @@ class Teacher:
                                  self.prediction_type)
 
 
-TRANSFORMER_FAMILIES = ("pixart", "sd3")
+TRANSFORMER_FAMILIES = ("pixart", "sd3", "flux")
 
 
 def _family(denoiser: nn.Module) -> str:
     name = type(denoiser).__name__
     if name == "SD3Transformer2DModel":
         return "sd3"
+    if name == "FluxTransformer2DModel":
+        return "flux"
     if name.startswith("PixArt"):
         return "pixart"
     if getattr(denoiser.config, "addition_embed_type", None) == "text_time":
         return "sdxl"
     if name == "UNet2DConditionModel":
         return "unet"
-    raise CheckpointError(f"unsupported denoiser {name}: WaDi distils UNet2DConditionModel, PixArt and SD3 "
-                          "transformers")
+    raise CheckpointError(f"unsupported denoiser {name}: WaDi distils UNet2DConditionModel, PixArt, SD3 and "
+                          "FLUX transformers")
 
 
 def _quiet_libraries() -> None:
@@ -314,12 +358,46 @@ def _teacher_from_pipeline(pipe, scheduler, source: str, text: bool) -> Teacher:
         if getattr(pipe, part, None) is not None:
             getattr(pipe, part).requires_grad_(False)
     config = denoiser.config
+    if _family(denoiser) == "flux":
+        return _flux_teacher(pipe, denoiser, text)
     sigmas = flow_sigmas(pipe.scheduler)
     alphas_cumprod = scheduler.alphas_cumprod.double().clone() if sigmas is None else flow_alpha_bar(sigmas)
     return Teacher(denoiser=denoiser, family=_family(denoiser), alphas_cumprod=alphas_cumprod,
                    prediction_type=scheduler.config.prediction_type if sigmas is None else "flow",
                    pipeline=pipe if text else None, latent_channels=config.in_channels, sample_size=config.sample_size,
                    sigmas=sigmas)
+
+
+def _flux_teacher(pipe, denoiser: nn.Module, text: bool) -> Teacher:
+    """A FLUX teacher: latents of in_channels / 4 channels (packed 2 x 2 into the transformer's tokens) and the
+    VAE's sample_size over its scale factor; sigmas at that size (:func:`flux_sigmas`); the guidance input of a
+    guidance-distilled transformer: the pipeline's default ``guidance_scale`` (see the module docstring)."""
+    import inspect
+
+    size = pipe.vae.config.sample_size // pipe.vae_scale_factor
+    sigmas = flux_sigmas(pipe.scheduler, size)
+    guidance = None
+    if denoiser.config.guidance_embeds:
+        guidance = float(inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default)
+    return Teacher(denoiser=denoiser, family="flux", alphas_cumprod=flow_alpha_bar(sigmas), prediction_type="flow",
+                   pipeline=pipe if text else None, latent_channels=denoiser.config.in_channels // 4,
+                   sample_size=size, sigmas=sigmas, guidance=guidance)
+
+
+def flux_sigmas(scheduler, size: int) -> torch.Tensor:
+    """A FLUX teacher's training sigmas (ascending, as :func:`flow_sigmas`) at latents of ``size`` x ``size``:
+    with dynamic shifting, the scheduler's ``time_shift`` at the mu ``FluxPipeline`` computes for
+    (size / 2)^2 tokens (``calculate_shift``); else the static shift of :func:`flow_sigmas`."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    if not scheduler.config.get("use_dynamic_shifting"):
+        return flow_sigmas(scheduler)
+    fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # unshifted before set_timesteps
+    config = fresh.config
+    mu = calculate_shift((size // 2) ** 2, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    return fresh.time_shift(mu, 1.0, fresh.sigmas.double()).flip(0).clone()
 
 
 def flow_sigmas(scheduler) -> torch.Tensor | None:

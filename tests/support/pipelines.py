@@ -149,3 +149,39 @@ def tiny_sd3_pipeline(folder: Path, seed: int = 0, shift: float = 3.0) -> Path:
                              text_encoder_2=clip_encoder(), tokenizer_2=tokenizer,
                              text_encoder_3=t5, tokenizer_3=t5_tokenizer).save_pretrained(folder)
     return folder
+
+
+def tiny_flux_pipeline(folder: Path, seed: int = 0, shift: float = 3.0, guidance_embeds: bool = True) -> Path:
+    """A FluxPipeline folder in FLUX.1-dev's layout: a FluxTransformer2DModel (1 double and 1 single block, RoPE
+    axes 2 + 2 + 4 = the head width) with the guidance embedding of a guidance-distilled model, 16-channel VAE with
+    a shift factor (latents packed 2 x 2 into 64 channels), a CLIP text encoder (pooled 32) and a 2-layer T5
+    (width 32 = joint_attention_dim), tokenizers built in code; FlowMatchEulerDiscreteScheduler with a static
+    ``shift`` (FLUX.1-dev's own shifts with the resolution, which the teacher loader refuses)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer(folder.parent / f".{folder.name}-tokenizer")
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    words = ["<pad>", "</s>", "<unk>"] + "a an the photo of sneaker bag shirt dress coat boot sandal".split()
+    backend = Tokenizer(models.Unigram([(w, 0.0 if i < 3 else -1.0) for i, w in enumerate(words)], unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    t5_tokenizer = T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                   extra_ids=0, model_max_length=512)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2,
+                                 pad_token_id=0, eos_token_id=1))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16),
+                        latent_channels=16, norm_num_groups=8, sample_size=16, use_quant_conv=False,
+                        use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
+                 text_encoder_2=t5, tokenizer_2=t5_tokenizer).save_pretrained(folder)
+    return folder

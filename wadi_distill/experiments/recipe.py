@@ -55,6 +55,10 @@ CANDIDATES: dict[str, dict] = {
     # LoRA (peft) at the LoRaD budget on the same Linear + Conv2d targets: the regression probe's best adapter
     "generator-lora-conv": {"adapter": "lora", "generator_preset": "sd-unet-generator-conv", "generator_rank": 8},
     # the weighting of the two losses over t (vsd.GENERATOR_WEIGHTINGS, vsd.FAKE_WEIGHTINGS)
+    "generator-conv-r32": {"generator_preset": "sd-unet-generator-conv", "generator_rank": 32},
+    # DMD's regression onto the teacher's DDIM pairs beside VSD (wadi_distill/regression.py)
+    "regression-1": {"regression_weight": 1.0},
+    "regression-0.25": {"regression_weight": 0.25},
     "weighting-dmd": {"vsd": {"generator_weighting": "dmd"}},
     "fake-weighting-uniform": {"vsd": {"fake_weighting": "uniform"}},
     # the three best single changes of the first 23 runs together
@@ -140,7 +144,8 @@ def sweep(out: str | Path, settings: SweepSettings | None = None, log=print) -> 
             options = merged(CANDIDATES[settings.base] if settings.base else {}, CANDIDATES[name])
             config = load_config(**options)
             run_settings = Settings(steps=settings.steps, batch_size=config.batch_size, generator_lr=config.generator_lr,
-                                    validate_every=settings.validate_every, extra={})
+                                    validate_every=settings.validate_every, extra={},
+                                    early_stop=False)  # candidates are compared at one fixed budget
             started = time.perf_counter()
             row, points = train_student(label, options, seed, out, run_settings, curve, final, log)
             row = {"candidate": label, "options": json.dumps(options), "seed": seed,

@@ -20,8 +20,9 @@ from wadi_analysis.report.html import CSS, esc, png_data_uri
 METRICS = [("frechet_distance", "FD ↓"), ("kid", "KID ↓"), ("precision", "precision ↑"), ("recall", "recall ↑"),
            ("prompt_accuracy", "prompt acc. ↑")]
 CAPTIONS = {
-    "convergence": "One-step Fréchet distance over training iterations (mean over seeds; convergence points "
-                   "use fewer samples than the final scores, so their floor is higher).",
+    "convergence": "One-step Fréchet distance over training iterations (mean over the seeds still training: "
+                   "a seed stops once its curve has flattened; convergence points use fewer samples than the "
+                   "final scores, so their floor is higher).",
     "fig1a": "Fig 1a at small scale: mean per-row direction change (1 − cos) against mean relative norm change, "
              "all layers, teacher vs each student.",
     "fig1b": "Fig 1b at small scale: share of the weight-change energy in the top 30 % of its rank, mean over layers.",
@@ -61,7 +62,8 @@ def interval_sections(out: Path) -> str:
     html = (f"<h2>Final FD over seeds: mean and percentile-bootstrap 95 % interval</h2>{_table(intervals)}"
             f"<h2>Orderings (stated only where the intervals separate)</h2>{_table(pairs)}")
     if (out / "convergence.csv").is_file():
-        html += f"<h2>Convergence (validation FD curve flattened)</h2>{_table(pd.read_csv(out / 'convergence.csv'))}"
+        html += ("<h2>Convergence (validation FD curve flattened; training stopped there, else ran to the step cap)"
+                 f"</h2>{_table(pd.read_csv(out / 'convergence.csv'))}")
     return html
 
 

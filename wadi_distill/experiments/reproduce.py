@@ -2,8 +2,10 @@
 
 1. Teacher quality at 1, 4 and 25 DDIM steps, and the teacher used as a one-step generator.
 2. VSD students at equal trainable budget (~9 % of the U-Net): LoRaD with the published placement,
-   LoRaD with the analysis-derived plan, LoRA and DoRA (peft), full fine-tuning; metrics every
-   ``validate_every`` steps (convergence) and at the end, over ``seeds``.
+   LoRaD with the analysis-derived plan, LoRA, DoRA and DoRA with frozen magnitude (peft), full
+   fine-tuning; metrics every ``validate_every`` steps (convergence) and at the end, over ``seeds``.
+   Each (arm, seed) trains until its validation curve has flattened (:func:`curve_flattened`), at most
+   ``steps`` iterations; with ``jobs`` > 1 the (arm, seed) runs go to that many worker processes.
 3. ``wadi_analysis.compare`` of the teacher with each student: norm vs direction change (Fig 1a),
    direction/norm ratios, residual energy at 30 % rank (Fig 1b).
 4. Swaps (Fig 1c) for every student family and seed: the student with the teacher's norms, and with the
@@ -16,10 +18,16 @@ Every number is measured by this code; nothing is tuned towards the paper's valu
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from wadi_analysis.errors import UserError
 
 from .. import embedded
 from ..evaluation.benchmark import Benchmark
@@ -43,6 +51,7 @@ class Settings:
     guidance: float = 1.5
     flat_window: int = 3              # convergence: relative FD improvement over the last K points ...
     flat_threshold: float = 0.02      # ... below this (wadi_distill.evaluation.intervals.flattened_at)
+    early_stop: bool = True           # an arm stops once its curve has flattened; ``steps`` is the cap
     swap_students: tuple[str, ...] | None = None  # Fig 1c for these arms; None: every student family
     extra: dict = field(default_factory=dict)
 
@@ -59,6 +68,7 @@ def student_overrides(settings: Settings) -> dict[str, dict]:
         "lorad-published": {"adapter": "lorad", **generator},
         "lora": {"adapter": "lora", **generator},     # peft ranks chosen for the same parameter count
         "dora": {"adapter": "dora", **generator},
+        "dora-frozen": {"adapter": "dora-frozen", **generator},  # DoRA with frozen magnitude (the paper's extra arm)
     }
     for rank in settings.ranks:
         if rank != settings.published_rank:
@@ -68,9 +78,22 @@ def student_overrides(settings: Settings) -> dict[str, dict]:
     return students
 
 
+CURVE_METRIC = "frechet_distance"  # the validation curve that convergence and early stopping read
+
+
+def curve_flattened(values, settings: Settings) -> int | None:
+    """The evaluation index where a validation curve has flattened (:func:`flattened_at` with the
+    settings' window and threshold), or None: the one criterion of convergence.csv and early stopping."""
+    return flattened_at(values, settings.flat_window, settings.flat_threshold)
+
+
 def train_student(name: str, overrides: dict, seed: int, out: Path, settings: Settings, curve: Benchmark,
             final: Benchmark, log) -> tuple[dict, list[dict]]:
-    """One student: train with convergence points, export, score. Returns (final row, curve rows)."""
+    """One student: train with convergence points, export, score. Returns (final row, curve rows).
+
+    With ``settings.early_stop`` training ends at the first validation point where the curve has
+    flattened (:func:`curve_flattened`), else at ``settings.steps``; the row's ``trained_steps`` and
+    ``stopped_early`` say which."""
     from ..config import load_config
     from ..export import export_run
     from ..training.loop import train
@@ -84,18 +107,38 @@ def train_student(name: str, overrides: dict, seed: int, out: Path, settings: Se
     config = load_config(**options)
     points = []
 
-    def record(step, teacher, model, vsd):
-        scores = curve.evaluate_model(teacher, model, vsd)["scores"]
+    def record(step, teacher, model, vsd) -> bool:
+        with _on_cpu(model):  # the benchmark samples on the CPU, where the teacher's text encoder and VAE are
+            scores = curve.evaluate_model(teacher, model, vsd)["scores"]
         points.append({"student": name, "seed": seed, "step": step, **scores})
+        return settings.early_stop and curve_flattened([p[CURVE_METRIC] for p in points], settings) is not None
 
     started = time.perf_counter()
-    summary = train(config, on_validate=record)
+    summary = train(config, on_validate=record)  # record returning True stops the run there
     seconds = time.perf_counter() - started
     export_run(run_dir, run_dir / "export", ema=config.ema_decay is not None)  # an EMA run is its average
     scores = final.evaluate_model(*load_sampler(run_dir / "export"))["scores"]
-    log(f"{name} seed {seed}: FD {scores['frechet_distance']:.3f}, {seconds:.0f} s")
+    stopped = summary["steps"] < config.steps
+    log(f"{name} seed {seed}: FD {scores['frechet_distance']:.3f}, {summary['steps']} steps"
+        f"{' (curve flattened)' if stopped else ''}, {seconds:.0f} s")
     return ({"experiment": "students", "model": name, "seed": seed, "trainable": summary["trainable"]["generator"],
-             "train_seconds": round(seconds, 1), **scores}, points)
+             "trained_steps": summary["steps"], "stopped_early": stopped, "train_seconds": round(seconds, 1),
+             **scores}, points)
+
+
+@contextmanager
+def _on_cpu(model):
+    """Within: ``model`` on the CPU (a no-op for a model already there); after: back on its device (the
+    parameters stay the same objects, so the optimisers keep them)."""
+    device = next(model.parameters()).device
+    if device.type == "cpu":
+        yield model
+        return
+    model.to("cpu")
+    try:
+        yield model
+    finally:
+        model.to(device)
 
 
 def arm_intervals(results, metric: str = "frechet_distance") -> list[dict]:
@@ -106,14 +149,21 @@ def arm_intervals(results, metric: str = "frechet_distance") -> list[dict]:
             for (experiment, name), group in arms.groupby(["experiment", "model"], sort=False)]
 
 
-def convergence_rows(curves, settings: Settings, metric: str = "frechet_distance") -> list[dict]:
-    """Per arm and seed: whether the validation curve flattened (``flattened_at``) and at which step."""
+def convergence_rows(curves, settings: Settings, trained_steps: dict | None = None) -> list[dict]:
+    """Per arm and seed: whether the validation curve flattened (:func:`curve_flattened`) and at which
+    step, and — from ``trained_steps`` {(arm, seed): steps trained} — whether training stopped there
+    early (``stopped_step``) or ran to the cap ``settings.steps``."""
     rows = []
+    trained_steps = trained_steps or {}
     for (name, seed), group in curves.groupby(["student", "seed"], sort=False):
         group = group.sort_values("step")
-        index = flattened_at(group[metric].tolist(), settings.flat_window, settings.flat_threshold)
+        index = curve_flattened(group[CURVE_METRIC].tolist(), settings)
+        trained = trained_steps.get((name, seed))
+        stopped = trained is not None and trained < settings.steps
         rows.append({"model": name, "seed": seed, "converged": index is not None,
                      "converged_step": None if index is None else int(group["step"].iloc[index]),
+                     "stopped_early": stopped, "stopped_step": trained if stopped else None,
+                     "trained_steps": trained, "step_cap": settings.steps,
                      "window": settings.flat_window, "threshold": settings.flat_threshold})
     return rows
 
@@ -177,20 +227,42 @@ def plan_student(out: Path, budget: int) -> dict:
     return {"adapter": "lorad", "plan": str(plan)}
 
 
-def reproduce(out: str | Path, settings: Settings | None = None, log=print, overwrite: bool = False) -> Path:
+DEVICES = ("cpu", "cuda")
+
+
+def check_execution(jobs: int, device: str) -> None:
+    """``jobs`` an integer >= 1 and ``device`` one of :data:`DEVICES`, cuda only where torch sees a GPU."""
+    import torch
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise UserError(f"--jobs must be an integer >= 1 (got {jobs!r})")
+    if device not in DEVICES:
+        raise UserError(f"--device must be one of {', '.join(DEVICES)} (got {device!r})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                        "use --device cpu")
+
+
+def reproduce(out: str | Path, settings: Settings | None = None, log=print, overwrite: bool = False,
+              jobs: int = 1, device: str = "cpu") -> Path:
     """Run every experiment; write CSVs, the figures and report.html/report.pdf into ``out`` (a new folder,
-    one an earlier reproduction wrote, or with ``overwrite`` any). A failed call removes what it added to ``out``."""
+    one an earlier reproduction wrote, or with ``overwrite`` any). A failed call removes what it added to ``out``.
+
+    The students train in ``jobs`` worker processes (:func:`train_students`) on ``device``: ``cpu``
+    (each worker with an equal share of the cores as torch threads, no GPU visible) or ``cuda`` (all
+    on the one GPU); a student's results do not depend on ``jobs``."""
     from wadi_analysis.outputs import check_output
 
     from ..runs import RunFolder
 
     settings = settings or Settings()
+    check_execution(jobs, device)
     out = check_output(out, [embedded.teacher_path()], folder=True, replace=True, overwrite=overwrite,
                        ours=_is_reproduction)
     folder = RunFolder(out)  # only for its undo of a failed call: remove what this call added
     before = folder.entries()
     try:
-        return _reproduce(out, settings, log)
+        return _reproduce(out, settings, log, jobs, device)
     except BaseException:
         folder.remove_new_entries(before)
         raise
@@ -204,7 +276,89 @@ def _is_reproduction(folder: Path) -> bool:
     return any((folder / name).exists() for name in REPRODUCTION_FILES)
 
 
-def _reproduce(out: Path, settings: Settings, log) -> Path:
+def worker_threads(jobs: int) -> int:
+    """Torch threads of each of ``jobs`` workers: this process's torch threads (the cores, unless
+    ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` said fewer) shared evenly, at least one."""
+    import torch
+
+    return max(1, torch.get_num_threads() // jobs)
+
+
+def _init_worker(device: str, threads: int) -> None:
+    """A worker process's setup, before it touches torch's devices: no GPU visible for ``cpu`` (accelerate
+    trains on any GPU it sees), and ``threads`` torch threads."""
+    import torch
+
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    torch.set_num_threads(threads)
+
+
+_BENCHMARKS: dict[int, Benchmark] = {}  # per worker process: the benchmark of each sample count, made once
+
+
+def _benchmark(per_class: int) -> Benchmark:
+    if per_class not in _BENCHMARKS:
+        _BENCHMARKS[per_class] = Benchmark(per_class=per_class)
+    return _BENCHMARKS[per_class]
+
+
+def student_task(name: str, overrides: dict, seed: int, out: Path, settings: Settings):
+    """One (arm, seed) in a worker process: :func:`train_student` with the worker's benchmarks; returns
+    (final row, curve rows, log lines)."""
+    lines: list[str] = []
+    row, points = train_student(name, overrides, seed, out, settings, _benchmark(settings.curve_per_class),
+                                _benchmark(settings.final_per_class), lines.append)
+    return row, points, lines
+
+
+def train_students(out: Path, settings: Settings, log, jobs: int = 1, device: str = "cpu"):
+    """Experiments 2, 3 and 5: every (arm, seed) trained in a pool of ``jobs`` spawned worker processes
+    (:func:`_init_worker`), each arm compared with the teacher (:func:`analyse`). The plan arm starts once
+    the full student's seed-0 comparison and the published placement's budget exist. Returns (rows, curve
+    rows, analysis rows) in arm order — full, lorad-published, lorad-plan, then the rest — and seed order,
+    whatever order the runs finish in."""
+    from multiprocessing import get_context
+
+    students = student_overrides(settings)
+    order = ["full", "lorad-published", "lorad-plan"] + [n for n in students if n not in ("full", "lorad-published")]
+    done, analysis = {}, {}
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker,
+                               initargs=(device, worker_threads(jobs)))
+    try:
+        pending = {pool.submit(student_task, name, students[name], seed, out, settings): (name, seed)
+                   for name in order if name in students for seed in settings.seeds}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                key = pending.pop(future)
+                row, points, lines = future.result()
+                done[key] = (row, points)
+                for line in lines:
+                    log(line)
+            published = [row for (name, _), (row, _) in done.items() if name == "lorad-published"]
+            if "lorad-plan" not in students and ("full", settings.seeds[0]) in done and published:
+                analysis["full"] = analyse("full", out)
+                students["lorad-plan"] = plan_student(out, published[0]["trainable"])  # the same budget
+                pending.update({pool.submit(student_task, "lorad-plan", students["lorad-plan"], seed, out,
+                                            settings): ("lorad-plan", seed) for seed in settings.seeds})
+    except BrokenProcessPool:
+        raise UserError(f"a reproduce worker process died (killed, or out of memory?) with --jobs {jobs}; "
+                        "try fewer --jobs") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    rows, curves = [], []
+    for name in order:
+        for seed in settings.seeds:
+            row, points = done[(name, seed)]
+            rows.append(row)
+            curves += points
+        if name not in analysis:
+            analysis[name] = analyse(name, out)
+    return rows, curves, [analysis[name] for name in order]
+
+
+def _reproduce(out: Path, settings: Settings, log, jobs: int = 1, device: str = "cpu") -> Path:
     import pandas as pd
 
     from .report import write_reproduction_report
@@ -212,24 +366,10 @@ def _reproduce(out: Path, settings: Settings, log) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     curve, final = Benchmark(per_class=settings.curve_per_class), Benchmark(per_class=settings.final_per_class)
-    rows, curves, analysis = teacher_rows(settings, final), [], []
+    rows = teacher_rows(settings, final)
     log(f"teacher evaluated ({time.perf_counter() - started:.0f} s)")
-    students = student_overrides(settings)
-    order = ["full", "lorad-published"] + [n for n in students if n not in ("full", "lorad-published")]
-    for name in order:
-        for seed in settings.seeds:
-            row, points = train_student(name, students[name], seed, out, settings, curve, final, log)
-            rows.append(row)
-            curves += points
-        analysis.append(analyse(name, out))
-        if name == "lorad-published":  # the plan student gets the published placement's budget
-            budget = next(r["trainable"] for r in rows if r["model"] == "lorad-published")
-            plan = plan_student(out, budget)
-            for seed in settings.seeds:
-                row, points = train_student("lorad-plan", plan, seed, out, settings, curve, final, log)
-                rows.append(row)
-                curves += points
-            analysis.append(analyse("lorad-plan", out))
+    student_rows, curves, analysis = train_students(out, settings, log, jobs, device)
+    rows += student_rows
     trained = list(dict.fromkeys(r["model"] for r in rows if r["experiment"] == "students"))
     rows += swap_rows(out, final, settings.swap_students or trained, settings.seeds)
     real = {"experiment": "real", "model": "real vs real (floor)", "seed": 0, **final.real_vs_real}
@@ -238,9 +378,10 @@ def _reproduce(out: Path, settings: Settings, log) -> Path:
     curves = pd.DataFrame(curves)
     curves.to_csv(out / "curves.csv", index=False)
     pd.DataFrame(arm_intervals(results)).to_csv(out / "intervals.csv", index=False)
-    pd.DataFrame(convergence_rows(curves, settings)).to_csv(out / "convergence.csv", index=False)
+    steps = {(r["model"], r["seed"]): r["trained_steps"] for r in student_rows}
+    pd.DataFrame(convergence_rows(curves, settings, steps)).to_csv(out / "convergence.csv", index=False)
     pd.DataFrame(analysis).to_csv(out / "analysis.csv", index=False)
-    info = {"settings": asdict(settings), "seconds": round(time.perf_counter() - started),
+    info = {"settings": asdict(settings), "jobs": jobs, "device": device, "seconds": round(time.perf_counter() - started),
             "curve_real_vs_real": curve.real_vs_real}
     (out / "settings.json").write_text(json.dumps(info, indent=2) + "\n")
     write_reproduction_report(out)

@@ -23,6 +23,7 @@ from ..distill import FAKE, GENERATOR, Roles, TrainingError, attach_roles, fake_
 from ..runs import RunFolder
 from ..sampling import decode, image_grid
 from ..teacher import Teacher, load_teacher
+from .. import regression
 from . import sharding
 from .checkpoint import CheckpointIO, resolve_resume
 from .ema import AdapterEMA
@@ -37,7 +38,8 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     """Distil ``config.teacher`` into a one-step generator; returns a summary of the run.
 
     ``on_validate(step, teacher, generator_model, vsd_config)``, if given, is called on the main process
-    after each validation grid (every ``validate_every`` steps and at the end), e.g. to record metrics.
+    after each validation grid (every ``validate_every`` steps and at the end), e.g. to record metrics;
+    when it returns True the run stops early at that step (checkpoint and generator saved as at the end).
     """
     # Set up processes; refuse what cannot run before anything is written.
     accelerator = _accelerator(config)
@@ -76,6 +78,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
         step = checkpoints.load(checkpoint)
     all_prompts, null_prompt = all_prompts.to(accelerator.device), null_prompt.to(accelerator.device)
     separate_generator = roles.generator if roles.separate_generator else None
+    pairs = _regression_pairs(teacher, all_prompts, null_prompt, config, accelerator, notices if is_main else [])
     skips = _Skips(config.max_nonfinite_in_a_row)
     metric_rows(run.metrics_file)  # a damaged metrics.csv is refused before config.json is rewritten
     fresh, before = is_main and step == 0, run.entries()  # a fresh run: what a failure must not remove
@@ -97,6 +100,10 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
                 with accelerator.autocast():
                     loss, x0 = generator_step(teacher, roles.base, conditioning, null_prompt, config.vsd, rng,
                                               separate_generator)
+                    if pairs is not None:  # DMD's regression term beside VSD
+                        loss = loss + config.regression_weight * regression.regression_batch_loss(
+                            teacher, separate_generator or roles.base, pairs, all_prompts, config.batch_size,
+                            config.vsd, rng)
                 outcome = _update(loss, optimizers[GENERATOR], roles.parameters(GENERATOR), accelerator, config.grad_clip,
                                   scalers[GENERATOR])
                 if outcome == STEPPED and ema is not None:
@@ -114,14 +121,22 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
                 step += 1
                 log.step_done(step, loss.item(), fake_losses, skips.total, roles)
 
-                # Save checkpoint; validate.
+                # Save checkpoint; validate. on_validate returning True ends the run here (every process
+                # together), with a checkpoint and the generator saved as at the last step.
                 last = step == config.steps
+                validating, stop = step % config.validate_every == 0 or last, False
                 if step % config.checkpoint_every == 0 or last:
                     checkpoints.save(step)
-                if (is_main or fsdp) and (step % config.validate_every == 0 or last):
+                if (is_main or fsdp) and validating:
                     save_validation_grid(teacher, roles.generator, validation, config, run.grid(step) if is_main else None)
                     if on_validate is not None:
-                        on_validate(step, teacher, roles.generator, config.vsd)
+                        stop = on_validate(step, teacher, roles.generator, config.vsd) is True
+                if validating and on_validate is not None and accelerator.num_processes > 1:
+                    stop = accelerator.reduce(torch.tensor(float(stop), device=accelerator.device), "max").item() > 0
+                if stop and not last:
+                    if step % config.checkpoint_every:
+                        checkpoints.save(step)
+                    break
 
             # Save the generator where export and sample find it.
             with sharding.full_weights(roles.base):  # FSDP: the adapter file fingerprints the whole base
@@ -138,6 +153,20 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
         if fresh and not run.checkpoints():
             run.remove_new_entries(before)  # a run that failed before its first checkpoint leaves nothing
         raise
+
+
+def _regression_pairs(teacher: Teacher, prompts, null, config: RunConfig, accelerator, notices: list[str]):
+    """This process's share of the regression pairs (:mod:`wadi_distill.regression`), or None when the
+    term is off. Made by the teacher alone (DDIM runs with no adapter active) from their own seed, so a
+    resumed run makes the same pairs again."""
+    if not config.regression_weight:
+        return None
+    count = regression.share(config.regression_pairs, accelerator.num_processes)
+    notices.append(f"regression pairs: {count} teacher samples of {config.regression_teacher_steps} DDIM steps "
+                   f"per process (guidance {config.vsd.guidance_real})")
+    return regression.teacher_pairs(teacher, prompts, null, count, config.regression_teacher_steps,
+                                    config.vsd.guidance_real, config.seed + 7919 + accelerator.process_index,
+                                    accelerator.device).to(accelerator.device)
 
 
 def _warm_up(optimizers: dict, step: int, config: RunConfig) -> None:
@@ -255,7 +284,8 @@ def save_validation_grid(teacher: Teacher, generator_model, conditioning, config
     (``path`` None: computed, not written; FSDP's other processes, whose shards the forward needs)."""
     rng = torch.Generator().manual_seed(config.validation_seed)
     shape = (len(conditioning), teacher.latent_channels, teacher.sample_size, teacher.sample_size)
-    latents = one_step(teacher, generator_model, torch.randn(shape, generator=rng), conditioning, config.vsd)
+    noise = torch.randn(shape, generator=rng).to(conditioning.hidden_states.device)  # CPU draws: same on any device
+    latents = one_step(teacher, generator_model, noise, conditioning, config.vsd)
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -27,14 +27,14 @@ def encoder_fingerprint(teacher: Teacher) -> str:
     """Hash of the text encoders' weights and the tokenizers' vocabularies."""
     digest = hashlib.sha256()
     pipe = teacher.pipeline
-    for name in ("text_encoder", "text_encoder_2"):
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # SD3: CLIP-L, CLIP-G, T5
         encoder = getattr(pipe, name, None)
         if encoder is not None:
             for key, tensor in sorted(encoder.state_dict().items()):
                 flat = tensor.detach().reshape(-1).double()
                 digest.update(f"{name}.{key}|{tuple(tensor.shape)}|{flat.sum().item():.12e}|"
                               f"{flat.square().sum().item():.12e}".encode())
-    for name in ("tokenizer", "tokenizer_2"):
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tokenizer = getattr(pipe, name, None)
         if tokenizer is not None:
             digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())

@@ -50,6 +50,8 @@ def unsupported(plugin, config, on_validate) -> str | None:
                 "use fsdp_version: 2 in the accelerate config (--fsdp_version 2)")
     if config.adapter == "full":
         return "FSDP shards the frozen base of adapter runs; --adapter full is not supported with FSDP"
+    if config.regression_weight:
+        return "the regression term (regression_weight) is not supported with FSDP yet"
     if on_validate is not None:
         return "FSDP runs validation on every process; an on_validate callback is not supported with FSDP"
     if getattr(plugin, "activation_checkpointing", False):
