@@ -78,9 +78,10 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
         step = checkpoints.load(checkpoint)
     all_prompts, null_prompt = all_prompts.to(accelerator.device), null_prompt.to(accelerator.device)
     separate_generator = roles.generator if roles.separate_generator else None
-    pairs = _regression_pairs(teacher, all_prompts, null_prompt, config, accelerator, notices if is_main else [])
     skips = _Skips(config.max_nonfinite_in_a_row)
     metric_rows(run.metrics_file)  # a damaged metrics.csv is refused before config.json is rewritten
+    # after every refusal: making the pairs takes minutes on a large teacher
+    pairs = _regression_pairs(teacher, all_prompts, null_prompt, config, accelerator, notices if is_main else [])
     fresh, before = is_main and step == 0, run.entries()  # a fresh run: what a failure must not remove
     if is_main:
         run.path.mkdir(parents=True, exist_ok=True)
@@ -102,7 +103,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
                                               separate_generator)
                     if pairs is not None:  # DMD's regression term beside VSD
                         loss = loss + config.regression_weight * regression.regression_batch_loss(
-                            teacher, separate_generator or roles.base, pairs, all_prompts, config.batch_size,
+                            teacher, roles.generator, pairs, all_prompts, config.batch_size,
                             config.vsd, rng)
                 outcome = _update(loss, optimizers[GENERATOR], roles.parameters(GENERATOR), accelerator, config.grad_clip,
                                   scalers[GENERATOR])
