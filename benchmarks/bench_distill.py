@@ -16,6 +16,9 @@ Variants, each run in a fresh subprocess:
   weight from scratch with that version's rotation, copied into this file (fresh theta, cos, sin and
   W', theta saved for backward, the fake score's weights built twice per iteration) -- the comparison
   for the fused, recycled and reused rotation (``LoRaDParametrization.forward`` patched in that process).
+* ``shared-compiled`` (not in the default set): ``shared`` with the CPU rotation compiled by torch.compile
+  (``wadi_distill.lorad.rotation.set_rotation_kernel("compiled")`` in that process; its compile time is in
+  the first iteration, ``1st iter s``); the table's footer says whether it ran compiled or fell back.
 
 Configurations: ``tiny`` (``tiny_sd15_config()``, latents 16x16, batch 2, ranks 16 / 4) and ``sd15``
 (``real_config("sd15_unet")`` fp32, latents 8x8, batch 1, ranks 256 / 32 as published).
@@ -34,6 +37,7 @@ parameters and buffers of all model copies, adapters included). Target from the 
 memory <= 0.5x the three-copy layout.
 
 Run:  python benchmarks/bench_distill.py [--quick] [--configs tiny,sd15] [--rounds N] [--variants rebuild,shared,lora]
+      python benchmarks/bench_distill.py --variants shared,shared-compiled,lora   (eager vs compiled rotation)
       [--threads N] [--wait-s S] [--profile]   (--profile: the top operators of one iteration per variant,
       torch.profiler, self CPU time)
 On 2 cores any other busy process distorts every figure: the load average is printed with the table
@@ -71,6 +75,9 @@ import sys
 import time
 
 VARIANTS = ("rebuild", "shared", "published", "lora")
+# Not in the default set: ``shared`` with the CPU rotation compiled (``set_rotation_kernel("compiled")``
+# in that process; issue 16's torch.compile path, its compile time in the first iteration).
+EXTRA_VARIANTS = ("shared-compiled",)
 CONFIGS = {  # name: (latent size, batch, generator rank, fake rank)
     "tiny": (16, 2, 16, 4),
     "sd15": (8, 1, 256, 32),
@@ -119,10 +126,15 @@ def build(variant: str, config: str, device: str = "cpu", dtype_name: str = "fp3
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_lorad import attach_hook_style, patch_rebuild_every_use
 
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS)}")
+    if variant not in VARIANTS + EXTRA_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; one of {', '.join(VARIANTS + EXTRA_VARIANTS)}")
     if variant == "rebuild":
         patch_rebuild_every_use()  # this process only
+    if variant == "shared-compiled":
+        from wadi_distill.lorad.rotation import set_rotation_kernel
+
+        set_rotation_kernel("compiled")  # this process only
+        variant = "shared"
     device = torch.device(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     latent, batch, gen_rank, fake_rank = sizes or CONFIGS[config]
@@ -289,6 +301,9 @@ def child(args) -> dict:
             "gen_params": sum(p.numel() for p in gen_params), "fake_params": sum(p.numel() for p in fake_params)}
     if args.profile:
         result["profile"] = top_operators(built["iteration"])
+    from wadi_distill.lorad.rotation import rotation_kernel_status
+
+    result["rotation"] = rotation_kernel_status()  # what ran: compiled, or eager and why
     return result
 
 
@@ -468,7 +483,8 @@ def main() -> None:
     gpu.add_argument("--tiny", action="store_true", help="--gpu: the tiny U-Net (a quick check of the code path)")
     gpu.add_argument("--batch", type=int, default=4)
     gpu.add_argument("--latent", type=int, default=64)
-    parser.add_argument("--variants", default=None, help=f"default {','.join(VARIANTS)}; --gpu: {','.join(GPU_VARIANTS)}")
+    parser.add_argument("--variants", default=None, help=f"default {','.join(VARIANTS)} (also: "
+                        f"{','.join(EXTRA_VARIANTS)}); --gpu: {','.join(GPU_VARIANTS)}")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3, --quick 1; sd15: 1)")
     parser.add_argument("--profile", action="store_true", help="top operators of one iteration per variant")
     parser.add_argument("--wait-s", type=float, default=300, help="wait up to this long for a load average < 1.5")
@@ -536,6 +552,11 @@ def cpu_main(args) -> None:
             shared, published = runs["shared"][0], runs["published"][0]
             print(f"  weight memory shared / three-copy = {shared['weight_mb'] / published['weight_mb']:.2f} (target "
                   f"<= 0.5); peak RSS shared / three-copy = {shared['peak_mb'] / published['peak_mb']:.2f}")
+        for v, results in runs.items():
+            status = results[0].get("rotation", {})
+            if status.get("selected") == "compiled":
+                print(f"  {v}: rotation kernel {status['cpu']}"
+                      + (f" (fell back: {status['fallback_reason']})" if status.get("fallback_reason") else ""))
         for v, results in runs.items() if args.profile else ():
             print(f"\nProfile of one {config} iteration, {v} (self CPU time):\n{results[-1]['profile']}")
     print(f"load average at end {os.getloadavg()[0]:.2f}")

@@ -17,7 +17,8 @@ What is measured (CPU, float32, ``torch.set_num_threads(2)`` unless ``--threads`
    ``dora`` (peft, LoRA's ranks), ``full`` (fine-tune the target modules' weights and biases) and
    ``hook`` (the published WaDi code's style, written here as the baseline: a forward hook on each
    target Linear recomputes the output with ``rotate_rows(weight, A @ B)`` after the base Linear
-   already ran -- two matmuls per layer). Every variant runs in a fresh subprocess, and the variants
+   already ran -- two matmuls per layer); ``lorad-compiled`` (not in the default set: ``lorad`` with the
+   rotation compiled by torch.compile, ``set_rotation_kernel("compiled")``). Every variant runs in a fresh subprocess, and the variants
    run interleaved for ``--rounds`` rounds; the figure is the best round's median ms/step over the timed
    steps after warm-up (a round hit by another process's load is discarded), the same for the process
    CPU time per step (``time.process_time``, less disturbed by other processes), and the peak RSS growth
@@ -41,6 +42,10 @@ checks the code path here.
 
 Run:  python benchmarks/bench_lorad.py [--quick] [--threads N] [--cases unet,block] [--variants lora,lorad,rebuild] [--profile]
       python benchmarks/bench_lorad.py --gpu [--json PATH]
+      python benchmarks/bench_lorad.py --products [--cases unet]
+``--products`` only measures whether grouping the theta = A @ B products of same-shape layers (one
+``torch.bmm`` per group instead of one ``torch.mm`` per layer) could pay: the step's time, its products'
+time one by one and grouped, in one process (``products_child``).
 ``--profile`` adds the top ops (torch.profiler, self CPU time) of one training step per case, LoRaD vs LoRA.
 On 2 cores, any other busy process makes every figure several times slower: check ``uptime`` first.
 """
@@ -57,6 +62,7 @@ import sys
 import time
 
 VARIANTS = ("lora", "lorad", "rebuild", "hook", "dora", "full")
+EXTRA_VARIANTS = ("lorad-compiled",)  # lorad with set_rotation_kernel("compiled") in its process; not by default
 
 
 # ----------------------------------------------------------------------------- models
@@ -195,6 +201,11 @@ def prepare(case: str, method: str, args, device=None, dtype=None):
     if method == "rebuild":  # LoRaD before issue 16, in this process (every variant has its own)
         patch_rebuild_every_use()
         method = "lorad"
+    if method == "lorad-compiled":  # the torch.compile rotation (wadi_distill.lorad.compiled), this process
+        from wadi_distill.lorad.rotation import set_rotation_kernel
+
+        set_rotation_kernel("compiled")
+        method = "lorad"
     if method == "hook":
         count = attach_hook_style(model, targets)
     else:
@@ -294,6 +305,66 @@ def profile_child(args) -> dict:
                 optimizer.zero_grad(set_to_none=True)
         tables[method] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
     return tables
+
+
+def products_child(args) -> dict:
+    """Do the theta = A @ B products pay for their launches (issue 16's grouped products)? One LoRaD
+    training step of ``args.case`` timed (median), then, in the same process, the products that step
+    runs -- per adapted layer theta = A @ B (forward), dL/dA = dtheta @ B^T and dL/dB = A^T @ dtheta
+    (backward) -- timed as they run now (one ``torch.mm`` each) and grouped (layers of the same
+    (out, rank, pairs) as one ``torch.bmm`` each over factors already stacked: grouping's best case,
+    the stacking not counted)."""
+    import torch
+    from wadi_distill.lorad.model import lorad_modules
+
+    model, inputs, forward, _, _ = prepare(args.case, "lorad", args)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        forward(model, inputs).float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    factors = [(p.adapters[p.active].A.detach(), p.adapters[p.active].B.detach())
+               for _, _, p in lorad_modules(model) if p.active is not None]
+    groups: dict[tuple, list] = {}
+    for a, b in factors:
+        groups.setdefault((a.shape[0], a.shape[1], b.shape[1]), []).append((a, b))
+    stacked = [(torch.stack([a for a, _ in g]), torch.stack([b for _, b in g]), torch.randn(len(g), k[0], k[2]))
+               for k, g in groups.items()]
+    grads = [torch.randn(a.shape[0], b.shape[1]) for a, b in factors]
+
+    def per_layer():
+        for (a, b), g in zip(factors, grads):
+            torch.mm(a, b), torch.mm(g, b.t()), torch.mm(a.t(), g)
+
+    def grouped():
+        for a, b, g in stacked:
+            torch.bmm(a, b), torch.bmm(g, b.transpose(1, 2)), torch.bmm(a.transpose(1, 2), g)
+
+    def median_ms(fn, n):
+        fn()
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    with torch.no_grad():
+        check = max((torch.bmm(a, b)[i] - torch.mm(a[i], b[i])).abs().max().item() /
+                    torch.mm(a[i], b[i]).abs().max().clamp_min(1e-30).item()
+                    for a, b, _ in stacked for i in range(a.shape[0]))
+    rounds = {"step": [], "per_layer": [], "grouped": []}
+    for _ in range(3):  # interleaved
+        rounds["step"].append(median_ms(step, args.iters))
+        with torch.no_grad():
+            rounds["per_layer"].append(median_ms(per_layer, 5 * args.iters))
+            rounds["grouped"].append(median_ms(grouped, 5 * args.iters))
+    return {"layers": len(factors), "groups": len(groups), "products": 3 * len(factors),
+            "grouped_launches": 3 * len(groups), "bmm_vs_mm_max_rel": check,
+            **{k: min(v) for k, v in rounds.items()}}
 
 
 # ----------------------------------------------------------------------------- --gpu
@@ -422,7 +493,9 @@ def main() -> None:
     gpu.add_argument("--gpu-batches", default="2,8", help="--gpu: block batches to measure")
     parser.add_argument("--variants", default=None, help=f"of {','.join(VARIANTS)} (default: all; --gpu: lora,lorad,hook)")
     gpu.add_argument("--json", default=None, help="--gpu: write the results here")
-    parser.add_argument("--child", choices=("train", "infer", "profile"), help=argparse.SUPPRESS)
+    parser.add_argument("--products", action="store_true",
+                        help="only: share of the theta products in a step, per layer vs grouped (bmm)")
+    parser.add_argument("--child", choices=("train", "infer", "profile", "products"), help=argparse.SUPPRESS)
     parser.add_argument("--case", default="unet", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="lorad", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -440,17 +513,31 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps({"train": train_child, "infer": infer_child, "profile": profile_child}[args.child](args)))
+        children = {"train": train_child, "infer": infer_child, "profile": profile_child, "products": products_child}
+        print(json.dumps(children[args.child](args)))
         return
 
     import torch
 
     print(f"torch {torch.__version__}, {args.threads} threads, {args.warmup} warm-up + {args.iters} timed steps, "
           f"best of {args.rounds} rounds, load average {os.getloadavg()[0]:.2f}")
+    if args.products:
+        for case in args.cases.split(","):
+            r = run_child("products", args, case=case)
+            print(f"\ntheta products of one LoRaD training step, {case}: {r['layers']} adapted layers in "
+                  f"{r['groups']} same-shape groups; step {r['step']:.1f} ms; the step's {r['products']} products "
+                  f"{r['per_layer']:.2f} ms one mm each ({r['per_layer'] / r['step']:.1%} of the step), "
+                  f"{r['grouped']:.2f} ms as {r['grouped_launches']} bmm ({r['grouped'] / r['per_layer']:.2f}x); "
+                  f"bmm vs mm max rel. difference {r['bmm_vs_mm_max_rel']:.1e}; load {os.getloadavg()[0]:.2f}")
+        return
     for case in args.cases.split(","):
         rank = args.unet_rank if case == "unet" else args.block_rank
         rows = {}
         variants = [v for v in (args.variants or ",".join(VARIANTS)).split(",") if v]
+        unknown = [v for v in variants if v not in VARIANTS + EXTRA_VARIANTS]
+        if unknown:
+            print(f"error: unknown variant {unknown[0]!r}; one of {', '.join(VARIANTS + EXTRA_VARIANTS)}", file=sys.stderr)
+            sys.exit(2)
         for _ in range(args.rounds):
             for m in variants:
                 r = run_child("train", args, case=case, method=m)

@@ -1,4 +1,4 @@
-"""Original single-file SD3/SD3.5, FLUX (BFL) and PixArt checkpoints against diffusers-keyed partners.
+"""Original single-file SD3/SD3.5, FLUX (BFL), PixArt and SANA checkpoints against diffusers-keyed partners.
 
 Tiny real diffusers transformers (random weights) are written twice on disk: as a diffusers folder and,
 through the independent converters of ``tests/support/transformer_layout.py``, in the original layout
@@ -10,23 +10,29 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.support.transformer_layout import flux_to_original, pixart_to_original, sd3_to_original
+from tests.support.transformer_layout import flux_to_original, pixart_to_original, sana_to_original, sd3_to_original
 from wadi_analysis import compare, open_checkpoint
 from wadi_analysis.checkpoint import CheckpointError, TensorInfo
 from wadi_analysis.examples import real_config
-from wadi_analysis.transformer_layouts import WHOLE, original_layout_mapping, rows_of
+from wadi_analysis.transformer_layouts import HALVES, WHOLE, original_layout_mapping, rows_of
 
 
 def tiny_model(family):
-    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel
+    from diffusers import (FluxTransformer2DModel, PixArtTransformer2DModel, SanaTransformer2DModel,
+                           SD3Transformer2DModel)
 
     torch.manual_seed(0)
+    if family.startswith("sana"):  # sana-sprint: SANA-Sprint's guidance embedder and q/k RMS norms (as SANA-1.5)
+        sprint = dict(guidance_embeds=True, qk_norm="rms_norm_across_heads") if family == "sana-sprint" else {}
+        return SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                      num_layers=2, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                      cross_attention_dim=16, caption_channels=24, sample_size=8, **sprint)
     if family == "sd3":  # SD3.5-style: a dual-attention block and RMS q/k norms; the last block context_pre_only
         return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
                                      num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
                                      pooled_projection_dim=8, out_channels=4, pos_embed_max_size=8,
                                      dual_attention_layers=(0,), qk_norm="rms_norm")
-    if family == "flux":
+    if family.startswith("flux"):
         return FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2,
                                       attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                       pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
@@ -37,11 +43,12 @@ def tiny_model(family):
 
 
 TO_ORIGINAL = {"sd3": sd3_to_original, "flux": flux_to_original, "flux-comfy": flux_to_original,
-               "pixart": pixart_to_original}
+               "pixart": pixart_to_original, "sana": sana_to_original, "sana-sprint": sana_to_original}
 # The fused weight holding block 0's q rows first, and the diffusers names that fused weight feeds.
 Q_ROWS = {"sd3": ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "transformer_blocks.0.attn.to_q"),
           "flux": ("single_blocks.1.linear1.weight", "single_transformer_blocks.1.attn.to_q"),
-          "pixart": ("blocks.0.attn.qkv.weight", "transformer_blocks.0.attn1.to_q")}
+          "pixart": ("blocks.0.attn.qkv.weight", "transformer_blocks.0.attn1.to_q"),
+          "sana": ("blocks.1.attn.qkv.weight", "transformer_blocks.1.attn1.to_q")}
 
 
 def original_state(family, state):
@@ -58,7 +65,7 @@ def build_pair(family, tmp_path_factory):
     if family in _BUILT:
         return _BUILT[family]
     root = tmp_path_factory.mktemp(family)
-    model = tiny_model(family.split("-")[0])
+    model = tiny_model(family)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     original = original_state(family, state)
     if family == "sd3":  # a single file holds the text encoders and VAE too: left out, not compared
@@ -144,18 +151,27 @@ def test_sd3_tags_agree_with_diffusers_converter_on_sd3_medium():
                             "convert_sd3_transformer_checkpoint_to_diffusers")
 
 
-def check_against_converter(config, to_original, converter_name):
+def test_sana_tags_agree_with_diffusers_converter_on_sana_1600m():
+    """On the real SANA-1600M names and row counts, with the fixed sin-cos table and null caption the original
+    file also holds (the converter drops both), the mapping takes the converter's rows."""
+    check_against_converter("sana_1600m_1024px_transformer", sana_to_original,
+                            "convert_sana_transformer_to_diffusers",
+                            extra={"pos_embed": (1, 1024, 2240), "y_embedder.y_embedding": (300, 2304)})
+
+
+def check_against_converter(config, to_original, converter_name, extra=None):
     """Tag every stored row with its global index; the converter's outputs must hold exactly the rows the
-    project's mapping names."""
+    project's mapping names (``extra``: keys without a diffusers weight, by shape)."""
     from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers import FluxTransformer2DModel, SanaTransformer2DModel, SD3Transformer2DModel
     from diffusers.loaders import single_file_utils
 
-    cls = FluxTransformer2DModel if config.startswith("flux") else SD3Transformer2DModel
+    cls = next(c for prefix, c in (("flux", FluxTransformer2DModel), ("sana", SanaTransformer2DModel),
+                                   ("sd3", SD3Transformer2DModel)) if config.startswith(prefix))
     with init_empty_weights():
         model = cls.from_config(real_config(config))
     original = to_original(dict(model.state_dict()))
-    shapes = {k: tuple(v.shape) for k, v in original.items()}
+    shapes = {k: tuple(v.shape) for k, v in original.items()} | (extra or {})
     offsets, start = {}, 0
     for key, shape in shapes.items():
         offsets[key] = start
@@ -208,3 +224,33 @@ def test_swap_with_a_fused_original_student_is_a_user_error(fused_pair, tmp_path
     with pytest.raises(CheckpointError, match="fuses q, k, v"):
         swap(root / "diffusers", tmp_path / "student.safetensors", tmp_path / "hybrid.safetensors")
     assert not (tmp_path / "hybrid.safetensors").exists()
+
+
+def test_sana_keys_without_a_diffusers_weight_are_reported_unmapped(tmp_path):
+    """A SANA-Sprint file's fixed ``pos_embed``, null caption ``y_embedding`` and its training-only
+    ``logvar_linear`` have no diffusers weight: unmapped, not compared. The file is SANA's, not PixArt's,
+    though both have ``blocks.N.attn.qkv`` and ``t_block``."""
+    state = sana_to_original({k: v.detach().clone() for k, v in tiny_model("sana-sprint").state_dict().items()})
+    extra = {"pos_embed": torch.zeros(1, 16, 16), "y_embedder.y_embedding": torch.zeros(10, 24),
+             "logvar_linear.weight": torch.zeros(1, 16), "logvar_linear.bias": torch.zeros(1)}
+    save_file(state | extra, tmp_path / "sprint.safetensors")
+    with open_checkpoint(tmp_path / "sprint.safetensors") as source:
+        mapping = source.key_mapping
+        assert mapping.layout == "original sana" and sorted(mapping.unmapped) == sorted(extra)
+        assert mapping.names["time_embed.guidance_embedder.linear_2.weight"] == "cfg_embedder.mlp.2.weight"
+        assert mapping.names["transformer_blocks.1.attn2.norm_k.weight"] == "blocks.1.cross_attn.k_norm.weight"
+        assert mapping.names["transformer_blocks.0.attn2.to_v.bias"] == "blocks.0.cross_attn.kv_linear.bias"
+        assert mapping.rows["transformer_blocks.0.attn2.to_v.bias"] == (HALVES[1],)
+
+
+def test_a_change_in_sana_kv_rows_shows_up_in_to_v_alone(tmp_path_factory, tmp_path):
+    """The second half of the cross-attention's fused kv_linear is attn2.to_v (weight and bias)."""
+    _, _, original, root = build_pair("sana", tmp_path_factory)
+    changed = dict(original)
+    kv = changed["blocks.0.cross_attn.kv_linear.weight"].clone()
+    half = kv.shape[0] // 2
+    kv[half:] = torch.roll(kv[half:], 1, dims=1)
+    changed["blocks.0.cross_attn.kv_linear.weight"] = kv
+    save_file(changed, tmp_path / "student.safetensors")
+    layers = compare(root / "diffusers", tmp_path / "student.safetensors").layers.set_index("name")
+    assert layers.index[layers["direction_change_max"] > 0].tolist() == ["transformer_blocks.0.attn2.to_v.weight"]

@@ -211,3 +211,136 @@ def test_fsdp2_on_the_flux_teacher_shards_and_trains_like_ddp(flux_folder, tmp_p
 
     check_fsdp2_matches_ddp(flux_folder, tmp_path, PROMPTS, 'generator_preset = "flux-generator"\n'
                             'fake_preset = "flux-fake"\n[vsd]\nguidance_real = 1.0\nguidance_fake = 1.0\n')
+
+
+# --- the guidance input as a run setting: RunConfig flux_guidance ------------------------------------------------
+
+
+def test_flux_guidance_replaces_the_pipelines_default_guidance_input(flux_folder, pipe):
+    teacher = load_teacher(flux_folder, flux_guidance=2.0)
+    assert teacher.guidance == 2.0
+    generator = torch.Generator().manual_seed(3)
+    noisy = torch.randn(2, 16, 8, 8, generator=generator)
+    timesteps = torch.tensor([400, 800])
+    sigma = teacher.sigmas[timesteps].float()
+    conditioning = teacher.encode(PROMPTS)
+    with torch.no_grad():
+        ours = teacher.network_output(teacher.denoiser, noisy, timesteps, conditioning)
+        packed = pipe._pack_latents(noisy * vsd.flow_scale(sigma).view(2, 1, 1, 1), 2, 16, 8, 8)
+        ids = pipe._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
+
+        def velocity(guidance):
+            out = pipe.transformer(hidden_states=packed, timestep=sigma, guidance=torch.full((2,), guidance),
+                                   pooled_projections=conditioning.extra["pooled_projections"],
+                                   encoder_hidden_states=conditioning.hidden_states,
+                                   txt_ids=conditioning.extra["txt_ids"][0], img_ids=ids, return_dict=False)[0]
+            return pipe._unpack_latents(out, 16, 16, pipe.vae_scale_factor)
+
+        assert relative_difference(ours, velocity(2.0)) < 1e-5 and relative_difference(ours, velocity(3.5)) > 1e-3
+
+
+GUIDANCE_TOML = [("a-string", 'flux_guidance = "high"'), ("zero", "flux_guidance = 0"),
+                 ("negative", "flux_guidance = -1.5"), ("nan", "flux_guidance = nan"),
+                 ("a-bool", "flux_guidance = true")]
+
+
+@pytest.mark.parametrize("text", [t for _, t in GUIDANCE_TOML], ids=[i for i, _ in GUIDANCE_TOML])
+def test_run_refuses_a_bad_flux_guidance(flux_folder, tmp_path, text):
+    from tests.support.hostile import check_refused, snapshot
+    from wadi_distill.cli import app
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (tmp_path / "run.toml").write_text(f'cache_dir = "{tmp_path / "cache"}"\n{text}\n')
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(app, ["run", "--teacher", str(flux_folder), "--prompts", str(tmp_path / "prompts.txt"),
+                                      "--out", str(tmp_path / "run"), "--config", str(tmp_path / "run.toml"), "-q"])
+    check_refused(result, tmp_path, before, "flux_guidance")
+
+
+def test_run_refuses_flux_guidance_for_a_teacher_without_a_guidance_input(tmp_path):
+    """FLUX.1-schnell's layout (no guidance_embeds) takes no guidance input: one line, no run folder."""
+    from tests.support.hostile import check_refused, snapshot
+    from wadi_distill.cli import app
+
+    schnell = tiny_flux_pipeline(tmp_path / "schnell", guidance_embeds=False)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (tmp_path / "run.toml").write_text(f'cache_dir = "{tmp_path / "cache"}"\nflux_guidance = 2.0\n'
+                                       'generator_preset = "flux-generator"\nfake_preset = "flux-fake"\n')
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(app, ["run", "--teacher", str(schnell), "--prompts", str(tmp_path / "prompts.txt"),
+                                      "--out", str(tmp_path / "run"), "--config", str(tmp_path / "run.toml"), "-q"])
+    check_refused(result, tmp_path, before, "guidance_embeds")
+
+
+def test_run_option_flux_guidance_is_the_toml_key(flux_folder, tmp_path):
+    """`run --flux-guidance G` wins over the TOML's flux_guidance and is recorded in the run's config.json."""
+    import json
+
+    from wadi_distill.cli import app
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (tmp_path / "run.toml").write_text(f'cache_dir = "{tmp_path / "cache"}"\nflux_guidance = 2.0\nsteps = 1\n'
+                                       'batch_size = 2\ngenerator_rank = 2\nfake_rank = 2\n'
+                                       'generator_preset = "flux-generator"\nfake_preset = "flux-fake"\n')
+    result = CliRunner().invoke(app, ["run", "--teacher", str(flux_folder), "--prompts", str(tmp_path / "prompts.txt"),
+                                      "--out", str(tmp_path / "run"), "--config", str(tmp_path / "run.toml"),
+                                      "--flux-guidance", "4.5", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["flux_guidance"] == 4.5
+    refused = CliRunner().invoke(app, ["run", "--teacher", str(flux_folder), "--prompts", str(tmp_path / "prompts.txt"),
+                                       "--out", str(tmp_path / "run2"), "--config", str(tmp_path / "run.toml"),
+                                       "--flux-guidance", "-1", "-q"])
+    assert refused.exit_code == 2 and refused.output.startswith("error:") and "flux_guidance" in refused.output
+    assert not (tmp_path / "run2").exists()
+
+
+def test_a_run_at_its_own_flux_guidance_samples_and_exports_at_it(flux_folder, tmp_path):
+    """A run with ``flux_guidance = 2`` records it (config.json); sample of the run and of the export use it, and
+    the export's FluxPipeline reproduces them when called with ``guidance_scale=2`` (what wadi_one_step.json says),
+    not at its default 3.5."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from wadi_distill.export import export_run
+    from wadi_distill.runs import load_one_step
+
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (tmp_path / "run.toml").write_text("flux_guidance = 2\n")
+    config = load_config(tmp_path / "run.toml", teacher=str(flux_folder), prompts=str(tmp_path / "prompts.txt"),
+                         out=str(tmp_path / "run"), steps=2, batch_size=2, generator_rank=2, fake_rank=2,
+                         cache_dir=str(tmp_path / "cache"), generator_preset="flux-generator", fake_preset="flux-fake",
+                         generator_lr=1e-2, validate_every=100, vsd={"guidance_real": 1.0, "guidance_fake": 1.0})
+    assert config.flux_guidance == 2.0
+    train(config, progress=False)
+    run = tmp_path / "run"
+    assert json.loads((run / "config.json").read_text())["flux_guidance"] == 2.0
+    assert load_one_step(run).teacher.guidance == 2.0
+    export = export_run(run, tmp_path / "export")["pipeline"]
+    info = json.loads((export / "wadi_one_step.json").read_text())
+    assert info["flux_guidance"] == 2.0 and info["one_step_call"].endswith("guidance_scale=2)")
+    assert load_one_step(export).teacher.guidance == 2.0
+    pngs = sample_pngs(export, tmp_path / "samples")
+    assert np.abs(sample_pngs(run, tmp_path / "from-run") - pngs).max() <= 1
+    pipe = DiffusionPipeline.from_pretrained(export, use_safetensors=True)
+    noise = initial_noise(load_one_step(export).teacher, len(PROMPTS), seed=0)
+
+    def images(guidance):
+        out = pipe(PROMPTS, latents=pipe._pack_latents(noise, *noise.shape), num_inference_steps=1, height=16,
+                   width=16, guidance_scale=guidance, output_type="np").images
+        return (out * 255).round().astype(int)
+
+    assert np.abs(images(2.0) - pngs).max() <= 1 and np.abs(images(3.5) - pngs).max() > 1
+
+
+@pytest.mark.parametrize("recorded", ["high", -1.0, True])
+def test_a_bad_recorded_flux_guidance_is_refused_in_one_line(flux_run, tmp_path, recorded):
+    from wadi_distill.cli import app
+
+    run, _ = flux_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "flux_guidance": recorded}))
+    result = CliRunner().invoke(app, ["sample", str(copy), "-p", "x", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "flux_guidance" in result.stderr
+    assert not (tmp_path / "s").exists()

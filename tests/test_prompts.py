@@ -207,3 +207,26 @@ def test_the_embedding_cache_key_covers_sd3s_t5_encoder(tmp_path):
     with torch.no_grad():
         next(teacher.pipeline.text_encoder_3.parameters()).view(-1)[0] += 1.0
     assert encoder_fingerprint(teacher) != before
+
+
+def test_the_embedding_cache_key_covers_sanas_prompt_instruction(tmp_path, monkeypatch):
+    """SANA prepends its pipeline's default complex_human_instruction to every prompt: another default (a new
+    diffusers release) is another embedding, so another key."""
+    import inspect
+
+    from diffusers import SanaPipeline
+
+    from tests.support.pipelines import tiny_sana_pipeline
+    from wadi_distill.teacher import load_teacher
+    from wadi_distill.training.prompts import encoder_fingerprint
+
+    teacher = load_teacher(str(tiny_sana_pipeline(tmp_path / "sana")))
+    before = encoder_fingerprint(teacher)
+    original = SanaPipeline.__call__
+
+    def changed(self, *args, complex_human_instruction=["another instruction"], **kwargs):
+        return original(self, *args, complex_human_instruction=complex_human_instruction, **kwargs)
+
+    monkeypatch.setattr(SanaPipeline, "__call__", changed)
+    assert "another instruction" in str(inspect.signature(SanaPipeline.__call__))
+    assert encoder_fingerprint(teacher) != before

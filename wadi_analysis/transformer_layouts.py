@@ -2,18 +2,22 @@
 
 Original checkpoints fuse what diffusers keeps apart: SD3/SD3.5 (``model.diffusion_model.joint_blocks.N.
 x_block.attn.qkv``), FLUX (Black Forest Labs' layout: ``double_blocks.N.img_attn.qkv``, ``single_blocks.N.
-linear1`` = q, k, v and the MLP's up projection) and PixArt (``blocks.N.attn.qkv``, ``cross_attn.kv_linear``).
+linear1`` = q, k, v and the MLP's up projection), PixArt (``blocks.N.attn.qkv``, ``cross_attn.kv_linear``) and
+SANA (NVlabs' layout: the same ``blocks.N.attn.qkv`` and ``cross_attn.kv_linear``, GLUMBConv ``mlp.inverted_conv
+/depth_conv/point_conv.conv``).
 Rows of a weight are its output channels, so a fused weight is its parts stacked by rows and each diffusers
 weight is a row range of one stored tensor (or, where the original orders shift/scale the other way round,
 two ranges swapped). A :class:`RowKeyMapping` records, for each diffusers name, the stored key and its row
 ranges as *fractions* of the stored rows (q = [0, 1/3) of qkv; FLUX's q = [0, 1/7) of linear1, whose MLP
 is 4 widths), so it is built from key names alone and a tensor is read as a view of those rows, lazily.
 
-Where diffusers has a converter (SD3: ``convert_sd3_transformer_checkpoint_to_diffusers``) it is the
-source of truth: it is run on *row tags* (each key's value is a vector whose entries name the key and the
-row), and the rows each output holds say where it came from, no tensor data read. diffusers' FLUX converter
-fixes the width to FLUX.1's 3072, so FLUX's table is written out below (tests check it against the converter
-on the real FLUX.1-dev names); PixArt's converter is a script outside the package, so its table is too.
+Where diffusers has a converter (SD3: ``convert_sd3_transformer_checkpoint_to_diffusers``; SANA:
+``convert_sana_transformer_to_diffusers``) it is the source of truth: it is run on *row tags* (each key's
+value is a vector whose entries name the key and the row), and the rows each output holds say where it came
+from, no tensor data read. diffusers' FLUX converter fixes the width to FLUX.1's 3072, so FLUX's table is
+written out below (tests check it against the converter on the real FLUX.1-dev names); PixArt's converter is
+a script outside the package, so its table is too, as are the few SANA names the packaged converter lacks
+(SANA-1.5 / Sprint q/k norms, Sprint's guidance embedder, from diffusers' ``scripts/convert_sana_to_diffusers.py``).
 """
 
 from __future__ import annotations
@@ -71,21 +75,24 @@ def read_rows(source: CheckpointSource, key: str, ranges: Rows) -> torch.Tensor:
 # ----------------------------------------------------------------------------- detection
 
 def detect_layout(names: list[str]) -> str | None:
-    """``sd3``, ``flux`` or ``pixart`` when the keys are that model's original layout, else None."""
+    """``sd3``, ``flux``, ``sana`` or ``pixart`` when the keys are that model's original layout, else None
+    (SANA before PixArt: both have ``blocks.N.attn.qkv`` and ``t_block``; only SANA's MLP is GLUMBConv)."""
     stems = {k.removeprefix(ORIGINAL_PREFIX) for k in names}
     if any(k.startswith("joint_blocks.") for k in stems):
         return "sd3"
     if any(k.startswith("double_blocks.") for k in stems) and any(k.startswith("single_blocks.") for k in stems):
         return "flux"
+    if any(re.match(r"blocks\.\d+\.mlp\.inverted_conv\.conv\.weight$", k) for k in stems):
+        return "sana"
     if any(re.match(r"blocks\.\d+\.attn\.qkv\.weight$", k) for k in names) and "t_block.1.weight" in names:
         return "pixart"
     return None
 
 
 def original_layout_mapping(names: list[str]) -> RowKeyMapping:
-    """The diffusers names of an original SD3 / FLUX / PixArt checkpoint (see the module docstring)."""
+    """The diffusers names of an original SD3 / FLUX / SANA / PixArt checkpoint (see the module docstring)."""
     layout = detect_layout(names)
-    build = {"sd3": _sd3_table, "flux": _flux_table, "pixart": _pixart_table}[layout]
+    build = {"sd3": _sd3_table, "flux": _flux_table, "sana": _sana_table, "pixart": _pixart_table}[layout]
     model_keys = [k for k in names if k.startswith(ORIGINAL_PREFIX)] or [
         k for k in names if not k.startswith(("text_encoders.", "first_stage_model.", "cond_stage_model.",
                                                "conditioner.", "vae."))]
@@ -94,28 +101,33 @@ def original_layout_mapping(names: list[str]) -> RowKeyMapping:
     mapping = {new: stored[stem] for new, (stem, _) in table.items()}
     rows = {new: ranges for new, (_, ranges) in table.items() if ranges != WHOLE}
     used = set(mapping.values())
-    unmapped = [k for k in model_keys if k not in used]  # e.g. PixArt's fixed pos_embed, y_embedding
+    unmapped = [k for k in model_keys if k not in used]  # e.g. PixArt's and SANA's pos_embed, y_embedding
     left_out = used | set(unmapped)
     ignored = [k for k in names if k not in left_out]  # text encoders, VAE
     return RowKeyMapping(mapping, layout=f"original {layout}", ignored=ignored, unmapped=unmapped, rows=rows)
 
 
-# ----------------------------------------------------------------------------- SD3 / SD3.5: diffusers' converter
+# ----------------------------------------------------------------------------- diffusers' converters on row tags
 
 def _sd3_table(keys: list[str]) -> dict[str, tuple[str, Rows]]:
-    """SD3's mapping from diffusers' own converter run on row tags: key i's tag vector holds
-    i * T + r for its T rows r, so each output's tags name the key and the (fractional) rows it took."""
+    """SD3's mapping: diffusers' own converter run on row tags (:func:`_converted_rows`)."""
     from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
+    return _converted_rows(keys, convert_sd3_transformer_checkpoint_to_diffusers, "SD3 keys (joint_blocks.*)")
+
+
+def _converted_rows(keys: list[str], converter, what: str) -> dict[str, tuple[str, Rows]]:
+    """A converter's mapping from row tags: key i's tag vector holds i * T + r for its T rows r, so each
+    output's tags name the key and the (fractional) rows it took."""
     tags = {k: torch.arange(i * _TAG_ROWS, (i + 1) * _TAG_ROWS, dtype=torch.int64) for i, k in enumerate(keys)}
     diffusers_logger = logging.getLogger("diffusers")
     previous_level = diffusers_logger.level
     diffusers_logger.setLevel(logging.ERROR)
     try:
-        converted = convert_sd3_transformer_checkpoint_to_diffusers(dict(tags))
-    except Exception as exc:  # the converter assumes a complete SD3 transformer
+        converted = converter(dict(tags))
+    except Exception as exc:  # the converter assumes a complete transformer
         detail = one_line(exc)[:160] or type(exc).__name__
-        raise ValueError(f"its SD3 keys (joint_blocks.*) do not form a transformer diffusers' converter can "
+        raise ValueError(f"its {what} do not form a transformer diffusers' converter can "
                          f"map ({type(exc).__name__}: {detail})") from None
     finally:
         diffusers_logger.setLevel(previous_level)
@@ -124,7 +136,7 @@ def _sd3_table(keys: list[str]) -> dict[str, tuple[str, Rows]]:
         if not isinstance(tag, torch.Tensor) or tag.ndim != 1 or tag.numel() == 0:
             continue
         owners = {int(t) // _TAG_ROWS for t in tag}
-        if len(owners) != 1:  # not a row range of one stored tensor: never in SD3's converter
+        if len(owners) != 1:  # not a row range of one stored tensor: never in these converters
             raise ValueError(f"diffusers' converter builds {new} from several tensors")
         key = keys[owners.pop()]
         local = [int(t) % _TAG_ROWS for t in tag]
@@ -232,4 +244,43 @@ def _pixart_table(keys: list[str]) -> dict[str, tuple[str, Rows]]:
         elif inner_module in _PIXART_FUSED:
             for part, ranges in zip(*_PIXART_FUSED[inner_module]):
                 table[f"{prefix}{part}.{param}"] = (key, (ranges,))
+    return table
+
+
+# ----------------------------------------------------------------------------- SANA (NVlabs layout)
+
+# Popped by diffusers' SANA converter whether or not the model has them; given a placeholder tag when absent
+# (SANA without a y norm, a file without the fixed sin-cos table) and whatever they map to dropped.
+_SANA_OPTIONAL = ("pos_embed", "y_embedder.y_embedding", "attention_y_norm.weight")
+# Names the packaged converter does not know, as diffusers' scripts/convert_sana_to_diffusers.py maps them:
+# q/k RMS norms (SANA-1.5, SANA-Sprint; ``qk_norm``) and Sprint's guidance embedder.
+_SANA_BLOCK_EXTRA = {"attn.q_norm.weight": "attn1.norm_q.weight", "attn.k_norm.weight": "attn1.norm_k.weight",
+                     "cross_attn.q_norm.weight": "attn2.norm_q.weight",
+                     "cross_attn.k_norm.weight": "attn2.norm_k.weight"}
+_SANA_GUIDANCE = {"cfg_embedder.mlp.0": "time_embed.guidance_embedder.linear_1",
+                  "cfg_embedder.mlp.2": "time_embed.guidance_embedder.linear_2"}
+_SANA_PLAIN_TIME = "time_embed.emb.timestep_embedder."  # AdaLayerNormSingle's; with guidance_embeds (Sprint):
+_SANA_SPRINT_TIME = "time_embed.timestep_embedder."      # SanaCombinedTimestepGuidanceEmbeddings'
+
+
+def _sana_table(keys: list[str]) -> dict[str, tuple[str, Rows]]:
+    """SANA's mapping: diffusers' ``convert_sana_transformer_to_diffusers`` on row tags, plus the q/k norms and
+    Sprint's guidance embedder by table. Sprint (a ``cfg_embedder``) keeps its timestep embedder directly under
+    ``time_embed``, as the conversion script writes it. ``logvar_linear`` (Sprint's training head) has no
+    diffusers weight: unmapped."""
+    from diffusers.loaders.single_file_utils import convert_sana_transformer_to_diffusers
+
+    placeholders = [k for k in _SANA_OPTIONAL if k not in keys]
+    table = _converted_rows(keys + placeholders, convert_sana_transformer_to_diffusers, "SANA keys (blocks.*)")
+    table = {new: entry for new, entry in table.items() if entry[0] not in placeholders}
+    if any(k.startswith("cfg_embedder.") for k in keys):
+        table = {(_SANA_SPRINT_TIME + new[len(_SANA_PLAIN_TIME):] if new.startswith(_SANA_PLAIN_TIME) else new): entry
+                 for new, entry in table.items()}
+    for key in keys:
+        module, _, param = key.rpartition(".")
+        block = re.match(r"blocks\.(\d+)\.(.+)$", key)
+        if block is not None and block.group(2) in _SANA_BLOCK_EXTRA:
+            table[f"transformer_blocks.{block.group(1)}.{_SANA_BLOCK_EXTRA[block.group(2)]}"] = (key, WHOLE)
+        elif module in _SANA_GUIDANCE:
+            table[f"{_SANA_GUIDANCE[module]}.{param}"] = (key, WHOLE)
     return table

@@ -18,6 +18,7 @@ from wadi_analysis.errors import UserError
 
 from .config import ADAPTERS, EMBEDDED_DEFAULTS, PRECISIONS, RunConfig
 from .embedded.teacher_training import TeacherConfig
+from .embedded.flow_teacher_training import FlowTeacherConfig
 from .embedded.controlnet_training import ControlNetConfig
 from .embedded.vae_training import VAEConfig
 from .published import PUBLISHED_ALPHA_T
@@ -26,6 +27,7 @@ from .published import PUBLISHED_ALPHA_T
 app = App(expected=(ValueError, ImportError), help="LoRaD adapters and one-step VSD distillation (WaDi, CVPR 2026).")
 console = Console(soft_wrap=True)  # one result per line, never re-wrapped
 TEACHER = TeacherConfig()  # the defaults `wadi-distill teacher` shows: TeacherConfig owns them
+FLOW_TEACHER = FlowTeacherConfig()  # and those of `wadi-distill flow-teacher`
 VAE = VAEConfig()  # and those of `wadi-distill vae`
 CONTROLNET = ControlNetConfig()  # and those of `wadi-distill controlnet`
 RUN = RunConfig()  # the defaults of `wadi-distill run` with --teacher; without it EMBEDDED_DEFAULTS apply
@@ -77,6 +79,8 @@ def run(
         help="diffusers pipeline folder of the teacher, or an original single-file SD checkpoint.")] = None,
     teacher_config: Annotated[Optional[str], typer.Option(
         help="Single-file teacher: local diffusers pipeline folder with its configs, tokenizer and scheduler.")] = None,
+    flux_guidance: Annotated[Optional[float], typer.Option(help=(
+        "Guidance input of a guidance-distilled FLUX teacher (default: its pipeline's, 3.5; TOML flux_guidance)."))] = None,
     prompts: Annotated[Optional[str], typer.Option(help="Prompt file: .txt (one a line), .jsonl or .csv.")] = None,
     prompt_field: Annotated[Optional[str], typer.Option("--prompt-field", "--prompt-column", help=(
         ".jsonl: dotted path to each object's prompt (JourneyDB: Task2.Caption); .csv: the column "
@@ -112,7 +116,8 @@ def run(
     from .config import load_config
     from .training.loop import train
 
-    resolved = load_config(config, teacher=teacher, teacher_config=teacher_config, prompts=prompts,
+    resolved = load_config(config, teacher=teacher, teacher_config=teacher_config, flux_guidance=flux_guidance,
+                           prompts=prompts,
                            prompt_column=prompt_field, prompt_dedupe=dedupe_prompts,
                            prompt_shuffle_seed=shuffle_prompts, out=out,
                            steps=steps, batch_size=batch_size, adapter=adapter, plan=plan,
@@ -229,6 +234,39 @@ def teacher(
 
     train_teacher(teacher_config(**options), out, log=say, overwrite=overwrite)
     say(f"teacher written to {out}")
+
+
+@app.command("flow-teacher")
+def flow_teacher(
+    out: Annotated[Path, typer.Option("--out", "-o", help=(
+        "Pipeline folder to write, renamed into place when complete; an existing non-empty folder only if this "
+        "command wrote it (it holds wadi_flow_teacher.json) or with --overwrite."))],
+    steps: Annotated[int, typer.Option(help="Training steps.")] = FLOW_TEACHER.steps,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = FLOW_TEACHER.batch_size,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine to 0).")] = FLOW_TEACHER.lr,
+    width: Annotated[int, typer.Option(help="Transformer width (heads x head width).")] = FLOW_TEACHER.width,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = FLOW_TEACHER.heads,
+    layers: Annotated[int, typer.Option(help="Joint transformer blocks.")] = FLOW_TEACHER.layers,
+    patch_size: Annotated[int, typer.Option(help="Latent pixels a side per image token.")] = FLOW_TEACHER.patch_size,
+    shift: Annotated[float, typer.Option(help="The scheduler's sigma shift, used in training too.")] = FLOW_TEACHER.shift,
+    text_hidden: Annotated[int, typer.Option(help="Width of each CLIP text encoder.")] = FLOW_TEACHER.text_hidden,
+    ema_decay: Annotated[float, typer.Option(help="EMA decay of the saved weights.")] = FLOW_TEACHER.ema_decay,
+    seed: Annotated[int, typer.Option(help="Seed of the initialisation and of every random draw.")] = FLOW_TEACHER.seed,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = FLOW_TEACHER.device,
+    save_every: Annotated[int, typer.Option(help="Also save the EMA pipeline every N steps (0: at the end).")] = FLOW_TEACHER.save_every,
+    stop_after: Annotated[int, typer.Option(help="End after N steps, keeping the LR schedule of --steps.")] = FLOW_TEACHER.stop_after,
+    vae: Annotated[Optional[Path], typer.Option(
+        help="Train in this AutoencoderKL's latent space (default: the embedded teacher's).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder this command did not write.")] = False,
+) -> None:
+    """Train a small rectified-flow teacher of the SD3 family on Fashion-MNIST (an SD3 transformer in the
+    embedded VAE's latents, two CLIP encoders and a T5 encoder, flow matching) and save it as a
+    StableDiffusion3Pipeline folder."""
+    options = {k: v for k, v in locals().items() if k not in ("out", "overwrite")}
+    from .embedded.flow_teacher_training import flow_teacher_config, train_flow_teacher
+
+    train_flow_teacher(flow_teacher_config(**options), out, log=say, overwrite=overwrite)
+    say(f"flow teacher written to {out}")
 
 
 @app.command()
@@ -388,12 +426,15 @@ def recipe(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     steps: Annotated[int, typer.Option(min=1, help="Iterations per run.")] = 1000,
     base: Annotated[Optional[str], typer.Option(help="A candidate whose options apply under every run.")] = None,
+    teacher: Annotated[Optional[Path], typer.Option(help=(
+        "Another teacher of the embedded data and captions (e.g. `wadi-distill flow-teacher`'s; default: the "
+        "embedded teacher); its family's LoRaD presets apply."))] = None,
 ) -> None:
-    """The VSD recipe sweep on the embedded teacher: every candidate setting as a run with its curve,
-    final FD / recall / prompt accuracy and issue 13's targets, beside the teacher's own."""
+    """The VSD recipe sweep on the embedded teacher (or --teacher): every candidate setting as a run with its
+    curve, final FD / recall / prompt accuracy and issue 13's targets, beside the teacher's own."""
     from .experiments.recipe import sweep_from_options
 
-    sweep_from_options(out, candidates, seeds, steps, base, log=say)
+    sweep_from_options(out, candidates, seeds, steps, base, log=say, teacher=teacher)
     say(f"sweep written to {out}")
 
 

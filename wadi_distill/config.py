@@ -33,6 +33,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 class RunConfig:
     teacher: str = ""                       # diffusers pipeline folder
     teacher_config: str | None = None       # single-file teacher: local diffusers pipeline folder with its configs
+    flux_guidance: float | None = None      # guidance-distilled FLUX: its guidance input (None: pipeline default)
     prompts: str = ""                       # .txt (one per line), .jsonl/.csv (see prompt_column)
     prompt_column: str = "prompt"           # .csv: a column; .jsonl: a dotted path (Task2.Caption); CLI --prompt-field
     prompt_dedupe: bool = False             # drop repeated prompts (first kept), as the published code does
@@ -166,6 +167,7 @@ LEARNING_RATE = _number(0, open_low=True, words="a number > 0")
 TIMESTEP = _integer(0)
 RULES: dict[str, Rule] = {
     "teacher": _text(), "teacher_config": _optional(_text()), "prompts": _text(),
+    "flux_guidance": _optional(_number(0, open_low=True, words="a number > 0 (FLUX's guidance input)")),
     "prompt_column": _text(empty=False), "prompt_dedupe": _flag,
     "prompt_shuffle_seed": _optional(_integer(0, 2 ** 62 - 1, words="a non-negative integer below 2**62")),
     "cache_dir": _text(), "out": _text(empty=False),

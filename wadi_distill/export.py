@@ -88,5 +88,5 @@ def _lora(merged: nn.Module, generator: OneStepModel, base: dict, settings: lora
     outputs = lora_export.output_difference(teacher, merged, base, layers, generator.vsd,
                                             lora_export.check_prompts(generator.config))
     report = lora_export.report(layers, settings, lora_keys.file_names(teacher.family), outputs,
-                                lora_export.other_changes(teacher.denoiser, merged))
+                                lora_export.other_changes(teacher.denoiser, merged, base))
     return layers, teacher.family, teacher.component, merged, report

@@ -19,6 +19,8 @@ The math, for one layer with weight (o, i) or a conv kernel (o, i, kh, kw):
   Σ_{k≤r} s_k² ≥ E Σ_k s_k², E = 1 the full rank (:func:`energy_rank`); both give the energy rank capped at R
   (:func:`choose_rank`). Scale 1: alpha = r, so the loaders' alpha / r is 1.
 
+The layers: every Linear and single-group Conv2d; a grouped (depthwise) conv has no LoRA layout, so its
+change is listed with the biases and norms a LoRA does not hold (:func:`has_lora_layout`, :func:`other_changes`).
 Key names and file layouts are :mod:`wadi_distill.lora_keys`'s; this module computes and reports.
 """
 
@@ -184,21 +186,33 @@ def teacher_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return weights
 
 
+def has_lora_layout(module: nn.Module) -> bool:
+    """A Linear, or a Conv2d of one group. A grouped (e.g. SANA's depthwise) conv's kernel (o, i/g, kh, kw) acts
+    on its group's inputs only; the LoRA layout, a down conv over all inputs then a 1×1 up conv, has no such
+    product (peft's grouped conv LoRA is a different factorisation), so its change is reported, not exported."""
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
 def changed_layers(teacher: dict[str, torch.Tensor], merged: nn.Module) -> list[str]:
-    """The Linear/Conv2d layers of ``merged`` whose weight differs from ``teacher``'s, in model order."""
-    return [name for name, m in merged.named_modules() if isinstance(m, LAYER_KINDS)
+    """The Linear/Conv2d layers of ``merged`` with a LoRA layout whose weight differs from ``teacher``'s, in
+    model order."""
+    return [name for name, m in merged.named_modules() if has_lora_layout(m)
             and not torch.equal(m.weight.detach(), teacher[name])]
 
 
-def other_changes(teacher_model: nn.Module, merged: nn.Module) -> list[str]:
-    """The changed tensors no LoRA holds (biases, norms, embeddings: a fully fine-tuned generator's), by
-    state-dict key; none for an adapter run, whose merged model is its teacher's own."""
+def other_changes(teacher_model: nn.Module, merged: nn.Module, teacher: dict[str, torch.Tensor] | None = None
+                  ) -> list[str]:
+    """The changed tensors no LoRA holds, by state-dict key: biases, norms, embeddings (a fully fine-tuned
+    generator's; none for an adapter run, whose merged model is its teacher's own) and, given the teacher's
+    weights ``teacher``, the weights of changed layers without a LoRA layout (:func:`has_lora_layout`)."""
+    grouped = [f"{name}.weight" for name, m in merged.named_modules() if isinstance(m, LAYER_KINDS)
+               and not has_lora_layout(m) and teacher is not None and not torch.equal(m.weight.detach(), teacher[name])]
     if teacher_model is merged:
-        return []
+        return grouped
     weights = {f"{name}.weight" for name, m in merged.named_modules() if isinstance(m, LAYER_KINDS)}
     theirs = teacher_model.state_dict()
     return [k for k, v in merged.state_dict().items()
-            if k not in weights and k in theirs and not torch.equal(v, theirs[k])]
+            if k not in weights and k in theirs and not torch.equal(v, theirs[k])] + grouped
 
 
 def build(teacher: dict[str, torch.Tensor], merged: nn.Module, settings: LoRASettings) -> list[LayerLoRA]:
@@ -212,7 +226,8 @@ def build(teacher: dict[str, torch.Tensor], merged: nn.Module, settings: LoRASet
 def lora_applied(teacher_model: nn.Module, teacher: dict[str, torch.Tensor], layers: list[LayerLoRA]):
     """The teacher's denoiser with the LoRA loaded, W + up @ down in each LoRA layer, while the block runs;
     its weights are put back after. (An adapter run's teacher model is the merged model itself, whose other
-    tensors are the teacher's; a full fine-tune's is the teacher, apart from the merged copy.)"""
+    tensors are the teacher's, but for layers without a LoRA layout, which get the teacher's weight back here;
+    a full fine-tune's is the teacher, apart from the merged copy.)"""
     modules = dict(teacher_model.named_modules())
     kept = {}
     try:
@@ -221,6 +236,11 @@ def lora_applied(teacher_model: nn.Module, teacher: dict[str, torch.Tensor], lay
             kept[layer.name] = module.weight
             value = teacher[layer.name].double() + low_rank_change(layer.up, layer.down, module.weight.shape)
             module.weight = nn.Parameter(value.to(module.weight.dtype), requires_grad=False)
+        for name, module in modules.items():  # what a loader of the LoRA leaves as the teacher's
+            if isinstance(module, LAYER_KINDS) and not has_lora_layout(module) and not torch.equal(
+                    module.weight.detach(), teacher[name]):
+                kept[name] = module.weight
+                module.weight = nn.Parameter(teacher[name].clone(), requires_grad=False)
         yield teacher_model
     finally:
         for name, weight in kept.items():
@@ -306,5 +326,7 @@ def summary_line(summary: dict) -> str:
             f"one-step difference to the merged model: latents max {one_step['latents_max_abs_difference']:.3g} "
             f"(relative {one_step['latents_relative_max_difference']:.3g}), images max "
             f"{one_step['image_max_abs_difference']} grey levels"
-            + (f"; {len(summary['changes_not_in_lora'])} other changed tensors (biases, norms) are not in it"
-               if summary["changes_not_in_lora"] else ""))
+            + (f"; {len(summary['changes_not_in_lora'])} other changed tensors (biases, norms, grouped convs) are "
+               "not in it" if summary["changes_not_in_lora"] else "")
+            + ("; diffusers/peft file only (no kohya layout for this denoiser)" if not summary["files"].get("kohya")
+               else ""))

@@ -2,19 +2,24 @@
 factors themselves are :mod:`wadi_distill.lora_export`'s.
 
 - **diffusers / peft** (``pytorch_lora_weights.safetensors``, diffusers' own default name, so
-  ``pipe.load_lora_weights(EXPORT / "lora")`` finds it): ``{component}.{module}.lora_A.weight`` (down) and
-  ``.lora_B.weight`` (up), as diffusers' ``save_lora_weights`` writes them, with its ``lora_adapter_metadata``
-  (the peft ``LoraConfig``, keys prefixed with the component): the exact module names as one regex (peft
-  full-matches a string ``target_modules``; a list would also match any module whose name ends in a
-  target's), each module's rank in ``rank_pattern`` and alpha = rank in ``alpha_pattern`` (anchored with
-  ``^``, which peft's ``(.*\\.)?(pattern)$`` then only matches at the start).
+  ``pipe.load_lora_weights(EXPORT / "lora")`` finds it; every family, ``component`` ``unet`` for SD/SDXL and
+  ``transformer`` for PixArt, SD3 and FLUX.1, the prefix SD3's and FLUX's loader mixins select by):
+  ``{component}.{module}.lora_A.weight`` (down) and ``.lora_B.weight`` (up), as diffusers' ``save_lora_weights``
+  writes them, with its ``lora_adapter_metadata`` (the peft ``LoraConfig``, keys prefixed with the
+  component): the exact module names as one regex (peft full-matches a string ``target_modules``; a list
+  would also match any module whose name ends in a target's), each module's rank in ``rank_pattern`` and
+  alpha = rank in ``alpha_pattern`` (anchored with ``^``, which peft's ``(.*\\.)?(pattern)$`` then only
+  matches at the start).
 - **kohya** (``lora_kohya.safetensors``, U-Nets only): ``lora_unet_{name}.lora_down.weight``,
   ``.lora_up.weight`` and ``.alpha`` (a scalar, = rank), ``name`` the module's name with ``.`` as ``_``:
   for SD 1.x/2.x the diffusers name (kohya's sd-scripts train that U-Net; diffusers' SD loader reads these
   names without a U-Net config), for SDXL the original (sgm/LDM) name, ``input_blocks.4.1...`` (what
   sd-scripts writes for SDXL; diffusers' SDXL loader maps it back with the U-Net's config). ComfyUI and
   A1111 read both spellings. The SDXL names come from :func:`ldm_names`, checked against diffusers' own
-  LDM converter on every export. PixArt has no kohya layout (no tool reads one), so it gets none.
+  LDM converter on every export. PixArt has no kohya layout (no tool reads one), so it gets none. Neither do
+  SD3 and FLUX.1: diffusers' SD3 loader converts no kohya file at all, and its FLUX loader reads kohya files
+  only in BFL's names with fused q/k/v (``lora_unet_double_blocks_0_img_attn_qkv``, ``single_blocks_N_linear1``),
+  whose LoRA would be one factorisation of the fused change, not the per-layer one reported here.
 """
 
 from __future__ import annotations
@@ -155,7 +160,8 @@ def write_kohya(path: Path, layers, family: str, denoiser: nn.Module) -> None:
 
 
 def file_names(family: str) -> dict[str, str | None]:
-    """{format: file name} for a denoiser family: peft always, kohya for U-Nets (None: not written)."""
+    """{format: file name} for a denoiser family: peft always, kohya for U-Nets only (None: not written; PixArt,
+    SD3, FLUX.1 and other transformers have no kohya layout diffusers reads in their diffusers names)."""
     return {"diffusers": PEFT_FILE, "kohya": KOHYA_FILE if family in ("unet", "sdxl") else None}
 
 

@@ -33,9 +33,18 @@ no Euler step from sigma_max) is refused. Resolution-dependent (dynamic) shiftin
 (time_shift(mu, 1, 1) = 1 for every mu): FLUX's is kept, its one step checked at the config's lowest and highest
 mu (``FluxPipeline`` computes mu from the image size); an SD3 teacher with it is refused (its loader refuses it).
 
+A SANA teacher ships ``DPMSolverMultistepScheduler`` with flow sigmas, which cannot run that step: its one step
+starts at shift(1 - 1/N) (0.99967 for shift 3, N = 1000), not sigma_max = 1, at the integer timestep 999. Its export
+is a ``SanaPipeline`` with the ``FlowMatchEulerDiscreteScheduler`` of the same sigmas (``shift = flow_shift``,
+:func:`wadi_distill.flow_schedule.flow_match_config`), which the pipeline runs as it is (it passes ``num_inference_steps``
+or ``sigmas`` to ``set_timesteps`` and the step's generator only where the scheduler takes one).
+
 A FLUX export is a ``FluxPipeline``: its ``guidance_scale`` is the guidance input of a guidance-distilled
 transformer, not CFG, so the one-step call passes the teacher's (:func:`one_step_call`), and ``sample --guidance
-G`` > 1 (CFG against the empty prompt) is the pipeline's ``true_cfg_scale=G`` with ``negative_prompt=""``.
+G`` > 1 (CFG against the empty prompt) is the pipeline's ``true_cfg_scale=G`` with ``negative_prompt=""``. That input
+is the run's ``flux_guidance`` (else the pipeline's default 3.5); ``FluxPipeline.__call__`` has no configurable
+default (``guidance_scale=3.5`` is a keyword default, and ``model_index.json`` holds components only), so it is
+a call argument: ``wadi_one_step.json`` records it as ``flux_guidance`` and in ``one_step_call``.
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from torch import nn
 
 from wadi_analysis.errors import UserError
 
+from .flow_schedule import flow_match_config
 from .teacher import Teacher
 
 # What makes one DDIM step the generator's step (see the module docstring).
@@ -157,13 +167,13 @@ def one_step_scheduler_for(teacher: Teacher, alpha_T: float):
     """The export's scheduler for ``teacher``: :func:`one_step_flow_scheduler` for a flow teacher (whose one step
     starts at its sigma_max, a = 0: an ``alpha_T`` other than the schedule's own is refused), else
     :func:`one_step_scheduler` with ``alpha_T``."""
-    config = teacher.pipeline.scheduler.config
     if teacher.sigmas is None:
-        return one_step_scheduler(config, alpha_T)
+        return one_step_scheduler(teacher.pipeline.scheduler.config, alpha_T)
     if alpha_T != float(teacher.alphas_cumprod[-1]):
         raise UserError(f"the run's [vsd] alpha_T = {alpha_T:.6g} has no one-step pipeline on a flow teacher, whose "
                         "one Euler step starts at sigma_max (a = 0); export runs that leave alpha_T unset")
-    return one_step_flow_scheduler(config, float(teacher.sigmas[-1]), dynamic=teacher.family == "flux")
+    return one_step_flow_scheduler(flow_match_config(teacher.pipeline.scheduler), float(teacher.sigmas[-1]),
+                                   dynamic=teacher.family == "flux")
 
 
 def one_step_call(teacher: Teacher) -> str:

@@ -36,6 +36,7 @@ the teacher bundle, the generator network and the VSD settings, side by side.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -159,6 +160,9 @@ def check_teacher_keys(recorded: object, where: Path) -> None:
         raise UserError(f"{where}: 'teacher' must be the teacher's path or name (text)")
     if not _kind(recorded.get("teacher_config"), (str, type(None))):
         raise UserError(f"{where}: 'teacher_config' must be a path, a name or null")
+    guidance = recorded.get("flux_guidance")
+    if guidance is not None and (not _kind(guidance, (int, float)) or not math.isfinite(guidance) or guidance <= 0):
+        raise UserError(f"{where}: 'flux_guidance' must be a number > 0 or null (got {guidance!r})")
 
 
 def check_run_config(config: object, where: Path) -> None:
@@ -189,8 +193,10 @@ def source_kind(source: str | os.PathLike) -> str:
 
 
 def run_teacher(config: dict, text: bool = True) -> Teacher:
-    """The teacher a run was made from (its ``config.json`` records the paths)."""
-    return load_teacher(config["teacher"], config=config.get("teacher_config"), text=text)
+    """The teacher a run was made from (its ``config.json`` records the paths and a FLUX teacher's guidance input;
+    runs made before ``flux_guidance`` existed used the pipeline's default)."""
+    return load_teacher(config["teacher"], config=config.get("teacher_config"), text=text,
+                        flux_guidance=config.get("flux_guidance"))
 
 
 @dataclass
@@ -256,6 +262,7 @@ def write_one_step_info(out: Path, teacher: Teacher, config: dict, pipeline: str
             **({"sigma_max": float(teacher.sigmas[-1])} if teacher.sigmas is not None else {}),
             "pipeline": pipeline, "scheduler": scheduler_summary(teacher), "one_step_call": one_step_call(teacher),
             "teacher": teacher_name(config["teacher"]), "teacher_config": teacher_name(config.get("teacher_config")),
+            **({"flux_guidance": teacher.guidance} if teacher.guidance is not None else {}),
             **({"source": source} if source is not None else {})}
     return atomic_write_text(out / ONE_STEP_INFO, json.dumps(info, indent=2) + "\n")
 
@@ -287,10 +294,12 @@ def load_export(path: str | os.PathLike) -> OneStepModel:
     path = Path(path)
     info = _one_step_info(path)
     vsd = VSDConfig(alpha_T=info["alpha_T"])
+    guidance = info.get("flux_guidance")  # the run's FLUX guidance input (FluxPipeline's guidance_scale)
     if is_pipeline(path):
-        teacher = _flow_checked(load_teacher(path), info, path)
+        teacher = _flow_checked(load_teacher(path, flux_guidance=guidance), info, path)
         return OneStepModel(teacher, teacher.denoiser, vsd, info)
-    teacher = load_teacher(_recorded_path(path, info["teacher"]), config=_recorded_path(path, info.get("teacher_config")))
+    teacher = load_teacher(_recorded_path(path, info["teacher"]),
+                           config=_recorded_path(path, info.get("teacher_config")), flux_guidance=guidance)
     return OneStepModel(_flow_checked(teacher, info, path), load_denoiser(path), vsd, info)
 
 

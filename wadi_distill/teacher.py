@@ -24,7 +24,15 @@ the fake score starts equal to the real one and the generator is the student of 
 1`` (CFG of the two scores against the empty prompt on top of the embedded guidance is not what FLUX.1-dev was
 distilled for). The latent size is the VAE's ``sample_size`` over its scale factor (1024 / 8 = 128 for FLUX.1, the
 pipeline's default); with dynamic shifting (FLUX.1-dev's scheduler) the training sigmas are those the pipeline
-uses at that size (:func:`flux_sigmas`).
+uses at that size (:func:`.flow_schedule.flux_sigmas`). A run's ``flux_guidance`` (RunConfig) replaces the pipeline's default; the run
+folder's ``config.json`` and an export's ``wadi_one_step.json`` record it, so that sample and export use it too.
+
+SANA (``SanaPipeline``, family "sana") is a flow teacher like SD3 on its own pipeline's conditioning: Gemma2 hidden
+states with their attention mask from ``encode_prompt`` with the pipeline's default ``complex_human_instruction``
+(the empty prompt, what the pipeline guides against, without it: :meth:`Teacher._sana_encode`), timesteps
+1000 sigma times the transformer's ``timestep_scale``. SANA ships ``DPMSolverMultistepScheduler`` with flow sigmas
+(``use_flow_sigmas``, ``flow_prediction``, ``flow_shift``): its training sigmas are those of a
+``FlowMatchEulerDiscreteScheduler`` with ``shift = flow_shift`` (:func:`.flow_schedule.flow_match_config`).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from torch import nn
 from wadi_analysis.checkpoint import CheckpointError
 from wadi_analysis.locate import model_folder
 
+from .flow_schedule import flow_sigmas, flux_sigmas
 from .vsd import flow_alpha_bar, flow_scale, predicted_epsilon
 
 LDM_UNET_PREFIX = "model.diffusion_model."  # the U-Net of an original single-file SD checkpoint
@@ -104,7 +113,7 @@ class Teacher:
     """A frozen teacher: denoiser + schedule facts + prompt encoder (the pipeline, text side only)."""
 
     denoiser: nn.Module
-    family: str  # "unet" (SD1/SD2), "sdxl", "pixart", "sd3" or "flux"
+    family: str  # "unet" (SD1/SD2), "sdxl", "pixart", "sd3", "flux" or "sana"
     alphas_cumprod: torch.Tensor  # float64, one per training timestep
     prediction_type: str  # epsilon | v_prediction | sample | flow (velocity; see vsd.flow_alpha_bar)
     pipeline: object | None = None
@@ -143,6 +152,8 @@ class Teacher:
             # text ids (zeros, one row per token) kept per prompt, so that batches select and concatenate them
             return Conditioning(embeds, {"pooled_projections": pooled,
                                          "txt_ids": text_ids.unsqueeze(0).repeat(len(prompts), 1, 1)})
+        if self.family == "sana":
+            return self._sana_encode(prompts, device)
         if self.family == "sd3":
             embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
                                                       do_classifier_free_guidance=False)
@@ -155,6 +166,28 @@ class Teacher:
             return Conditioning(embeds, {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}})
         embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
         return Conditioning(embeds)
+
+    def _sana_encode(self, prompts: list[str], device) -> Conditioning:
+        """SANA's Gemma2 hidden states and attention mask as ``SanaPipeline`` computes them: a prompt with the
+        pipeline's default ``complex_human_instruction`` (its first token and last 299 kept), the empty prompt as the
+        pipeline encodes its negative prompt, without it (the unconditional side everywhere here)."""
+        import inspect
+
+        instruction = inspect.signature(type(self.pipeline).__call__).parameters["complex_human_instruction"].default
+        empty = torch.tensor([p == "" for p in prompts])
+        parts = {}
+        for is_empty in (False, True):
+            chosen = [p for p, e in zip(prompts, empty.tolist()) if e == is_empty]
+            if chosen:
+                parts[is_empty] = self.pipeline.encode_prompt(
+                    chosen, do_classifier_free_guidance=False, device=device,
+                    complex_human_instruction=None if is_empty else instruction)[:2]
+        if len(parts) == 1:
+            embeds, mask = next(iter(parts.values()))
+        else:  # both have max_sequence_length tokens: put each row back in its place
+            order = torch.cat([(~empty).nonzero().flatten(), empty.nonzero().flatten()]).argsort()
+            embeds, mask = (torch.cat([parts[False][i], parts[True][i]])[order] for i in range(2))
+        return Conditioning(embeds, {"encoder_attention_mask": mask})
 
     def _pixart_size_conditions(self, embeds: torch.Tensor) -> dict:
         """PixArt's micro-conditions as ``PixArtAlphaPipeline`` passes them at its default size: for a transformer
@@ -192,7 +225,7 @@ class Teacher:
         if self.sigmas is not None:
             sigma = self.sigmas.to(noisy.device)[timesteps.long().to(noisy.device)]
             noisy = noisy * flow_scale(sigma).to(noisy.dtype).view(-1, *([1] * (noisy.ndim - 1)))
-            timesteps = (1000 * sigma).to(noisy.dtype)
+            timesteps = (1000 * sigma * getattr(self.denoiser.config, "timestep_scale", 1.0)).to(noisy.dtype)
         output = model(**{sample: noisy}, timestep=timesteps, encoder_hidden_states=conditioning.hidden_states,
                        **conditioning.extra, return_dict=False)[0]
         if output.shape[1] == 2 * noisy.shape[1]:
@@ -227,7 +260,7 @@ class Teacher:
                                  self.prediction_type)
 
 
-TRANSFORMER_FAMILIES = ("pixart", "sd3", "flux")
+TRANSFORMER_FAMILIES = ("pixart", "sd3", "flux", "sana")
 
 
 def _family(denoiser: nn.Module) -> str:
@@ -236,14 +269,16 @@ def _family(denoiser: nn.Module) -> str:
         return "sd3"
     if name == "FluxTransformer2DModel":
         return "flux"
+    if name == "SanaTransformer2DModel":
+        return "sana"
     if name.startswith("PixArt"):
         return "pixart"
     if getattr(denoiser.config, "addition_embed_type", None) == "text_time":
         return "sdxl"
     if name == "UNet2DConditionModel":
         return "unet"
-    raise CheckpointError(f"unsupported denoiser {name}: WaDi distils UNet2DConditionModel, PixArt, SD3 and "
-                          "FLUX transformers")
+    raise CheckpointError(f"unsupported denoiser {name}: WaDi distils UNet2DConditionModel, PixArt, SD3, "
+                          "FLUX and SANA transformers")
 
 
 def _quiet_libraries() -> None:
@@ -310,10 +345,13 @@ def _absent_components(folder: str) -> dict[str, None]:
     return {name: None for name, value in index.items() if not name.startswith("_") and value == [None, None]}
 
 
-def load_teacher(path: str | os.PathLike, *, config: str | os.PathLike | None = None, text: bool = True) -> Teacher:
+def load_teacher(path: str | os.PathLike, *, config: str | os.PathLike | None = None, text: bool = True,
+                 flux_guidance: float | None = None) -> Teacher:
     """A teacher from a diffusers pipeline folder (denoiser, scheduler, VAE, text encoders, tokenizers), or
     from an original single-file SD checkpoint (``.safetensors``/``.ckpt``) read with diffusers'
-    ``from_single_file`` against the local pipeline folder ``config`` (configs, tokenizers, scheduler)."""
+    ``from_single_file`` against the local pipeline folder ``config`` (configs, tokenizers, scheduler).
+    ``flux_guidance``: the guidance input of a guidance-distilled FLUX teacher (None: its pipeline's default);
+    an :class:`InvalidValue` for any other teacher."""
     import warnings
 
     from diffusers import DDPMScheduler, DiffusionPipeline
@@ -345,7 +383,21 @@ def load_teacher(path: str | os.PathLike, *, config: str | os.PathLike | None = 
             raise CheckpointError(f"cannot load the single-file teacher {source} with the configs of {config} "
                                   f"(an incomplete checkpoint, or another architecture): {first}") from None
         raise CheckpointError(f"cannot load the pipeline {source}: {first}") from None
-    return _teacher_from_pipeline(pipe, scheduler, source, text)
+    return with_flux_guidance(_teacher_from_pipeline(pipe, scheduler, source, text), flux_guidance, source)
+
+
+def with_flux_guidance(teacher: Teacher, flux_guidance: float | None, source: str) -> Teacher:
+    """``teacher`` with the guidance input ``flux_guidance`` (None: as loaded); an :class:`InvalidValue` where the
+    teacher takes none (not FLUX, or a FLUX transformer without ``guidance_embeds``, e.g. FLUX.1-schnell)."""
+    if flux_guidance is None:
+        return teacher
+    if teacher.guidance is None:
+        from wadi_analysis.errors import InvalidValue
+
+        raise InvalidValue(f"flux_guidance = {flux_guidance:g} is the guidance input of a guidance-distilled FLUX "
+                           f"teacher (guidance_embeds); {source} takes none: leave flux_guidance unset")
+    teacher.guidance = float(flux_guidance)
+    return teacher
 
 
 def _teacher_from_pipeline(pipe, scheduler, source: str, text: bool) -> Teacher:
@@ -361,6 +413,9 @@ def _teacher_from_pipeline(pipe, scheduler, source: str, text: bool) -> Teacher:
     if _family(denoiser) == "flux":
         return _flux_teacher(pipe, denoiser, text)
     sigmas = flow_sigmas(pipe.scheduler)
+    if sigmas is None and _family(denoiser) == "sana":  # e.g. SANA-Sprint's SCMScheduler (TrigFlow), a student
+        raise CheckpointError(f"{source}: a SANA teacher needs a flow scheduler (FlowMatchEulerDiscreteScheduler, or "
+                              f"DPM-Solver with flow sigmas and flow prediction), not {type(pipe.scheduler).__name__}")
     alphas_cumprod = scheduler.alphas_cumprod.double().clone() if sigmas is None else flow_alpha_bar(sigmas)
     return Teacher(denoiser=denoiser, family=_family(denoiser), alphas_cumprod=alphas_cumprod,
                    prediction_type=scheduler.config.prediction_type if sigmas is None else "flow",
@@ -370,7 +425,7 @@ def _teacher_from_pipeline(pipe, scheduler, source: str, text: bool) -> Teacher:
 
 def _flux_teacher(pipe, denoiser: nn.Module, text: bool) -> Teacher:
     """A FLUX teacher: latents of in_channels / 4 channels (packed 2 x 2 into the transformer's tokens) and the
-    VAE's sample_size over its scale factor; sigmas at that size (:func:`flux_sigmas`); the guidance input of a
+    VAE's sample_size over its scale factor; sigmas at that size (:func:`.flow_schedule.flux_sigmas`); the guidance input of a
     guidance-distilled transformer: the pipeline's default ``guidance_scale`` (see the module docstring)."""
     import inspect
 
@@ -382,32 +437,3 @@ def _flux_teacher(pipe, denoiser: nn.Module, text: bool) -> Teacher:
     return Teacher(denoiser=denoiser, family="flux", alphas_cumprod=flow_alpha_bar(sigmas), prediction_type="flow",
                    pipeline=pipe if text else None, latent_channels=denoiser.config.in_channels // 4,
                    sample_size=size, sigmas=sigmas, guidance=guidance)
-
-
-def flux_sigmas(scheduler, size: int) -> torch.Tensor:
-    """A FLUX teacher's training sigmas (ascending, as :func:`flow_sigmas`) at latents of ``size`` x ``size``:
-    with dynamic shifting, the scheduler's ``time_shift`` at the mu ``FluxPipeline`` computes for
-    (size / 2)^2 tokens (``calculate_shift``); else the static shift of :func:`flow_sigmas`."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    if not scheduler.config.get("use_dynamic_shifting"):
-        return flow_sigmas(scheduler)
-    fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # unshifted before set_timesteps
-    config = fresh.config
-    mu = calculate_shift((size // 2) ** 2, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                         config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-    return fresh.time_shift(mu, 1.0, fresh.sigmas.double()).flip(0).clone()
-
-
-def flow_sigmas(scheduler) -> torch.Tensor | None:
-    """A flow-matching scheduler's training sigmas (shift included), ascending so that timestep i has the
-    i-th least noise and the last is sigma_max = 1; None for any other scheduler."""
-    if not type(scheduler).__name__.startswith("FlowMatch"):
-        return None
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    fresh = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)  # before any set_timesteps
-    if fresh.config.use_dynamic_shifting:
-        raise CheckpointError("flow teachers with dynamic (resolution-dependent) shifting are not supported yet")
-    return fresh.sigmas.double().flip(0).clone()

@@ -7,7 +7,7 @@ rectified-flow velocity eps - x0, at the VP level a(sigma) of flow_alpha_bar; se
 Flow-matching teachers (``flow_*``) use ``sigma`` instead: x_sigma = (1 - sigma) x0 + sigma eps, v = eps - x0;
 ``flow_as_epsilon`` maps them onto the eps equations, so the losses below serve both. Loss levels of a flow
 teacher are drawn as for any teacher, uniform over its schedule's indices, whose levels are the shifted sigmas
-(``Teacher.sigmas``, from ``teacher.flow_sigmas``): sigma is drawn with the teacher's shift.
+(``Teacher.sigmas``, from ``flow_schedule.flow_sigmas``): sigma is drawn with the teacher's shift.
 """
 
 from __future__ import annotations

@@ -185,3 +185,43 @@ def tiny_flux_pipeline(folder: Path, seed: int = 0, shift: float = 3.0, guidance
     FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
                  text_encoder_2=t5, tokenizer_2=t5_tokenizer).save_pretrained(folder)
     return folder
+
+
+def tiny_sana_pipeline(folder: Path, seed: int = 0, flow_shift: float = 3.0) -> Path:
+    """A SanaPipeline folder in SANA 1600M's layout: a 2-block SanaTransformer2DModel (linear self-attention,
+    cross-attention, GLUMBConv; sample_size 16, one of the pipeline's resolution bins), a 2-layer Gemma2Model text
+    encoder (width 32 = caption_channels) with a word-level tokenizer built in code, a 2-level AutoencoderDC
+    (8 latent channels, scale factor 2) and the scheduler SANA ships: DPMSolverMultistepScheduler with flow
+    sigmas, flow prediction and ``flow_shift``."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
+
+    torch.manual_seed(seed)
+    words = ["<pad>", "<eos>", "<bos>", "<unk>"] + "a an the photo of sneaker bag shirt dress coat boot sandal".split()
+    # Unigram over whole words (the complex human instruction is mostly <unk>: real code, tiny files)
+    backend = Tokenizer(models.Unigram([(w, 0.0 if i < 4 else -1.0) for i, w in enumerate(words)], unk_id=3))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = GemmaTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+                                   pad_token="<pad>", add_bos_token=True, add_eos_token=False)
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=2048, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2))
+    transformer = SanaTransformer2DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
+        sample_size=16, patch_size=1)
+    vae = AutoencoderDC(in_channels=3, latent_channels=8, attention_head_dim=2,
+                        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 16),
+                        decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1),
+                        decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), (5,)),
+                        decoder_qkv_multiscales=((), (5,)), downsample_block_type="conv",
+                        upsample_block_type="interpolate", scaling_factor=0.41407)
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                            use_flow_sigmas=True, flow_shift=flow_shift, algorithm_type="dpmsolver++",
+                                            solver_order=2, final_sigmas_type="zero")
+    SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                 scheduler=scheduler).save_pretrained(folder)
+    return folder

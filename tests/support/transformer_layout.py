@@ -1,10 +1,11 @@
-"""Independent diffusers -> original single-file converters for SD3/SD3.5, FLUX (BFL layout) and PixArt.
+"""Independent diffusers -> original single-file converters for SD3/SD3.5, FLUX (BFL layout), PixArt and SANA.
 
 Tests need original-layout checkpoints built from small random diffusers transformers, so that the
 project's original -> diffusers mapping (``wadi_analysis.transformer_layouts``, partly diffusers' own
 converter) is checked against tables that come from neither: written out by hand here from the original
 model code (SD3's ``MMDiT``: ``joint_blocks.N.{x_block,context_block}``; BFL's ``flux/model.py``:
-``double_blocks``/``single_blocks``; PixArt's ``PixArtMS``: ``blocks.N``). Fused weights are their parts
+``double_blocks``/``single_blocks``; PixArt's ``PixArtMS``: ``blocks.N``; NVlabs SANA's ``SanaMS``: ``blocks.N``
+with ``LiteLA`` self-attention, ``MultiHeadCrossAttention`` and ``GLUMBConv``). Fused weights are their parts
 concatenated by rows (output channels); where the original stores shift before scale (adaLN of the final
 layer, SD3's last context block) the halves are swapped back. Nothing here imports ``wadi_analysis``.
 """
@@ -142,4 +143,37 @@ def pixart_to_original(diffusers_state: dict) -> dict[str, torch.Tensor]:
         _rename(state, out, {d + "attn1.to_out.0": o + "attn.proj", d + "attn2.to_q": o + "cross_attn.q_linear",
                              d + "attn2.to_out.0": o + "cross_attn.proj", d + "ff.net.0.proj": o + "mlp.fc1",
                              d + "ff.net.2": o + "mlp.fc2"})
+    return _finish(state, out)
+
+
+# ----------------------------------------------------------------------------- SANA / SANA-1.5 / SANA-Sprint
+
+def sana_to_original(diffusers_state: dict) -> dict[str, torch.Tensor]:
+    """A SanaTransformer2DModel state dict in NVlabs' SANA layout (``blocks.N.attn.qkv``, ``cross_attn.q_linear``
+    / ``kv_linear``, ``mlp.{inverted,depth,point}_conv.conv``); with guidance embeds (Sprint) the timestep
+    embedder sits directly under ``time_embed`` and the guidance one is ``cfg_embedder``; q/k norms
+    (``qk_norm``) are ``attn.q_norm`` / ``cross_attn.k_norm``..."""
+    state, out = dict(diffusers_state), {}
+    time = "time_embed.timestep_embedder" if "time_embed.guidance_embedder.linear_1.weight" in state else \
+        "time_embed.emb.timestep_embedder"
+    _rename(state, out, {"patch_embed.proj": "x_embedder.proj", f"{time}.linear_1": "t_embedder.mlp.0",
+                         f"{time}.linear_2": "t_embedder.mlp.2", "time_embed.linear": "t_block.1",
+                         "time_embed.guidance_embedder.linear_1": "cfg_embedder.mlp.0",
+                         "time_embed.guidance_embedder.linear_2": "cfg_embedder.mlp.2",
+                         "caption_projection.linear_1": "y_embedder.y_proj.fc1",
+                         "caption_projection.linear_2": "y_embedder.y_proj.fc2", "caption_norm": "attention_y_norm",
+                         "proj_out": "final_layer.linear"})
+    out["final_layer.scale_shift_table"] = state.pop("scale_shift_table")
+    for i in sorted({int(m.group(1)) for k in state if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}):
+        d, o = f"transformer_blocks.{i}.", f"blocks.{i}."
+        out[o + "scale_shift_table"] = state.pop(d + "scale_shift_table")
+        _fuse(state, out, o + "attn.qkv", [d + "attn1.to_q", d + "attn1.to_k", d + "attn1.to_v"])
+        _fuse(state, out, o + "cross_attn.kv_linear", [d + "attn2.to_k", d + "attn2.to_v"])
+        _rename(state, out, {d + "attn1.to_out.0": o + "attn.proj", d + "attn1.norm_q": o + "attn.q_norm",
+                             d + "attn1.norm_k": o + "attn.k_norm", d + "attn2.to_q": o + "cross_attn.q_linear",
+                             d + "attn2.norm_q": o + "cross_attn.q_norm", d + "attn2.norm_k": o + "cross_attn.k_norm",
+                             d + "attn2.to_out.0": o + "cross_attn.proj",
+                             d + "ff.conv_inverted": o + "mlp.inverted_conv.conv",
+                             d + "ff.conv_depth": o + "mlp.depth_conv.conv",
+                             d + "ff.conv_point": o + "mlp.point_conv.conv"})
     return _finish(state, out)

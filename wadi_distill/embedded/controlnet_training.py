@@ -15,7 +15,6 @@ the command, seed and device that reproduce it.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from wadi_analysis.errors import InvalidValue
 from wadi_analysis.outputs import check_output, staged_folder
 
 from . import datasets, teacher_path
+from .optimisation import adamw_warmup_cosine, clipped_step
 from .teacher_training import _check_device, _fraction, _whole, latent_posterior
 
 PROVENANCE = "wadi_controlnet.json"  # marks a folder this command wrote
@@ -117,9 +117,7 @@ def _train(config: ControlNetConfig, teacher, data, log):
     labels = data.labels.to(device)
     alphas = teacher.alphas_cumprod.float().to(device)
     parameters = list(controlnet.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
+    optimizer, schedule = adamw_warmup_cosine(parameters, config.lr, config.warmup, config.steps)
     rng = torch.Generator().manual_seed(config.seed)  # every random draw from one CPU generator
     started, running = time.perf_counter(), None
     for step in range(1, config.steps + 1):
@@ -140,12 +138,8 @@ def _train(config: ControlNetConfig, teacher, data, log):
         epsilon = unet(noisy, timesteps, encoder_hidden_states=hidden, down_block_additional_residuals=down,
                        mid_block_additional_residual=mid, return_dict=False)[0]
         loss = F.mse_loss(epsilon, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        value = clipped_step(loss, optimizer, schedule, parameters)
+        running = value if running is None else 0.98 * running + 0.02 * value
         if step % 100 == 0 or step == config.steps:
             log(f"step {step}/{config.steps}  loss {running:.4f}  {time.perf_counter() - started:.0f} s")
     return controlnet.eval().cpu()

@@ -28,6 +28,7 @@ from wadi_analysis.errors import InvalidValue
 from wadi_analysis.outputs import check_output, staged_folder
 
 from . import datasets
+from .optimisation import adamw_warmup_cosine, clipped_step, ema_update
 from .tokenizer import write_clip_tokenizer
 
 
@@ -281,9 +282,7 @@ def _train(config: TeacherConfig, out: Path, data, tokenizer, init, vae, log) ->
         latent_mean, latent_std = data.images.to(device), None
     data_labels = data.labels.to(device)
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
+    optimizer, schedule = adamw_warmup_cosine(parameters, config.lr, config.warmup, config.steps)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), parameters))
     generator = torch.Generator().manual_seed(config.seed)
@@ -305,16 +304,9 @@ def _train(config: TeacherConfig, out: Path, data, tokenizer, init, vae, log) ->
         noisy = alpha.sqrt() * images + (1 - alpha).sqrt() * noise
         hidden = text_encoder(tokens).last_hidden_state
         loss = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=hidden).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        decay = min(config.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for averaged, live in ema_pairs:
-                averaged.lerp_(live, 1 - decay)
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        value = clipped_step(loss, optimizer, schedule, parameters)
+        ema_update(ema_pairs, step, config.ema_decay)
+        running = value if running is None else 0.98 * running + 0.02 * value
         if step % 200 == 0 or step == last:
             log(f"step {step}/{config.steps}  loss {running:.4f}  {time.perf_counter() - started:.0f} s")
         if step == last or (config.save_every and step % config.save_every == 0):

@@ -79,3 +79,19 @@ def write_clip_tokenizer(folder: str | os.PathLike, max_length: int = 77, vocabu
     # vocab.json + merges.txt define it; the 3.6 MB fast-tokenizer cache is rebuilt on load
     (folder / "tokenizer.json").unlink(missing_ok=True)
     return CLIPTokenizer.from_pretrained(folder)
+
+
+def write_caption_t5_tokenizer(folder: str | os.PathLike, captions: list[str], max_length: int = 256):
+    """Write and return a ``T5TokenizerFast`` whose vocabulary is the words of ``captions`` (split at white
+    space, as T5's Metaspace pre-tokenizer splits; any other word, or case, is ``<unk>``): the third text
+    encoder's tokens of the flow teacher, where no SentencePiece model can be had. Ids 0, 1, 2 are T5's
+    pad, eos and unk."""
+    from tokenizers import Tokenizer, models
+    from transformers import T5TokenizerFast
+
+    words = sorted({word for text in captions for word in text.split()})
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
+    tokenizer = T5TokenizerFast(tokenizer_object=Tokenizer(models.Unigram(pieces, unk_id=2)), eos_token="</s>",
+                                unk_token="<unk>", pad_token="<pad>", extra_ids=0, model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+    return T5TokenizerFast.from_pretrained(folder)

@@ -15,7 +15,6 @@ its config (the command, the seed, the measured scale).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from wadi_analysis.errors import InvalidValue
 from wadi_analysis.outputs import check_output, staged_folder
 
 from . import datasets
+from .optimisation import adamw_warmup_cosine, clipped_step
 from .teacher_training import _check_device, _fraction, _whole, command_line_values
 
 PROVENANCE = "wadi_vae.json"   # the file that marks a folder this command wrote
@@ -118,20 +118,14 @@ def train_vae(config: VAEConfig, out: str | Path, log=print, *, overwrite: bool 
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     vae = autoencoder(config).to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(s, config.steps) / config.steps)))
+    optimizer, schedule = adamw_warmup_cosine(vae.parameters(), config.lr, config.warmup, config.steps)
     rng = torch.Generator().manual_seed(config.seed)
     started, running = time.perf_counter(), None
     for step in range(1, config.steps + 1):
         index = torch.randint(0, len(data), (config.batch_size,), generator=rng)
         loss = first_stage_loss(vae, data.images[index].to(device), config.kl_weight, rng)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        value = clipped_step(loss, optimizer, schedule, vae.parameters())
+        running = value if running is None else 0.98 * running + 0.02 * value
         if step % 200 == 0 or step == config.steps:
             log(f"vae step {step}/{config.steps}  loss {running:.2f}  {time.perf_counter() - started:.0f} s")
     vae = vae.cpu().eval()

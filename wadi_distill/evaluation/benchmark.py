@@ -162,7 +162,9 @@ class Benchmark:
         with sampling_progress(len(self.prompts), progress) as advance:
             batches = sample_model(teacher, model, self.prompts, vsd, seed, steps, guidance_scale)
             images = torch.cat([s.float() for s, _ in counted(batches, advance)])
-        return {"sampler": "one step" if vsd is not None else f"DDIM {steps} steps, guidance {guidance_scale}",
+        # DDIM on a flow teacher is the flow's Euler sampler (sampling.ddim): named as its users know it
+        sampler = "Euler" if teacher.prediction_type == "flow" else "DDIM"
+        return {"sampler": "one step" if vsd is not None else f"{sampler} {steps} steps, guidance {guidance_scale}",
                 "samples": len(self.prompts), "seed": seed, "kid_subset": metrics.kid_subset_size(len(self.prompts))
                 if self.kid_subset is None else self.kid_subset, "scores": self.score(images),
                 "real_vs_real": self.real_vs_real}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import embedded
@@ -79,6 +79,29 @@ class SweepSettings:
     candidates: tuple[str, ...] = tuple(CANDIDATES)
     single_step_guidance: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
     base: str = ""                 # a candidate applied under every one (rows are named base+candidate)
+    teacher: str = ""              # another teacher of the embedded data (e.g. `flow-teacher`); "": the embedded one
+
+
+# LoRaD presets of the transformer families, for a teacher other than the embedded SD (wadi_analysis.plan)
+FAMILY_PRESETS = {"sd3": ("sd3-generator", "sd3-fake"), "flux": ("flux-generator", "flux-fake"),
+                  "sana": ("sana-generator", "sana-fake")}
+
+
+def teacher_options(teacher: str) -> dict:
+    """Run options that put the embedded recipe on ``teacher``, a teacher of the same data and captions (such
+    as `wadi-distill flow-teacher`'s): its folder, the embedded prompts and defaults, and its family's LoRaD
+    presets; none for the embedded teacher ("")."""
+    if not teacher:
+        return {}
+    from ..config import embedded_defaults
+    from ..teacher import load_teacher
+
+    # the sweep's own settings (steps, validation and checkpoint intervals, out) stay the sweep's
+    options = {k: v for k, v in embedded_defaults().items()
+               if k not in ("out", "steps", "validate_every", "checkpoint_every")}
+    family = load_teacher(teacher, text=False).family
+    presets = dict(zip(("generator_preset", "fake_preset"), FAMILY_PRESETS[family])) if family in FAMILY_PRESETS else {}
+    return {**options, "teacher": str(teacher), **presets}
 
 
 def merged(base: dict, candidate: dict) -> dict:
@@ -89,7 +112,7 @@ def merged(base: dict, candidate: dict) -> dict:
 
 def teacher_targets(final: Benchmark, settings: SweepSettings, guidance: float) -> list[dict]:
     """The teacher's rows: DDIM 25 and 4 steps at ``guidance`` (the real score's), one step at each guidance."""
-    teacher, model, _ = load_sampler(embedded.teacher_path())
+    teacher, model, _ = load_sampler(settings.teacher or embedded.teacher_path())
     runs = [(25, guidance), (4, guidance)] + [(1, g) for g in settings.single_step_guidance]
     rows = []
     for steps, scale in runs:
@@ -132,7 +155,8 @@ def sweep(out: str | Path, settings: SweepSettings | None = None, log=print) -> 
     out.mkdir(parents=True, exist_ok=True)
     table, curves = _read(out / "table.csv"), _read(out / "curves.csv")
     curve, final = Benchmark(per_class=settings.curve_per_class), Benchmark(per_class=settings.final_per_class)
-    guidance = load_config().vsd.guidance_real
+    on_teacher = teacher_options(settings.teacher)
+    guidance = load_config(**on_teacher).vsd.guidance_real
     teacher = teacher_targets(final, settings, guidance) if not (out / "teacher.csv").is_file() else \
         pd.read_csv(out / "teacher.csv").to_dict("records")
     pd.DataFrame(teacher).to_csv(out / "teacher.csv", index=False)
@@ -141,7 +165,7 @@ def sweep(out: str | Path, settings: SweepSettings | None = None, log=print) -> 
             label = f"{settings.base}+{name}" if settings.base and name != settings.base else name
             if any(r["candidate"] == label and r["seed"] == seed for r in table):
                 continue
-            options = merged(CANDIDATES[settings.base] if settings.base else {}, CANDIDATES[name])
+            options = merged(on_teacher, merged(CANDIDATES[settings.base] if settings.base else {}, CANDIDATES[name]))
             config = load_config(**options)
             run_settings = Settings(steps=settings.steps, batch_size=config.batch_size, generator_lr=config.generator_lr,
                                     validate_every=settings.validate_every, extra={},
@@ -199,8 +223,10 @@ def markdown(table, teacher, real: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sweep_from_options(out, candidates: str | None, seeds: str, steps: int, base: str | None, log=print) -> Path:
-    """:func:`sweep` from command-line text: comma-separated candidates and seeds, a base candidate."""
+def sweep_from_options(out, candidates: str | None, seeds: str, steps: int, base: str | None, log=print,
+                       teacher: str | None = None) -> Path:
+    """:func:`sweep` from command-line text: comma-separated candidates and seeds, a base candidate, a teacher
+    folder (None: the embedded teacher)."""
     from wadi_analysis.errors import InvalidValue
 
     names = tuple(c.strip() for c in candidates.split(",")) if candidates else tuple(CANDIDATES)
@@ -210,7 +236,8 @@ def sweep_from_options(out, candidates: str | None, seeds: str, steps: int, base
         raise InvalidValue(f"--seeds must be comma-separated integers, not {seeds!r}") from None
     if base is not None and base not in CANDIDATES:
         raise InvalidValue(f"--base {base!r} is not a candidate (known: {', '.join(CANDIDATES)})")
-    return sweep(out, SweepSettings(steps=steps, seeds=seed_values, candidates=names, base=base or ""), log)
+    return sweep(out, SweepSettings(steps=steps, seeds=seed_values, candidates=names, base=base or "",
+                                    teacher=str(teacher) if teacher else ""), log)
 
 
 def _scores(row: dict) -> dict:

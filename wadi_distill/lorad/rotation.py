@@ -33,12 +33,14 @@ element-wise operations (so the same bits):
 On the CPU a large weight's temporaries live in a reused workspace (never reallocated), in blocks of
 at most :data:`ROW_BLOCK_PAIRS` angles; other devices run one block. :data:`KERNELS` maps a device type to the
 implementation (``rotate`` and ``grads``); another one, a fused GPU kernel, slots in there behind the
-same autograd function.
+same autograd function. On the CPU :func:`set_rotation_kernel` (or ``WADI_ROTATION_KERNEL``) selects
+the torch.compile implementation of :mod:`.compiled` instead (not the default: slower on CPU, measured).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -262,12 +264,58 @@ class EagerRotation:
 
 
 # Device type -> implementation; any other device runs EagerRotation in one block, where a fused GPU
-# kernel (same rotate/grads contract) goes.
+# kernel (same rotate/grads contract, e.g. Triton on CUDA) goes.
 KERNELS = {"cpu": EagerRotation(lambda: ROW_BLOCK_PAIRS)}
 ONE_BLOCK = EagerRotation(lambda: None)
 
+# Which CPU implementation runs: "eager" (default: measured faster on CPU, see README Benchmarks) or
+# "compiled" (:mod:`.compiled`, torch.compile with the eager path as fallback). Environment variable,
+# read at the first rotation, or :func:`set_rotation_kernel`.
+ROTATION_KERNEL_ENV = "WADI_ROTATION_KERNEL"
+ROTATION_KERNELS = ("eager", "compiled")
+_SELECTION: dict = {"name": None, "note": None, "compiled": None}
 
-def kernel(device: torch.device) -> EagerRotation:
+
+def set_rotation_kernel(name: str) -> None:
+    """Run the CPU rotation as ``"eager"`` PyTorch operations or ``"compiled"`` (torch.compile, falling
+    back to eager where compilation is unavailable; see :func:`rotation_kernel_status`)."""
+    if name not in ROTATION_KERNELS:
+        raise ValueError(f"rotation kernel must be one of {', '.join(ROTATION_KERNELS)}, got {name!r}")
+    _SELECTION.update(name=name, note=None)
+
+
+def _selected() -> str:
+    if _SELECTION["name"] is None:
+        name = os.environ.get(ROTATION_KERNEL_ENV, "eager").strip().lower() or "eager"
+        if name not in ROTATION_KERNELS:  # a bad environment never stops a run: eager, and why
+            _SELECTION["note"] = f"{ROTATION_KERNEL_ENV}={name!r} is not one of {', '.join(ROTATION_KERNELS)}"
+            name = "eager"
+        _SELECTION["name"] = name
+    return _SELECTION["name"]
+
+
+def _compiled_cpu():
+    if _SELECTION["compiled"] is None:
+        from .compiled import CompiledRotation  # imports this module: loaded on first use only
+
+        _SELECTION["compiled"] = CompiledRotation(KERNELS["cpu"])
+    return _SELECTION["compiled"]
+
+
+def rotation_kernel_status() -> dict:
+    """{"selected": what was asked, "cpu": what runs on the CPU ("compiled" until a compilation failed),
+    "fallback_reason": why compiled fell back (or why the environment's choice was ignored), else None}."""
+    selected = _selected()
+    compiled = _SELECTION["compiled"] if selected == "compiled" else None
+    reason = compiled.fallback_reason if compiled is not None else None
+    return {"selected": selected, "cpu": compiled.active if compiled is not None else selected,
+            "fallback_reason": reason or _SELECTION["note"]}
+
+
+def kernel(device: torch.device):
+    """The rotation implementation for ``device`` (``rotate`` and ``grads``; see :class:`EagerRotation`)."""
+    if device.type == "cpu" and _selected() == "compiled":
+        return _compiled_cpu()
     return KERNELS.get(device.type, ONE_BLOCK)
 
 

@@ -54,7 +54,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     prompts = open_prompts(config.prompts, config.prompt_column, dedupe=config.prompt_dedupe,
                            shuffle_seed=config.prompt_shuffle_seed)
     prompt_record = prompts.manifest()  # before any write: a file that changed meanwhile is refused here
-    teacher = load_teacher(config.teacher, config=config.teacher_config)
+    teacher = load_teacher(config.teacher, config=config.teacher_config, flux_guidance=config.flux_guidance)
     check_schedule(config.vsd, teacher.num_timesteps)
     roles, counts = attach_roles(teacher, config)
     base_before = digest(roles.frozen_parameters()) if config.record_digests else None

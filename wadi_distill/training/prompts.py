@@ -9,6 +9,7 @@ only the embeddings are held in memory.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import itertools
 import json
 import os
@@ -24,7 +25,8 @@ __all__ = ["cached_embeddings", "encoder_fingerprint", "read_prompts"]  # read_p
 
 
 def encoder_fingerprint(teacher: Teacher) -> str:
-    """Hash of the text encoders' weights and the tokenizers' vocabularies."""
+    """Hash of the text encoders' weights, the tokenizers' vocabularies and any instruction the pipeline puts
+    before each prompt."""
     digest = hashlib.sha256()
     pipe = teacher.pipeline
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):  # SD3: CLIP-L, CLIP-G, T5
@@ -39,6 +41,10 @@ def encoder_fingerprint(teacher: Teacher) -> str:
         if tokenizer is not None:
             digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
             digest.update(str(tokenizer.model_max_length).encode())
+    # text the pipeline puts before every prompt (SANA's complex_human_instruction) is part of its embedding
+    instruction = inspect.signature(type(pipe).__call__).parameters.get("complex_human_instruction")
+    if instruction is not None:
+        digest.update(json.dumps(instruction.default).encode())
     return digest.hexdigest()[:24]
 
 
