@@ -16,6 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tests.support.pipelines import tiny_sd3_pipeline
+from tests.support.tensors import relative_difference
 from wadi_analysis.errors import UserError
 from wadi_distill.cli import app
 from wadi_distill.config import load_config
@@ -77,10 +78,6 @@ def one_step_call(**extra) -> dict:
 
 def as_rgb(images) -> np.ndarray:
     return np.stack([np.asarray(image.convert("RGB")) for image in images]).astype(int)
-
-
-def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def test_plain_diffusers_one_step_equals_sample(exported, tmp_path):

@@ -9,7 +9,6 @@ and is reported instead."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -19,10 +18,11 @@ from torch import nn
 from typer.testing import CliRunner
 
 from tests.support.pipelines import tiny_flux_pipeline, tiny_sana_pipeline, tiny_sd3_pipeline
+from tests.support.runs import lora_export_files
+from tests.support.tensors import relative_difference
 from wadi_distill import lora_export, lora_keys
 from wadi_distill.cli import app
 from wadi_distill.config import load_config
-from wadi_distill.export import export_run
 from wadi_distill.lora_export import LoRASettings
 from wadi_distill.training.loop import train
 
@@ -55,11 +55,8 @@ def run(request, tmp_path_factory):
 
 
 def export(run, out: Path, **settings) -> tuple[Path, dict, list[dict]]:
-    """(the export's lora folder, lora_report.json, lora_layers.csv rows)."""
-    folder = export_run(run[2], out, lora=LoRASettings(**settings))["lora"]
-    with open(folder / lora_export.LAYERS_CSV) as handle:
-        rows = list(csv.DictReader(handle))
-    return folder, lora_export.read_report(folder), rows
+    """(the export's lora folder, lora_report.json, lora_layers.csv rows) of the ``run`` fixture's run."""
+    return lora_export_files(run[2], out, **settings)
 
 
 def teacher_pipeline(family: str, teacher: Path):
@@ -139,10 +136,6 @@ def one_step_call(family: str, pipe, teacher, noise: torch.Tensor) -> torch.Tens
     out = pipe(latents=pipe._pack_latents(noise.clone(), *noise.shape), guidance_scale=teacher.guidance,
                height=pixels, width=pixels, **call).images
     return pipe._unpack_latents(out, pixels, pixels, pipe.vae_scale_factor)
-
-
-def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 @pytest.mark.parametrize("run", ["sd3-lorad", "sd3-full", "flux-lorad", "flux-full"], indirect=True)

@@ -50,8 +50,8 @@ def test_training_conditioning_is_the_pipelines_encode_prompt(flow_teacher):
     t5_ids = pipe.tokenizer_3(prompts, padding="max_length", max_length=T5_TOKENS, truncation=True,
                               return_tensors="pt").input_ids
     with torch.no_grad():
-        ours, our_pooled = sd3_conditioning([pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3],
-                                            clip_ids, t5_ids)
+        ours, our_pooled = sd3_conditioning([pipe.text_encoder, pipe.text_encoder_2], clip_ids,
+                                            pipe.text_encoder_3(t5_ids)[0])
     assert ours.shape == (3, pipe.tokenizer_max_length + T5_TOKENS, 2 * 8)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)  # float32 rounding of a batched T5
     torch.testing.assert_close(our_pooled, pooled, rtol=0, atol=1e-6)

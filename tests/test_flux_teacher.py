@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from tests.support.pipelines import tiny_flux_pipeline
+from tests.support.tensors import relative_difference
 from wadi_distill import vsd
 from wadi_distill.config import load_config
 from wadi_distill.sampling import ddim, initial_noise
@@ -35,10 +36,6 @@ def pipe(flux_folder):
     from diffusers import FluxPipeline
 
     return FluxPipeline.from_pretrained(flux_folder, local_files_only=True)
-
-
-def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def pipeline_latents(pipe, teacher, noise: torch.Tensor, steps: int, prompts=PROMPTS) -> torch.Tensor:

@@ -5,7 +5,6 @@ rank; the error falls with the rank; bad options are one error line and leave no
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from tests.support.runs import lora_export_files
 from tests.test_pipeline_export import run_options
 from wadi_distill import lora_export, lora_keys
 from wadi_distill.cli import app
@@ -53,11 +53,8 @@ def run(request, tmp_path_factory):
 
 
 def export(run, out: Path, **settings) -> tuple[Path, dict, list[dict]]:
-    """(the export's lora folder, lora_report.json, lora_layers.csv rows)."""
-    folder = export_run(run[2], out, lora=LoRASettings(**settings))["lora"]
-    with open(folder / lora_export.LAYERS_CSV) as handle:
-        rows = list(csv.DictReader(handle))
-    return folder, lora_export.read_report(folder), rows
+    """(the export's lora folder, lora_report.json, lora_layers.csv rows) of the ``run`` fixture's run."""
+    return lora_export_files(run[2], out, **settings)
 
 
 def teacher_pipeline(family: str, teacher: Path):

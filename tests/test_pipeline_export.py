@@ -21,6 +21,8 @@ from wadi_distill.config import load_config
 from wadi_distill.export import export_run
 from wadi_distill.training.loop import train
 
+from tests.support.tensors import relative_difference
+
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ["sd-epsilon", "sd-v", "sdxl", "pixart", "embedded"]
 PROMPTS = ["a photo of a bag", "a photo of a shirt"]
@@ -117,10 +119,6 @@ def project_latents(export: Path, noise: torch.Tensor, prompts: list[str], guida
     model = load_export(export)
     return one_step_sample(model.teacher, model.generator.eval(), noise, model.teacher.encode(prompts), model.vsd,
                            guidance)
-
-
-def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def test_plain_diffusers_one_step_equals_sample(exported, tmp_path):

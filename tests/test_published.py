@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tests.support.hostile import MARKER, check_refused, snapshot
+from tests.support.tensors import relative_difference
 from wadi_distill.cli import app
 
 FAMILIES = ["sd-epsilon", "sd-v", "pixart"]
@@ -113,10 +114,6 @@ def inputs(export: Path, count: int = 2):
 
     prompts = [p for p in PROMPTS for _ in range(count)]
     return prompts, initial_noise(load_export(export).teacher, len(prompts), seed=0)
-
-
-def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def test_the_pipeline_runs_the_published_inference_and_sample_agrees(imported, tmp_path):

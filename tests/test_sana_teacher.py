@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from tests.support.pipelines import tiny_sana_pipeline
+from tests.support.tensors import relative_difference
 from wadi_distill import vsd
 from wadi_distill.config import load_config
 from wadi_distill.sampling import ddim, initial_noise
@@ -37,10 +38,6 @@ def pipe(sana_folder):
     from diffusers import SanaPipeline
 
     return SanaPipeline.from_pretrained(sana_folder, local_files_only=True)
-
-
-def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def instruction(pipe) -> list[str]:

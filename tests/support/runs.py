@@ -74,3 +74,17 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tolerance: float 
     scale = expected.abs().max().item()
     assert torch.allclose(actual, expected, rtol=tolerance, atol=tolerance * scale), \
         (actual - expected).abs().max().item() / scale
+
+
+def lora_export_files(run_dir, out, **settings) -> tuple[Path, dict, list[dict]]:
+    """``export RUN --lora-*`` of ``run_dir`` into ``out``: (the lora folder, lora_report.json, lora_layers.csv rows)."""
+    import csv
+
+    from wadi_distill import lora_export
+    from wadi_distill.export import export_run
+    from wadi_distill.lora_export import LoRASettings
+
+    folder = export_run(run_dir, out, lora=LoRASettings(**settings))["lora"]
+    with open(folder / lora_export.LAYERS_CSV) as handle:
+        rows = list(csv.DictReader(handle))
+    return folder, lora_export.read_report(folder), rows

@@ -167,12 +167,12 @@ def clip_conditioning(clip_encoders, clip_ids: torch.Tensor, t5_width: int):
     return F.pad(clip, (0, t5_width - clip.shape[-1])), torch.cat(pooled, dim=-1)
 
 
-def sd3_conditioning(text_encoders, clip_ids: torch.Tensor, t5_ids: torch.Tensor):
-    """``StableDiffusion3Pipeline.encode_prompt``: :func:`clip_conditioning`, then T5's last hidden state over its
-    tokens along the sequence. ``text_encoders`` = (CLIP 1, CLIP 2, T5). Returns (prompt_embeds, pooled)."""
-    t5 = text_encoders[2](t5_ids)[0]
-    clip, pooled = clip_conditioning(text_encoders[:2], clip_ids, t5.shape[-1])
-    return torch.cat([clip, t5], dim=-2), pooled
+def sd3_conditioning(clip_encoders, clip_ids: torch.Tensor, t5_tokens: torch.Tensor):
+    """``StableDiffusion3Pipeline.encode_prompt``: :func:`clip_conditioning`, then T5's last hidden state
+    ``t5_tokens`` (``text_encoder_3(t5_ids)[0]``, computed once where T5 is frozen) along the sequence.
+    Returns (prompt_embeds, pooled_projections)."""
+    clip, pooled = clip_conditioning(clip_encoders, clip_ids, t5_tokens.shape[-1])
+    return torch.cat([clip, t5_tokens], dim=-2), pooled
 
 
 def flow_matching_loss(transformer, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
@@ -277,8 +277,7 @@ def _train(config: FlowTeacherConfig, out: Path, data, tokenizers, vae, vae_fold
 
         # Encode each distinct caption once, then the flow-matching loss.
         used, inverse = torch.unique(caption, return_inverse=True)
-        clip, pooled = clip_conditioning(clips, clip_ids[used], t5_tokens.shape[-1])
-        embeds = torch.cat([clip, t5_tokens[used]], dim=-2)
+        embeds, pooled = sd3_conditioning(clips, clip_ids[used], t5_tokens[used])
         loss = flow_matching_loss(transformer, x0, noise, sigma, embeds[inverse], pooled[inverse])
         value = clipped_step(loss, optimizer, schedule, parameters)
         ema_update(ema_pairs, step, config.ema_decay)
