@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from wadi_analysis.errors import InvalidValue
-from wadi_distill.experiments.recipe import (CANDIDATES, SweepSettings, merged, stability, sweep,
+from wadi_distill.experiments.recipe import (CANDIDATES, SweepSettings, merged, run_label, stability, sweep,
                                              sweep_from_options, targets_met)
 
 
@@ -23,6 +23,14 @@ def test_every_candidate_is_a_valid_run_configuration():
 
     for name, options in CANDIDATES.items():
         load_config(**options)  # raises on an unknown or out-of-range option
+
+
+def test_a_row_is_named_by_its_base_candidate_and_any_budget_but_the_default():
+    assert run_label("ema-0.99", SweepSettings()) == "ema-0.99"
+    assert run_label("ema-0.99", SweepSettings(base="guidance-fake-1")) == "guidance-fake-1+ema-0.99"
+    assert run_label("defaults", SweepSettings(steps=4000)) == "defaults@4000"
+    assert run_label("regression-1", SweepSettings(steps=4000, base="generator-conv-r32")) == \
+        "generator-conv-r32+regression-1@4000"
 
 
 def test_stability_is_the_worst_late_point_over_the_final_one():
@@ -60,10 +68,11 @@ def test_a_tiny_sweep_writes_every_table_and_keeps_what_it_has(tmp_path, monkeyp
                              candidates=("defaults", "dropout-per-batch"), single_step_guidance=(1.0,))
     out = sweep(tmp_path / "recipe", settings, log=lambda line: None)
     table, curves = pd.read_csv(out / "table.csv"), pd.read_csv(out / "curves.csv")
-    assert table["candidate"].tolist() == ["defaults", "dropout-per-batch"]
+    assert table["candidate"].tolist() == ["defaults@2", "dropout-per-batch@2"]  # not the default budget
+    assert table["steps"].tolist() == [2, 2]
     assert json.loads(table["options"][1]) == {"vsd": {"prompt_dropout_scope": "batch"}}
     assert set(curves["step"]) == {1, 2} and (out / "curves.png").is_file() and (out / "teacher.csv").is_file()
-    assert "| defaults | 1 |" in (out / "table.md").read_text()
+    assert "| defaults@2 | 1 |" in (out / "table.md").read_text()
     teacher = pd.read_csv(out / "teacher.csv")
     assert teacher["model"].tolist() == ["teacher 25 steps, cfg 1.5", "teacher 4 steps, cfg 1.5", "teacher 1 step, cfg 1.0"]
     before = (out / "table.csv").read_text()
@@ -76,9 +85,9 @@ def test_a_base_candidate_runs_under_another_and_an_ema_run_is_scored_by_its_ave
                              candidates=("ema-0.99",), single_step_guidance=(1.0,), base="guidance-fake-1")
     out = sweep(tmp_path / "recipe", settings, log=lambda line: None)
     table = pd.read_csv(out / "table.csv")
-    assert table["candidate"].tolist() == ["guidance-fake-1+ema-0.99"]
+    assert table["candidate"].tolist() == ["guidance-fake-1+ema-0.99@2"]
     assert json.loads(table["options"][0]) == {"vsd": {"guidance_fake": 1.0}, "ema_decay": 0.99}
-    run = out / "runs" / "guidance-fake-1+ema-0.99-seed0"
+    run = out / "runs" / "guidance-fake-1+ema-0.99@2-seed0"
     exported = (run / "export" / "generator_adapter.safetensors").read_bytes()
     assert exported == (run / "generator_adapter_ema.safetensors").read_bytes()
     assert exported != (run / "generator_adapter.safetensors").read_bytes()

@@ -8,8 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from wadi_analysis.errors import UserError
-from wadi_distill.experiments.reproduce import (Settings, _benchmark, reproduce, student_overrides, student_task,
-                                                train_student, worker_threads)
+from wadi_distill.experiments.pool import _benchmark, student_task, worker_threads
+from wadi_distill.experiments.reproduce import Settings, reproduce, student_overrides, train_student
 
 LORA = {"adapter": "lora", "generator_preset": "sd-unet-generator", "generator_rank": 16}
 TINY = dict(batch_size=2, curve_per_class=2, final_per_class=2)
@@ -74,7 +74,7 @@ def test_two_workers_give_what_sequential_runs_give(tmp_path):
     torch.set_num_threads(worker_threads(2))
     try:
         for name in students.index:
-            row, points, _ = student_task(name, overrides[name], 0, tmp_path / "sequential", settings)
+            row = student_task(name, overrides[name], 0, tmp_path / "sequential", settings)["row"]
             for metric in ("frechet_distance", "kid", "precision", "recall", "prompt_accuracy", "trainable"):
                 assert row[metric] == students.loc[name, metric], (name, metric)
     finally:

@@ -463,11 +463,13 @@ def reproduce(
     steps: Annotated[Optional[int], typer.Option(min=1, help="Training iterations per arm (the cap; default 600).")] = None,
     jobs: Annotated[int, typer.Option(min=1, help="Arms and seeds trained at once, in as many worker processes.")] = 1,
     device: Annotated[str, typer.Option(help="cpu (each worker a share of the cores) or cuda (all on the one GPU).")] = "cpu",
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse the (arm, seed) results an earlier call into --out stored with the same settings (default), or retrain every one.")] = True,
 ) -> None:
     """The paper's experiments on the embedded teacher: teacher steps, students at equal budget
     (LoRaD published/plan, LoRA, DoRA, DoRA with frozen magnitude, full), weight analysis, swaps, rank and
     Conv2d ablations; each arm trained until its validation curve flattens (at most --steps); per-arm
-    bootstrap 95 % intervals over seeds."""
+    bootstrap 95 % intervals over seeds. Finished (arm, seed) results are stored in --out/results as they
+    finish: an interrupted call resumes."""
     from dataclasses import replace
 
     from .experiments.reproduce import QUICK, Settings, reproduce as run_experiments
@@ -477,7 +479,7 @@ def reproduce(
         settings = replace(settings, seeds=tuple(range(seeds)))
     if steps is not None:
         settings = replace(settings, steps=steps, validate_every=min(settings.validate_every, steps))
-    run_experiments(out, settings, log=say, overwrite=overwrite, jobs=jobs, device=device)
+    run_experiments(out, settings, log=say, overwrite=overwrite, jobs=jobs, device=device, resume=resume)
 
 
 def main() -> None:

@@ -111,14 +111,17 @@ class RunFolder:
         """The names in the run folder now (None: it does not exist), to undo a failed fresh run."""
         return {p.name for p in self.path.iterdir()} if self.path.is_dir() else None
 
-    def remove_new_entries(self, before: set[str] | None) -> None:
-        """Remove what a failed run added: the folder if it made it, else only the entries it added."""
-        if before is None:
+    def remove_new_entries(self, before: set[str] | None, keep=()) -> None:
+        """Remove what a failed run added: the folder if it made it, else only the entries it added; the
+        entries named in ``keep`` stay (finished work a later call resumes from)."""
+        if before is None and not keep:
             shutil.rmtree(self.path, ignore_errors=True)
             return
         for entry in self.path.iterdir() if self.path.is_dir() else ():
-            if entry.name not in before:
+            if entry.name not in (before or ()) and entry.name not in keep:
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if before is None and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def grid(self, step: int) -> Path:
         return self.path / "samples" / f"step-{step:07d}.png"

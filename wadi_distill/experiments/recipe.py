@@ -104,6 +104,13 @@ def teacher_options(teacher: str) -> dict:
     return {**options, "teacher": str(teacher), **presets}
 
 
+def run_label(name: str, settings: SweepSettings) -> str:
+    """A row's name: the candidate, after its base (``base+name``), and ``@steps`` for a budget other than
+    the sweep's default (a longer run of a candidate is another row, not the same one)."""
+    label = f"{settings.base}+{name}" if settings.base and name != settings.base else name
+    return label if settings.steps == SweepSettings.steps else f"{label}@{settings.steps}"
+
+
 def merged(base: dict, candidate: dict) -> dict:
     """``candidate``'s options over ``base``'s; their [vsd] tables merge key by key."""
     vsd = {**base.get("vsd", {}), **candidate.get("vsd", {})}
@@ -162,7 +169,7 @@ def sweep(out: str | Path, settings: SweepSettings | None = None, log=print) -> 
     pd.DataFrame(teacher).to_csv(out / "teacher.csv", index=False)
     for name in settings.candidates:
         for seed in settings.seeds:
-            label = f"{settings.base}+{name}" if settings.base and name != settings.base else name
+            label = run_label(name, settings)
             if any(r["candidate"] == label and r["seed"] == seed for r in table):
                 continue
             options = merged(on_teacher, merged(CANDIDATES[settings.base] if settings.base else {}, CANDIDATES[name]))
@@ -172,7 +179,7 @@ def sweep(out: str | Path, settings: SweepSettings | None = None, log=print) -> 
                                     early_stop=False)  # candidates are compared at one fixed budget
             started = time.perf_counter()
             row, points = train_student(label, options, seed, out, run_settings, curve, final, log)
-            row = {"candidate": label, "options": json.dumps(options), "seed": seed,
+            row = {"candidate": label, "options": json.dumps(options), "seed": seed, "steps": settings.steps,
                    "seconds": round(time.perf_counter() - started), **_scores(row),
                    "stability": stability(points, settings.steps)}
             table.append({**row, **targets_met(row, teacher)})

@@ -18,11 +18,8 @@ Every number is measured by this code; nothing is tuned towards the paper's valu
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,11 +176,12 @@ def teacher_rows(settings: Settings, final: Benchmark) -> list[dict]:
     return rows
 
 
-def analyse(name: str, out: Path) -> dict:
-    """Experiment 3: compare the teacher's U-Net with a student's (exported, merged) U-Net."""
+def analyse(name: str, out: Path, seed: int = 0) -> dict:
+    """Experiment 3: compare the teacher's U-Net with a student's (exported, merged) U-Net, into
+    ``compare/<name>``."""
     from wadi_analysis.compare import compare
 
-    comparison = compare(embedded.teacher_path(), out / "runs" / f"{name}-seed0" / "export", component="unet",
+    comparison = compare(embedded.teacher_path(), out / "runs" / f"{name}-seed{seed}" / "export", component="unet",
                          spectrum=True, fit=True)
     comparison.write(out / "compare" / name)
     keys = ("direction_change_mean", "norm_change_mean", "direction_to_norm_mean_ratio",
@@ -197,24 +195,22 @@ SWAP_LABELS = (("teacher norms + student directions", "teacher", "student"),
                ("student norms + teacher directions", "student", "teacher"))
 
 
-def swap_rows(out: Path, final: Benchmark, students, seeds) -> list[dict]:
-    """Experiment 4 (Fig 1c) for every student family and seed: hybrids of the exported student and the
-    teacher, one with the teacher's row norms, one with the teacher's row directions."""
+def student_swaps(out: Path, final: Benchmark, name: str, seed: int) -> list[dict]:
+    """Experiment 4 (Fig 1c) for one student and seed: hybrids of the exported student and the teacher,
+    one with the teacher's row norms, one with the teacher's row directions."""
     from wadi_analysis.swap import swap
 
     rows = []
-    for name in students:
-        for seed in seeds:
-            student = out / "runs" / f"{name}-seed{seed}" / "export"
-            for label, norm_from, direction_from in SWAP_LABELS:
-                hybrid = out / "swaps" / f"{name}-seed{seed}-norm-{norm_from}-direction-{direction_from}"
-                shutil.rmtree(hybrid, ignore_errors=True)
-                swap(embedded.teacher_path(), student, hybrid, norm_from=norm_from,
-                     direction_from=direction_from, component="unet")
-                shutil.copy(student / ONE_STEP_INFO, hybrid / ONE_STEP_INFO)
-                rows.append({"experiment": "swap", "model": f"{name}: {label}", "student": name, "seed": seed,
-                             **final.evaluate_model(*load_sampler(hybrid))["scores"]})
-                shutil.rmtree(hybrid)  # a full U-Net per hybrid: keep the scores, not the weights
+    student = out / "runs" / f"{name}-seed{seed}" / "export"
+    for label, norm_from, direction_from in SWAP_LABELS:
+        hybrid = out / "swaps" / f"{name}-seed{seed}-norm-{norm_from}-direction-{direction_from}"
+        shutil.rmtree(hybrid, ignore_errors=True)
+        swap(embedded.teacher_path(), student, hybrid, norm_from=norm_from,
+             direction_from=direction_from, component="unet")
+        shutil.copy(student / ONE_STEP_INFO, hybrid / ONE_STEP_INFO)
+        rows.append({"experiment": "swap", "model": f"{name}: {label}", "student": name, "seed": seed,
+                     **final.evaluate_model(*load_sampler(hybrid))["scores"]})
+        shutil.rmtree(hybrid)  # a full U-Net per hybrid: keep the scores, not the weights
     return rows
 
 
@@ -244,16 +240,22 @@ def check_execution(jobs: int, device: str) -> None:
 
 
 def reproduce(out: str | Path, settings: Settings | None = None, log=print, overwrite: bool = False,
-              jobs: int = 1, device: str = "cpu") -> Path:
+              jobs: int = 1, device: str = "cpu", resume: bool = True) -> Path:
     """Run every experiment; write CSVs, the figures and report.html/report.pdf into ``out`` (a new folder,
-    one an earlier reproduction wrote, or with ``overwrite`` any). A failed call removes what it added to ``out``.
+    one an earlier reproduction wrote, or with ``overwrite`` any).
 
-    The students train in ``jobs`` worker processes (:func:`train_students`) on ``device``: ``cpu``
+    Each finished piece (the teacher's rows, every (arm, seed) with its curve, swaps and comparison) is
+    stored in ``out/results/`` as it finishes (:class:`~.results_store.ResultStore`); with ``resume`` a
+    later call reuses the pieces made with the same settings and teacher and trains only the rest. A failed
+    or interrupted call removes what it added to ``out`` except those stored pieces and what they need.
+
+    The students train in ``jobs`` worker processes (:func:`.pool.train_students`) on ``device``: ``cpu``
     (each worker with an equal share of the cores as torch threads, no GPU visible) or ``cuda`` (all
     on the one GPU); a student's results do not depend on ``jobs``."""
     from wadi_analysis.outputs import check_output
 
     from ..runs import RunFolder
+    from .results_store import KEPT_ON_FAILURE, ResultStore, settings_tag
 
     settings = settings or Settings()
     check_execution(jobs, device)
@@ -261,14 +263,15 @@ def reproduce(out: str | Path, settings: Settings | None = None, log=print, over
                        ours=_is_reproduction)
     folder = RunFolder(out)  # only for its undo of a failed call: remove what this call added
     before = folder.entries()
+    store = ResultStore(out, settings_tag(settings, embedded.teacher_path()), resume=resume)
     try:
-        return _reproduce(out, settings, log, jobs, device)
+        return _reproduce(out, settings, log, store, jobs, device)
     except BaseException:
-        folder.remove_new_entries(before)
+        folder.remove_new_entries(before, keep=KEPT_ON_FAILURE if store.has_results() else ())
         raise
 
 
-REPRODUCTION_FILES = ("settings.json", "results.csv", "report.html", "runs", "cache")
+REPRODUCTION_FILES = ("settings.json", "results.csv", "report.html", "runs", "cache", "results")
 
 
 def _is_reproduction(folder: Path) -> bool:
@@ -276,102 +279,22 @@ def _is_reproduction(folder: Path) -> bool:
     return any((folder / name).exists() for name in REPRODUCTION_FILES)
 
 
-def worker_threads(jobs: int) -> int:
-    """Torch threads of each of ``jobs`` workers: this process's torch threads (the cores, unless
-    ``OMP_NUM_THREADS`` or ``torch.set_num_threads`` said fewer) shared evenly, at least one."""
-    import torch
-
-    return max(1, torch.get_num_threads() // jobs)
-
-
-def _init_worker(device: str, threads: int) -> None:
-    """A worker process's setup, before it touches torch's devices: no GPU visible for ``cpu`` (accelerate
-    trains on any GPU it sees), and ``threads`` torch threads."""
-    import torch
-
-    if device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    torch.set_num_threads(threads)
-
-
-_BENCHMARKS: dict[int, Benchmark] = {}  # per worker process: the benchmark of each sample count, made once
-
-
-def _benchmark(per_class: int) -> Benchmark:
-    if per_class not in _BENCHMARKS:
-        _BENCHMARKS[per_class] = Benchmark(per_class=per_class)
-    return _BENCHMARKS[per_class]
-
-
-def student_task(name: str, overrides: dict, seed: int, out: Path, settings: Settings):
-    """One (arm, seed) in a worker process: :func:`train_student` with the worker's benchmarks; returns
-    (final row, curve rows, log lines)."""
-    lines: list[str] = []
-    row, points = train_student(name, overrides, seed, out, settings, _benchmark(settings.curve_per_class),
-                                _benchmark(settings.final_per_class), lines.append)
-    return row, points, lines
-
-
-def train_students(out: Path, settings: Settings, log, jobs: int = 1, device: str = "cpu"):
-    """Experiments 2, 3 and 5: every (arm, seed) trained in a pool of ``jobs`` spawned worker processes
-    (:func:`_init_worker`), each arm compared with the teacher (:func:`analyse`). The plan arm starts once
-    the full student's seed-0 comparison and the published placement's budget exist. Returns (rows, curve
-    rows, analysis rows) in arm order — full, lorad-published, lorad-plan, then the rest — and seed order,
-    whatever order the runs finish in."""
-    from multiprocessing import get_context
-
-    students = student_overrides(settings)
-    order = ["full", "lorad-published", "lorad-plan"] + [n for n in students if n not in ("full", "lorad-published")]
-    done, analysis = {}, {}
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker,
-                               initargs=(device, worker_threads(jobs)))
-    try:
-        pending = {pool.submit(student_task, name, students[name], seed, out, settings): (name, seed)
-                   for name in order if name in students for seed in settings.seeds}
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                key = pending.pop(future)
-                row, points, lines = future.result()
-                done[key] = (row, points)
-                for line in lines:
-                    log(line)
-            published = [row for (name, _), (row, _) in done.items() if name == "lorad-published"]
-            if "lorad-plan" not in students and ("full", settings.seeds[0]) in done and published:
-                analysis["full"] = analyse("full", out)
-                students["lorad-plan"] = plan_student(out, published[0]["trainable"])  # the same budget
-                pending.update({pool.submit(student_task, "lorad-plan", students["lorad-plan"], seed, out,
-                                            settings): ("lorad-plan", seed) for seed in settings.seeds})
-    except BrokenProcessPool:
-        raise UserError(f"a reproduce worker process died (killed, or out of memory?) with --jobs {jobs}; "
-                        "try fewer --jobs") from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    rows, curves = [], []
-    for name in order:
-        for seed in settings.seeds:
-            row, points = done[(name, seed)]
-            rows.append(row)
-            curves += points
-        if name not in analysis:
-            analysis[name] = analyse(name, out)
-    return rows, curves, [analysis[name] for name in order]
-
-
-def _reproduce(out: Path, settings: Settings, log, jobs: int = 1, device: str = "cpu") -> Path:
+def _reproduce(out: Path, settings: Settings, log, store, jobs: int = 1, device: str = "cpu") -> Path:
     import pandas as pd
 
+    from .pool import train_students
     from .report import write_reproduction_report
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     curve, final = Benchmark(per_class=settings.curve_per_class), Benchmark(per_class=settings.final_per_class)
-    rows = teacher_rows(settings, final)
-    log(f"teacher evaluated ({time.perf_counter() - started:.0f} s)")
-    student_rows, curves, analysis = train_students(out, settings, log, jobs, device)
-    rows += student_rows
-    trained = list(dict.fromkeys(r["model"] for r in rows if r["experiment"] == "students"))
-    rows += swap_rows(out, final, settings.swap_students or trained, settings.seeds)
+    stored = store.load("teacher")
+    rows = stored["rows"] if stored else teacher_rows(settings, final)
+    if not stored:
+        store.save("teacher", {"rows": rows})
+    log(f"teacher {'rows reused' if stored else 'evaluated'} ({time.perf_counter() - started:.0f} s)")
+    student_rows, curves, analysis, swaps = train_students(out, settings, log, store, jobs, device)
+    rows += student_rows + swaps
     real = {"experiment": "real", "model": "real vs real (floor)", "seed": 0, **final.real_vs_real}
     results = pd.DataFrame(rows + [real])
     results.to_csv(out / "results.csv", index=False)

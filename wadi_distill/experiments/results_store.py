@@ -1,0 +1,85 @@
+"""Finished pieces of a reproduction kept on disk, so a later call resumes instead of retraining.
+
+A reproduction is hours on CPU (tens of (arm, seed) runs), longer than a session or a laptop's battery.
+Each finished piece — the teacher's rows, and every (arm, seed) with its curve, its swaps and (seed 0) its
+weight comparison — is written to ``results/<piece>.json`` the moment it is done, atomically, tagged with
+the settings that made it. A later ``reproduce`` into the same folder reuses each piece whose tag equals its
+own settings and retrains the rest; a failed or interrupted call keeps them (and what they depend on:
+``compare/`` and ``plan.json``).
+
+The tag is every setting except ``seeds`` (adding seeds reuses the seeds already trained) plus a digest of
+the teacher's U-Net, so a retrained embedded teacher invalidates everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+RESULTS = "results"                        # the folder inside a reproduction
+KEPT_ON_FAILURE = (RESULTS, "compare", "plan.json")  # what finished pieces need; kept when a call fails
+FORMAT = 1
+
+
+def settings_tag(settings, teacher: Path) -> dict:
+    """What a stored piece must have been made with to be reused: ``settings`` (a dataclass) without its
+    seeds, and the sha256 of the teacher's U-Net weights."""
+    tag = {k: v for k, v in asdict(settings).items() if k != "seeds"}
+    return json.loads(json.dumps({"format": FORMAT, "settings": tag, "teacher_unet": _unet_digest(teacher)}))
+
+
+def _unet_digest(teacher: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted((Path(teacher) / "unet").glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class ResultStore:
+    """The ``results/`` folder of one reproduction: :meth:`load` a piece made with the same tag, :meth:`save`
+    one (atomically). Pieces are named ``teacher`` or ``<arm>-seed<k>``."""
+
+    def __init__(self, out: Path, tag: dict, resume: bool = True):
+        self.folder = Path(out) / RESULTS
+        self.tag = tag
+        self.resume = resume
+
+    @staticmethod
+    def piece(name: str, seed: int | None = None) -> str:
+        return name if seed is None else f"{name}-seed{seed}"
+
+    def path(self, piece: str) -> Path:
+        return self.folder / f"{piece}.json"
+
+    def load(self, piece: str) -> dict | None:
+        """The stored content of ``piece``, or None: not stored, resuming off, unreadable, or made with
+        other settings (then it is retrained and overwritten)."""
+        path = self.path(piece)
+        if not self.resume or not path.is_file() or path.is_symlink():
+            return None
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(stored, dict) or stored.get("tag") != self.tag or "content" not in stored:
+            return None
+        return stored["content"]
+
+    def save(self, piece: str, content: dict) -> None:
+        from wadi_analysis.atomic import atomic_write_text
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path(piece), json.dumps({"tag": self.tag, "content": content}, indent=1,
+                                                       default=_plain) + "\n")
+
+    def has_results(self) -> bool:
+        return self.folder.is_dir() and any(self.folder.glob("*.json"))
+
+
+def _plain(value):
+    """JSON for the numpy scalars a score row may hold."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON")
