@@ -184,7 +184,9 @@ def main() -> None:
     if "naive" in results:
         print(f"naive / compare: wall {results['naive']['wall'] / compare['wall']:.2f}x, "
               f"RSS {results['naive']['rss'] / compare['rss']:.2f}x")
+        print(f"compare / naive: wall {compare['wall'] / results['naive']['wall']:.2f}x (issue 16 target: <= 0.40x)")
     print(f"compare / raw:   wall {compare['wall'] / raw['wall']:.2f}x, RSS {compare['rss'] / raw['rss']:.2f}x")
+    print(f"load average at the end {os.getloadavg()[0]:.2f} (timings are wall times: a busy machine slows them)")
 
     ours = json.loads((out_dir / "summary.json").read_text())["direction_change_mean"]
     print(f"compare direction_change_mean = {ours:.6f} %")

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-BLOCK_ELEMENTS = 1 << 20  # rows are processed in blocks of about this many elements (fits in L2/L3)
+BLOCK_ELEMENTS = 1 << 16  # rows are processed in blocks of about this many elements: two float32 slots fit in L2
+PER_ROW_STATISTICS = ("norm_change", "direction_change", "angle_deg", "radial_change", "tangential_change")
 ROUNDING_ULPS = 4  # the rounding level, in units of roundoff averaged over a row (see the module docstring)
 
 
@@ -78,54 +79,70 @@ def row_norms(teacher: torch.Tensor, student: torch.Tensor, compute_dtype: torch
               block_elements: int = BLOCK_ELEMENTS) -> RowNorms:
     """Norms, radial and tangential parts of every row, computed blockwise in ``compute_dtype``.
 
-    Half-precision inputs are converted a block of rows at a time into a reused buffer, so the float
-    copy stays in cache and no full-size float32 copy of the layer is ever made. The tangential part is
-    sqrt(||d||^2 - radial^2) where the rotation carries at least half of ||d||^2 (no cancellation there),
-    and ||d - radial v_t|| computed directly, in the block, for the other rows.
+    One pass over the inputs: a block of rows of t and d = s - t is converted into a reused,
+    cache-sized buffer and one batched product gives each row's Gram matrix [t; d] [t; d]^T, i.e.
+    ||t||^2, d.t and ||d||^2, each summed directly (no full-size float copy of the layer is made).
+    Then ||s||^2 = ||t||^2 + 2 d.t + ||d||^2, a sum of terms that cannot cancel much where
+    ||t||^2 + 2 |d.t| + ||d||^2 <= 2 ||s||^2 (rounding at most doubled); the rows outside that (a row
+    shrunk to or near zero) are summed directly. The tangential part is sqrt(||d||^2 - radial^2) where
+    the rotation carries at least half of ||d||^2 (no cancellation there), and ||d - radial v_t||
+    summed directly for the other rows. The rows summed directly are read from the inputs again.
     """
     if compute_dtype not in (torch.float32, torch.float64):
         raise ValueError("statistics are computed in float32 or float64, never in half precision")
     teacher_rows, student_rows = rows(teacher), rows(student)
     out_rows, width = teacher_rows.shape
-    norms = torch.empty(3, out_rows, dtype=compute_dtype)
-    along = torch.empty(out_rows, dtype=compute_dtype)  # d . t per row
-    direct = torch.full((out_rows,), math.nan, dtype=torch.float64)  # ||d - radial v_t||, where computed
+    gram = torch.empty(out_rows, 2, 2, dtype=compute_dtype)
     step = max(1, min(out_rows, block_elements // max(width, 1)))
-    scratch = _scratch_buffer(2 * step * width, compute_dtype).view(2, step, width)
-    norm = torch.linalg.vector_norm
-    for start in range(0, out_rows, step):
-        stop = min(start + step, out_rows)
-        pair = scratch[:, : stop - start]
-        pair[0].copy_(teacher_rows[start:stop])
-        pair[1].copy_(student_rows[start:stop])
-        norm(pair, dim=2, out=norms[0:2, start:stop])
-        difference = pair[1].sub_(pair[0])
-        norm(difference, dim=1, out=norms[2, start:stop])
-        torch.sum(pair[0].mul_(difference), dim=1, out=along[start:stop])  # the teacher block is spent
-        # radial^2 > ||d||^2 / 2, i.e. (d.t)^2 > (||d|| ||t||)^2 / 2 (NaN: a zero teacher row, included)
-        rescaling = ~(along[start:stop].square() <= 0.5 * (norms[2, start:stop] * norms[0, start:stop]).square())
-        if rescaling.any():
-            _direct_tangential(teacher_rows[start:stop], difference, pair[0], norms[0, start:stop], along[start:stop],
-                               rescaling, direct[start:stop])
-    norms, along = norms.double(), along.double()
-    radial = along / norms[0]
-    tangential = torch.where(direct.isnan(), (norms[2].square() - radial.square()).clamp_min(0).sqrt(), direct)
-    return RowNorms(norms[0], norms[1], norms[2], radial, tangential)
+    scratch = _scratch_buffer(2 * step * width, compute_dtype).view(step, 2, width)
+    full = _block_views(scratch)  # made once; only a last, shorter block needs its own
+    # split() makes every block's input views in one call: per block, four kernel calls and no more.
+    for t_block, s_block, g_block in zip(teacher_rows.split(step), student_rows.split(step), gram.split(step)):
+        count = t_block.shape[0]
+        teacher_slot, difference_slot, block, block_t = full if count == step else _block_views(scratch[:count])
+        teacher_slot.copy_(t_block)
+        difference_slot.copy_(s_block).sub_(teacher_slot)
+        torch.bmm(block, block_t, out=g_block)  # while the block is still in cache
+    gram = gram.double()
+    teacher_energy, along, difference_energy = gram[:, 0, 0], gram[:, 1, 0], gram[:, 1, 1]
+    student_energy = teacher_energy + 2.0 * along + difference_energy
+    cancelling = ~(teacher_energy + 2.0 * along.abs() + difference_energy <= 2.0 * student_energy)  # NaN included
+    if cancelling.any():
+        index = cancelling.nonzero().squeeze(1)
+        student_energy[index] = _direct_norms(student_rows, index, step, compute_dtype).square()
+    teacher_norm, student_norm, difference_norm = teacher_energy.sqrt(), student_energy.sqrt(), difference_energy.sqrt()
+    radial = along / teacher_norm
+    tangential = (difference_energy - radial.square()).clamp_min(0).sqrt()
+    # radial^2 > ||d||^2 / 2, i.e. (d.t)^2 > ||d||^2 ||t||^2 / 2 (NaN rows included: they stay NaN)
+    rescaling = ~(along.square() <= 0.5 * difference_energy * teacher_energy)
+    if rescaling.any():
+        index = rescaling.nonzero().squeeze(1)
+        coefficient = torch.where(teacher_energy > 0, along / teacher_energy, 0.0).to(compute_dtype)
+        tangential[index] = _direct_tangential(teacher_rows, student_rows, coefficient, index, step, compute_dtype)
+    return RowNorms(teacher_norm, student_norm, difference_norm, radial, tangential)
 
 
-def _direct_tangential(teacher_block: torch.Tensor, difference: torch.Tensor, spent: torch.Tensor,
-                       teacher_norm: torch.Tensor, along: torch.Tensor, rows_wanted: torch.Tensor,
-                       out: torch.Tensor) -> None:
-    """``out[rows_wanted] = ||d - (d.t / ||t||^2) t||`` for one block (``spent``: scratch of its shape)."""
-    energy = teacher_norm.square()
-    coefficient = torch.where(energy > 0, along / energy, 0.0)
-    index = rows_wanted.nonzero().squeeze(1)
-    if 8 * len(index) < len(rows_wanted):  # a few rows: gather them
-        residual = difference[index] - coefficient[index].unsqueeze(1) * teacher_block[index].to(difference.dtype)
-        out[index] = torch.linalg.vector_norm(residual, dim=1).double()
-    else:  # many rows: the whole block, in place
-        spent.copy_(teacher_block).mul_(-coefficient.unsqueeze(1)).add_(difference)
-        out[index] = torch.linalg.vector_norm(spent, dim=1).double()[index]
+def _block_views(block: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The teacher and difference slots of a ``(rows, 2, width)`` block, it and its transpose."""
+    return (*block.unbind(1), block, block.transpose(1, 2))
+
+
+def _direct_norms(weight_rows: torch.Tensor, index: torch.Tensor, step: int, compute_dtype: torch.dtype) -> torch.Tensor:
+    """``||w_j||`` for the rows ``index``, ``step`` rows at a time, in float64."""
+    return torch.cat([torch.linalg.vector_norm(weight_rows[chunk].to(compute_dtype), dim=1).double()
+                      for chunk in index.split(step)])
+
+
+def _direct_tangential(teacher_rows: torch.Tensor, student_rows: torch.Tensor, coefficient: torch.Tensor,
+                       index: torch.Tensor, step: int, compute_dtype: torch.dtype) -> torch.Tensor:
+    """``||d - c t||`` (c = d.t / ||t||^2) for the rows ``index``, ``step`` rows at a time, in float64."""
+    out = []
+    for chunk in index.split(step):
+        teacher_block = teacher_rows[chunk].to(compute_dtype)
+        residual = student_rows[chunk].to(compute_dtype).sub_(teacher_block)
+        residual.sub_(teacher_block.mul_(coefficient[chunk].unsqueeze(1)))
+        out.append(torch.linalg.vector_norm(residual, dim=1).double())
+    return torch.cat(out)
 
 
 def norm_gap(n: RowNorms) -> torch.Tensor:
@@ -134,27 +151,28 @@ def norm_gap(n: RowNorms) -> torch.Tensor:
     return (twice_along + n.difference.square()) / (n.student + n.teacher)
 
 
-def relative_norm_change(n: RowNorms) -> torch.Tensor:
-    """100 * |n_s - n_t| / n_t per row (inf/nan where the teacher row is zero)."""
-    return 100.0 * norm_gap(n).abs() / n.teacher
+def relative_norm_change(n: RowNorms, gap: torch.Tensor | None = None) -> torch.Tensor:
+    """100 * |n_s - n_t| / n_t per row (inf/nan where the teacher row is zero); ``gap``: norm_gap(n)."""
+    return 100.0 * (norm_gap(n) if gap is None else gap).abs() / n.teacher
 
 
-def one_minus_cos(n: RowNorms) -> torch.Tensor:
+def one_minus_cos(n: RowNorms, gap: torch.Tensor | None = None) -> torch.Tensor:
     """1 - cos(s_j, t_j) per row, by the cancellation-free formula in the module docstring."""
-    gap = norm_gap(n).abs()
+    gap = (norm_gap(n) if gap is None else gap).abs()
     # ||d|| >= |n_s - n_t| holds exactly; rounding can break it by an ulp, so clamp at zero.
     value = (n.difference - gap).clamp_min(0) * (n.difference + gap) / (2.0 * n.student * n.teacher)
     return value.clamp(0.0, 2.0)
 
 
-def direction_change(n: RowNorms) -> torch.Tensor:
-    """100 * (1 - cos) per row, in percent."""
-    return 100.0 * one_minus_cos(n)
+def direction_change(n: RowNorms, cosine_gap: torch.Tensor | None = None) -> torch.Tensor:
+    """100 * (1 - cos) per row, in percent; ``cosine_gap``: one_minus_cos(n), if at hand."""
+    return 100.0 * (one_minus_cos(n) if cosine_gap is None else cosine_gap)
 
 
-def angle_degrees(n: RowNorms) -> torch.Tensor:
-    """The angle between teacher and student rows, in degrees."""
-    return torch.rad2deg(2.0 * torch.asin(torch.sqrt(one_minus_cos(n) / 2.0).clamp(max=1.0)))
+def angle_degrees(n: RowNorms, cosine_gap: torch.Tensor | None = None) -> torch.Tensor:
+    """The angle between teacher and student rows, in degrees: 2 asin(sqrt((1 - cos) / 2))."""
+    cosine_gap = one_minus_cos(n) if cosine_gap is None else cosine_gap
+    return torch.rad2deg(2.0 * torch.asin(torch.sqrt(cosine_gap / 2.0).clamp(max=1.0)))
 
 
 def radial_part(n: RowNorms) -> torch.Tensor:
@@ -203,32 +221,27 @@ def layer_statistics(n: RowNorms, rounding_level: float = math.nan) -> dict[str,
     finite = torch.isfinite(n.teacher) & torch.isfinite(n.student) & torch.isfinite(n.difference)
     nonzero = (n.teacher > 0) & (n.student > 0)
     valid = finite & nonzero
-    stats: dict[str, float | int] = {
-        "rows": int(n.teacher.numel()),
-        "valid_rows": int(valid.sum()),
-        "zero_norm_rows": int((finite & ~nonzero).sum()),
-        "nonfinite_rows": int((~finite).sum()),
-    }
-    per_row = {
-        "norm_change": relative_norm_change(n)[valid],
-        "direction_change": direction_change(n)[valid],
-        "angle_deg": angle_degrees(n)[valid],
-        "radial_change": radial_part(n)[valid].abs(),
-        "tangential_change": tangential_part(n)[valid],
-    }
-    for key, values in per_row.items():
-        empty = values.numel() == 0
-        stats[f"{key}_mean"] = math.nan if empty else values.mean().item()
-        stats[f"{key}_std"] = math.nan if empty else values.std(correction=0).item()
-        stats[f"{key}_max"] = math.nan if empty else values.max().item()
-    tangential_energy = n.tangential[valid].square().sum().item()
-    change_energy = tangential_energy + n.radial[valid].square().sum().item()
+    counts = torch.stack([valid, finite & ~nonzero, ~finite]).sum(dim=1).tolist()
+    stats: dict[str, float | int] = {"rows": int(n.teacher.numel()), "valid_rows": counts[0],
+                                     "zero_norm_rows": counts[1], "nonfinite_rows": counts[2]}
+    # Each per-row figure is one (5, rows) stack, reduced in three calls: a layer costs few kernel calls.
+    gap = norm_gap(n)
+    cosine_gap = one_minus_cos(n, gap)
+    per_row = torch.stack([relative_norm_change(n, gap), direction_change(n, cosine_gap),
+                           angle_degrees(n, cosine_gap), radial_part(n).abs(), tangential_part(n)])[:, valid]
+    empty = per_row.shape[1] == 0
+    moments = [[math.nan] * len(PER_ROW_STATISTICS)] * 3 if empty else [
+        per_row.mean(dim=1).tolist(), per_row.std(dim=1, correction=0).tolist(), per_row.amax(dim=1).tolist()]
+    for i, key in enumerate(PER_ROW_STATISTICS):
+        for moment, values in zip(("mean", "std", "max"), moments):
+            stats[f"{key}_{moment}"] = values[i]
+    tangential_energy, radial_energy = torch.stack([n.tangential, n.radial])[:, valid].square().sum(dim=1).tolist()
+    change_energy = tangential_energy + radial_energy
     stats["rotation_share"] = 100.0 * tangential_energy / change_energy if change_energy > 0 else math.nan
     at_rounding = stats["norm_change_mean"] <= rounding_level
     ratio = None if at_rounding else angle_to_norm_ratio(stats["angle_deg_mean"], stats["norm_change_mean"])
     stats["angle_to_norm_ratio"] = math.nan if ratio is None else ratio
-    teacher_energy = (n.teacher[finite] ** 2).sum().item()
-    difference_energy = (n.difference[finite] ** 2).sum().item()
+    teacher_energy, difference_energy = torch.stack([n.teacher, n.difference])[:, finite].square().sum(dim=1).tolist()
     stats["frobenius_change"] = (100.0 * math.sqrt(difference_energy / teacher_energy)
                                  if teacher_energy > 0 else math.nan)
     stats["norm_rounding_level"] = rounding_level

@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 
 import torch
-from scipy.linalg import eigh
-from scipy.linalg.blas import dsyrk
 
 from .decompose import rows
 from .geometry import paired_columns
@@ -37,6 +35,9 @@ def gram_eigenvalues(matrix: torch.Tensor) -> torch.Tensor:
     BLAS ``dsyrk`` builds only one triangle of the Gram matrix (half the work of a matmul) and LAPACK's
     divide-and-conquer ``syevd`` returns its eigenvalues: ~20x less work than an SVD, same energies.
     """
+    from scipy.linalg import eigh  # here, not at import: compare without --spectrum never needs scipy
+    from scipy.linalg.blas import dsyrk
+
     values = matrix.detach().double().cpu().contiguous().numpy()
     if values.size == 0:
         return torch.zeros(0, dtype=torch.float64)

@@ -460,7 +460,7 @@ def reproduce(
     quick: Annotated[bool, typer.Option(help="A minutes-long smoke version (few steps and samples, one seed).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into a non-empty --out folder that an earlier reproduction did not make.")] = False,
     seeds: Annotated[Optional[int], typer.Option(min=1, help="Seeds per arm (0..N-1); default 5, or 1 with --quick.")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Training iterations per arm (the cap; default 600).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Training iterations per arm (the cap; default: `run`'s, 1000).")] = None,
     jobs: Annotated[int, typer.Option(min=1, help="Arms and seeds trained at once, in as many worker processes.")] = 1,
     device: Annotated[str, typer.Option(help="cpu (each worker a share of the cores) or cuda (all on the one GPU).")] = "cpu",
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Reuse the (arm, seed) results an earlier call into --out stored with the same settings (default), or retrain every one.")] = True,

@@ -54,11 +54,16 @@ CANDIDATES: dict[str, dict] = {
     "generator-full-lr-2e-5": {"adapter": "full", "generator_lr": 2e-5},
     # LoRA (peft) at the LoRaD budget on the same Linear + Conv2d targets: the regression probe's best adapter
     "generator-lora-conv": {"adapter": "lora", "generator_preset": "sd-unet-generator-conv", "generator_rank": 8},
-    # the weighting of the two losses over t (vsd.GENERATOR_WEIGHTINGS, vsd.FAKE_WEIGHTINGS)
     "generator-conv-r32": {"generator_preset": "sd-unet-generator-conv", "generator_rank": 32},
+    # the fake score's capacity: on the students' samples its denoising error at t = 50 is four times the
+    # teacher's on real latents (reports/recipe/denoising_gap.csv), and its preset adapts only attention and
+    # feed-forward; here every Linear and Conv2d of the blocks, at its rank 4 and at 16
+    "fake-conv": {"fake_preset": "sd-unet-generator-conv"},
+    "fake-conv-r16": {"fake_preset": "sd-unet-generator-conv", "fake_rank": 16},
     # DMD's regression onto the teacher's DDIM pairs beside VSD (wadi_distill/regression.py)
     "regression-1": {"regression_weight": 1.0},
     "regression-0.25": {"regression_weight": 0.25},
+    # the weighting of the two losses over t (vsd.GENERATOR_WEIGHTINGS, vsd.FAKE_WEIGHTINGS)
     "weighting-dmd": {"vsd": {"generator_weighting": "dmd"}},
     "fake-weighting-uniform": {"vsd": {"fake_weighting": "uniform"}},
     # the three best single changes of the first 23 runs together
