@@ -46,5 +46,27 @@ def test_ordering_only_where_intervals_separate():
 
 def test_flattened_at_finds_the_plateau():
     curve = [100.0, 50.0, 30.0, 29.9, 29.85, 29.84]
-    assert flattened_at(curve, window=2, threshold=0.01) == 4
+    # mean(30, 29.9) -> mean(29.85, 29.84): 0.35 % < 1 %; the windows before still improve by 25 % and more
+    assert flattened_at(curve, window=2, threshold=0.01) == 5
     assert flattened_at([100.0, 50.0, 25.0], window=1, threshold=0.01) is None
+    assert flattened_at([3.0, 3.0, 3.0], window=2, threshold=0.01) is None  # index 3 needs four points
+
+
+def test_flattening_reads_window_means_of_the_recorded_curves():
+    """On reports/recipe's two 5,000-iteration curves (300-sample FD every 100 iterations): the default run,
+    flat from iteration 100, flattens at the earliest index (step 600); the run that kept improving (FD 3.3
+    at step 100 to 1.7 at 5,000) is not stopped by its noise before step 1,400."""
+    import pandas as pd
+
+    from tests.support.two_process import REPO
+
+    curves = pd.read_csv(REPO / "reports" / "recipe" / "curves.csv")
+
+    def curve(name, seed=0):
+        rows = curves[(curves["candidate"] == name) & (curves["seed"] == seed)]
+        return rows.sort_values("step")["frechet_distance"].tolist()
+
+    assert flattened_at(curve("defaults@5000"), window=3, threshold=0.02) == 5  # step 600
+    improving = curve("generator-conv-r32+regression-1@5000")
+    assert flattened_at(improving, window=3, threshold=0.02) == 13  # step 1,400
+    assert min(improving[:7]) > 2.5 > 1.8 > min(improving)  # it had not flattened at step 700

@@ -15,7 +15,7 @@ TINY = Settings(steps=2, validate_every=2, batch_size=2, curve_per_class=2, fina
                 ranks=(16,), teacher_steps=(1,), swap_students=("lora",))
 
 
-def test_a_piece_is_reused_only_with_the_same_settings_and_teacher(tmp_path):
+def test_a_piece_is_reused_only_with_the_same_settings_and_teacher(tmp_path, monkeypatch):
     tag = settings_tag(TINY, embedded.teacher_path())
     store = ResultStore(tmp_path, tag)
     store.save("lora-seed0", {"row": {"frechet_distance": 1.5}})
@@ -29,6 +29,12 @@ def test_a_piece_is_reused_only_with_the_same_settings_and_teacher(tmp_path):
     (other_teacher / "unet").mkdir(parents=True)
     (other_teacher / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"other weights")
     assert ResultStore(tmp_path, settings_tag(TINY, other_teacher)).load("lora-seed0") is None
+    from wadi_distill import config
+
+    monkeypatch.setitem(config.EMBEDDED_DEFAULTS, "fake_rank", 8)  # a run default every arm starts from
+    assert ResultStore(tmp_path, settings_tag(TINY, embedded.teacher_path())).load("lora-seed0") is None
+    monkeypatch.undo()
+    assert "teacher" not in tag["run_options"] and "cache_dir" not in tag["run_options"]  # contents, not paths
     store.path("lora-seed0").write_text('{"tag": ')  # damaged: retrained, not an error
     assert store.load("lora-seed0") is None
 

@@ -73,5 +73,6 @@ def test_early_stop_reads_the_convergence_criterion():
     settings = Settings(flat_window=2, flat_threshold=0.05)
     for curve in ([10.0, 9.0, 8.0, 7.9, 7.8], [10.0, 5.0, 2.0, 1.0], [3.0, 3.0, 3.0]):
         assert curve_flattened(curve, settings) == flattened_at(curve, 2, 0.05)
-    assert curve_flattened([10.0, 9.0, 8.0, 7.9, 7.8], settings) == 4  # (8 - 7.8) / 8 < 5 %
+    assert curve_flattened([10.0, 9.0, 8.0, 7.9, 7.8, 7.8], settings) == 5  # (7.95 - 7.8) / 7.95 < 5 %
+    assert curve_flattened([10.0, 9.0, 8.0, 7.9, 7.8], settings) is None  # (8.5 - 7.85) / 8.5 > 5 %
     assert curve_flattened([10.0, 5.0, 2.0, 1.0], settings) is None

@@ -48,8 +48,8 @@ class Settings:
     published_rank: int = 16          # the published placement at ~9 % of the U-Net
     teacher_steps: tuple[int, ...] = (1, 4, 25)
     guidance: float = 1.5
-    flat_window: int = 3              # convergence: relative FD improvement over the last K points ...
-    flat_threshold: float = 0.02      # ... below this (wadi_distill.evaluation.intervals.flattened_at)
+    flat_window: int = 3              # convergence: relative FD improvement of the last K points' mean ...
+    flat_threshold: float = 0.02      # ... over the K before, below this (evaluation.intervals.flattened_at)
     early_stop: bool = True           # an arm stops once its curve has flattened; ``steps`` is the cap
     swap_students: tuple[str, ...] | None = None  # Fig 1c for these arms; None: every student family
     extra: dict = field(default_factory=dict)

@@ -7,8 +7,10 @@ the settings that made it. A later ``reproduce`` into the same folder reuses eac
 own settings and retrains the rest; a failed or interrupted call keeps them (and what they depend on:
 ``compare/`` and ``plan.json``).
 
-The tag is every setting except ``seeds`` (adding seeds reuses the seeds already trained) plus a digest of
-the teacher's U-Net, so a retrained embedded teacher invalidates everything.
+The tag is every setting except ``seeds`` (adding seeds reuses the seeds already trained), the run options
+every arm starts from (``load_config()``: the embedded defaults under the reproduction's own, so a changed
+default retrains), and digests of the teacher's U-Net and of the prompt file — contents, not paths, so a
+fresh checkout elsewhere resumes, and a retrained embedded teacher invalidates everything.
 """
 
 from __future__ import annotations
@@ -20,20 +22,30 @@ from pathlib import Path
 
 RESULTS = "results"                        # the folder inside a reproduction
 KEPT_ON_FAILURE = (RESULTS, "compare", "plan.json")  # what finished pieces need; kept when a call fails
-FORMAT = 1
+FORMAT = 2  # 2: curves flatten by window means (evaluation.intervals.flattened_at), not single points
+
+
+PATH_OPTIONS = ("teacher", "prompts", "out", "cache_dir")  # where things are, not what: in the digests
 
 
 def settings_tag(settings, teacher: Path) -> dict:
     """What a stored piece must have been made with to be reused: ``settings`` (a dataclass) without its
-    seeds, and the sha256 of the teacher's U-Net weights."""
+    seeds, the run options the arms start from (without paths), and the sha256 of the teacher's U-Net
+    weights and of the prompt file."""
+    from ..config import load_config
+
     tag = {k: v for k, v in asdict(settings).items() if k != "seeds"}
-    return json.loads(json.dumps({"format": FORMAT, "settings": tag, "teacher_unet": _unet_digest(teacher)}))
+    base = load_config()
+    options = {k: v for k, v in base.to_dict().items() if k not in PATH_OPTIONS}
+    return json.loads(json.dumps({"format": FORMAT, "settings": tag, "run_options": options,
+                                  "teacher_unet": _digest(sorted((Path(teacher) / "unet").glob("*.safetensors"))),
+                                  "prompts": _digest([Path(base.prompts)])}))
 
 
-def _unet_digest(teacher: Path) -> str:
+def _digest(paths) -> str:
     digest = hashlib.sha256()
-    for path in sorted((Path(teacher) / "unet").glob("*.safetensors")):
-        digest.update(path.read_bytes())
+    for path in paths:
+        digest.update(Path(path).read_bytes())
     return digest.hexdigest()
 
 
