@@ -16,7 +16,7 @@ from wadi_analysis.errors import UserError
 
 from ..evaluation.benchmark import Benchmark
 from .reproduce import Settings, analyse, plan_student, student_overrides, student_swaps, train_student
-from .results_store import ResultStore
+from .results_store import COMPARE, ResultStore
 
 
 def worker_threads(jobs: int) -> int:
@@ -68,7 +68,7 @@ def _reusable(result: dict | None, name: str, seed: int, out: Path, settings: Se
     its ``compare/`` folder for the first seed, swaps where wanted)."""
     if result is None or not {"row", "points", "swaps", "analysis"} <= set(result):
         return False
-    if seed == settings.seeds[0] and (result["analysis"] is None or not (out / "compare" / name / "summary.json").is_file()):
+    if seed == settings.seeds[0] and (result["analysis"] is None or not (out / COMPARE / name / "summary.json").is_file()):
         return False
     return bool(result["swaps"]) or not swaps_wanted(name, settings)
 

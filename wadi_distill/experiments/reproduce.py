@@ -31,6 +31,7 @@ from ..config import EMBEDDED_DEFAULTS
 from ..evaluation.benchmark import Benchmark
 from ..evaluation.intervals import bootstrap_interval, flattened_at
 from ..runs import ONE_STEP_INFO, load_sampler
+from .results_store import COMPARE, PLAN, RESULTS
 
 
 @dataclass
@@ -185,7 +186,7 @@ def analyse(name: str, out: Path, seed: int = 0) -> dict:
 
     comparison = compare(embedded.teacher_path(), out / "runs" / f"{name}-seed{seed}" / "export", component="unet",
                          spectrum=True, fit=True)
-    comparison.write(out / "compare" / name)
+    comparison.write(out / COMPARE / name)
     keys = ("direction_change_mean", "norm_change_mean", "direction_to_norm_mean_ratio",
             "direction_to_norm_std_ratio", "angle_deg_mean", "radial_change_mean", "tangential_change_mean",
             "rotation_share_mean", "angle_to_norm_mean_ratio", "norms_preserved_at_rounding",
@@ -220,8 +221,8 @@ def plan_student(out: Path, budget: int) -> dict:
     """The analysis-derived placement: ``wadi_analysis.plan`` on the full student's comparison."""
     from wadi_analysis.plan import make_plan
 
-    plan = out / "plan.json"
-    make_plan(out / "compare" / "full", plan, budget=budget, rank_multiple=2, kinds=("linear",))
+    plan = out / PLAN
+    make_plan(out / COMPARE / "full", plan, budget=budget, rank_multiple=2, kinds=("linear",))
     return {"adapter": "lorad", "plan": str(plan)}
 
 
@@ -273,7 +274,7 @@ def reproduce(out: str | Path, settings: Settings | None = None, log=print, over
         raise
 
 
-REPRODUCTION_FILES = ("settings.json", "results.csv", "report.html", "runs", "cache", "results")
+REPRODUCTION_FILES = ("settings.json", "results.csv", "report.html", "runs", "cache", RESULTS)
 
 
 def _is_reproduction(folder: Path) -> bool:

@@ -20,8 +20,10 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-RESULTS = "results"                        # the folder inside a reproduction
-KEPT_ON_FAILURE = (RESULTS, "compare", "plan.json")  # what finished pieces need; kept when a call fails
+RESULTS = "results"      # the stored pieces, inside a reproduction
+COMPARE = "compare"      # each arm's first-seed weight comparison: compare/<arm>
+PLAN = "plan.json"       # the analysis-derived placement of the plan arm
+KEPT_ON_FAILURE = (RESULTS, COMPARE, PLAN)  # what finished pieces need; kept when a call fails
 FORMAT = 2  # 2: curves flatten by window means (evaluation.intervals.flattened_at), not single points
 
 
