@@ -5,7 +5,8 @@ loaded weights are the merged ones within the reported per-layer error, the teac
 one step to the export's output (full rank), and the report's one-step difference is what diffusers' loaded
 LoRA gives. No kohya file for these families (diffusers reads none in diffusers' names). SANA (its pipeline's
 own ``load_lora_weights``): weights and the reported difference; its depthwise ``conv_depth`` has no LoRA layout
-and is reported instead."""
+and is reported instead; a run on the ``sana-`` presets (no depthwise conv) loaded onto the teacher pipeline with
+a one-step ``FlowMatchEulerDiscreteScheduler`` in place of its DPM-Solver is ``sample`` of the run."""
 
 from __future__ import annotations
 
@@ -142,8 +143,8 @@ def one_step_call(family: str, pipe, teacher, noise: torch.Tensor) -> torch.Tens
 def test_at_full_rank_the_teacher_pipeline_with_the_lora_runs_the_exports_one_step(run, tmp_path):
     """``export --lora-rank`` (CLI, its summary line), then ``load_lora_weights`` on the plain teacher pipeline
     (unfused peft layers) and one step: the export's own one-step pipeline's latents (adapter runs); a full
-    fine-tune's biases are not in the LoRA, which the report's one-step difference shows. (Not SANA: its
-    teacher's DPM-Solver scheduler is no one-step Euler from sigma_max.)"""
+    fine-tune's biases are not in the LoRA, which the report's one-step difference shows. (SANA, whose
+    DPM-Solver is no one-step Euler from sigma_max: ``test_the_sana_pipeline_with_the_lora_runs_sample``.)"""
     from diffusers import DiffusionPipeline
 
     from wadi_distill.runs import load_export
@@ -207,3 +208,75 @@ def test_a_grouped_conv_change_is_reported_not_exported():
     assert [layer.name for layer in layers] == ["0"] and layers[0].relative_error < 1e-6
     assert "1.weight" in lora_export.other_changes(teacher_model, merged, teacher)
     assert lora_export.other_changes(merged, merged, lora_export.teacher_weights(teacher_model)) == ["1.weight"]
+
+
+@pytest.fixture(scope="module")
+def sana_preset_run(tmp_path_factory):
+    """(run folder, teacher folder): a 2-step LoRaD run on the ``sana-`` presets (attention Linears and the 1x1
+    GLUMBConv convs; the depthwise conv left out, so a LoRA can hold the whole change)."""
+    root = tmp_path_factory.mktemp("sana-presets")
+    teacher = tiny_sana_pipeline(root / "pipe")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    config = load_config(teacher=str(teacher), prompts=str(root / "prompts.txt"), out=str(root / "run"), steps=2,
+                         batch_size=2, generator_rank=2, fake_rank=2, cache_dir=str(root / "cache"),
+                         generator_lr=1e-2, validate_every=100, generator_preset="sana-generator",
+                         fake_preset="sana-fake")
+    train(config, progress=False)
+    return Path(config.out), teacher
+
+
+def sana_sample_pngs(source: Path, out: Path, *args: str):
+    """``wadi-distill sample SOURCE`` on PROMPTS, one image each (seed 0), as integer pixels (B, H, W, 3)."""
+    import numpy as np
+    from PIL import Image
+
+    result = CliRunner().invoke(app, ["sample", str(source), *sum((["-p", p] for p in PROMPTS), []), "--n", "1",
+                                      "--out", str(out), *args])
+    assert result.exit_code == 0, result.output
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(out.glob("[0-9]*.png"))]).astype(int)
+
+
+def test_the_sana_pipeline_with_the_lora_runs_sample(sana_preset_run, tmp_path):
+    """Plain diffusers on the SANA teacher: ``SanaPipeline.from_pretrained(teacher)``, ``load_lora_weights`` of the
+    full-rank LoRA (unfused peft layers), its DPM-Solver replaced by the ``FlowMatchEulerDiscreteScheduler`` of the
+    same sigmas (``shift = flow_shift``, as the project's SANA export does), one step from sigma_max: the run's
+    one-step latents (relative 1e-5) and ``sample`` of the run to one grey level, unguided and at
+    ``guidance_scale=2.5`` (``sample --guidance 2.5``)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from wadi_distill.runs import load_one_step
+    from wadi_distill.sampling import initial_noise, one_step_sample
+
+    run_dir, teacher = sana_preset_run
+    out = tmp_path / "export"
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(out), "--lora-rank", str(FULL_RANK)])
+    assert result.exit_code == 0, result.output
+    report = lora_export.read_report(out / "lora")
+    assert report["total_relative_error"] < 1e-6 and report["changes_not_in_lora"] == []
+    pipe = with_lora("sana", teacher, out / "lora", fuse=False)
+    shift = pipe.scheduler.config.flow_shift
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    pipe.scheduler.set_timesteps(1)
+    assert pipe.scheduler.sigmas.tolist() == [1.0, 0.0]  # one step from sigma_max
+    model = load_one_step(run_dir)
+    noise = initial_noise(model.teacher, len(PROMPTS), seed=0)
+    pixels = model.teacher.sample_size * pipe.vae_scale_factor
+
+    @torch.no_grad()
+    def one_step(sana, guidance: float, output_type: str):
+        return sana(PROMPTS, latents=noise.clone(), num_inference_steps=1, guidance_scale=guidance, height=pixels,
+                    width=pixels, output_type=output_type).images
+
+    with torch.no_grad():
+        ours = one_step_sample(model.teacher, model.generator.eval(), noise, model.teacher.encode(PROMPTS), model.vsd)
+    plain = teacher_pipeline("sana", teacher)
+    plain.scheduler = pipe.scheduler
+    assert relative_difference(one_step(pipe, 0.0, "latent"), ours) < 1e-5
+    assert relative_difference(one_step(plain, 0.0, "latent"), ours) > 1e-3  # the LoRA moves the teacher there
+    pngs = {g: sana_sample_pngs(run_dir, tmp_path / f"sample-{g}", *(["--guidance", str(g)] if g else []))
+            for g in (0.0, 2.5)}
+    for guidance, sampled in pngs.items():
+        images = (one_step(pipe, guidance, "np") * 255).round().astype(int)
+        assert np.abs(images - sampled).max() <= 1 and sampled.std() > 5, guidance
+    assert np.abs(pngs[2.5] - pngs[0.0]).max() > 1  # the guided call is another image
