@@ -19,6 +19,9 @@ Variants, each run in a fresh subprocess:
 * ``shared-compiled`` (not in the default set): ``shared`` with the CPU rotation compiled by torch.compile
   (``wadi_distill.lorad.rotation.set_rotation_kernel("compiled")`` in that process; its compile time is in
   the first iteration, ``1st iter s``); the table's footer says whether it ran compiled or fell back.
+* ``shared-triton`` (not in the default CPU set; in the ``--gpu`` set): ``shared`` with the rotation run by
+  the Triton kernels of ``wadi_distill.lorad.triton_rotation`` (``set_rotation_kernel("triton")``; their
+  JIT compile time is in the first iteration); on CPU tensors it runs eager, and the footer says so.
 
 Configurations: ``tiny`` (``tiny_sd15_config()``, latents 16x16, batch 2, ranks 16 / 4) and ``sd15``
 (``real_config("sd15_unet")`` fp32, latents 8x8, batch 1, ranks 256 / 32 as published).
@@ -60,7 +63,7 @@ context). A variant that errors (out of memory included) or exceeds ``--child-ti
 its error and the others still run; ``--json PATH`` is rewritten after every variant; the exit status is
 1 if any variant failed.
 
-Run:  python benchmarks/bench_distill.py --gpu [--json PATH] [--variants shared,published,lora,shared-theta32]
+Run:  python benchmarks/bench_distill.py --gpu [--json PATH] [--variants shared,published,lora,shared-theta32,shared-triton]
 Check of the GPU code path on a CPU (tiny U-Net):  --gpu --device cpu --tiny [--dtype bf16]
 """
 
@@ -77,12 +80,13 @@ import time
 VARIANTS = ("rebuild", "shared", "published", "lora")
 # Not in the default set: ``shared`` with the CPU rotation compiled (``set_rotation_kernel("compiled")``
 # in that process; issue 16's torch.compile path, its compile time in the first iteration).
-EXTRA_VARIANTS = ("shared-compiled",)
+# ``shared-triton``: the Triton kernels (CUDA; eager on the CPU, with the reason in the footer).
+EXTRA_VARIANTS = ("shared-compiled", "shared-triton")
 CONFIGS = {  # name: (latent size, batch, generator rank, fake rank)
     "tiny": (16, 2, 16, 4),
     "sd15": (8, 1, 256, 32),
 }
-GPU_VARIANTS = ("shared", "published", "lora", "shared-theta32")
+GPU_VARIANTS = ("shared", "published", "lora", "shared-theta32", "shared-triton")
 FITS_24GB_RESERVED_GIB = 23.0
 
 
@@ -134,6 +138,11 @@ def build(variant: str, config: str, device: str = "cpu", dtype_name: str = "fp3
         from wadi_distill.lorad.rotation import set_rotation_kernel
 
         set_rotation_kernel("compiled")  # this process only
+        variant = "shared"
+    if variant == "shared-triton":
+        from wadi_distill.lorad.rotation import set_rotation_kernel
+
+        set_rotation_kernel("triton")  # this process only
         variant = "shared"
     device = torch.device(device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
@@ -355,6 +364,9 @@ def gpu_child(args) -> dict:
             torch.cuda.reset_peak_memory_stats(args.device)
             result["resident_gib"] = torch.cuda.memory_allocated(args.device) / 2**30
         result.update(time_iterations(built["iteration"], args.warmup, args.iters, slow_s=6, sync=sync, slow_from=1))
+        from wadi_distill.lorad.rotation import rotation_kernel_status
+
+        result["rotation"] = rotation_kernel_status()  # shared-triton: what ran (triton, or eager and why)
     except Exception as exc:  # OOM included: record it, the parent goes on with the next variant
         message = str(exc).strip().splitlines()
         result["error"] = f"{type(exc).__name__}: {message[0][:300] if message else ''}"
@@ -456,6 +468,11 @@ def gpu_main(args) -> int:
     errors = {v: r["error"] for v, r in rows.items() if r.get("error")}
     for variant, error in errors.items():
         print(f"  ERROR {variant}: {error}")
+    for variant, r in rows.items():
+        status = r.get("rotation") or {}
+        if status.get("selected") == "triton":
+            print(f"  {variant}: rotation kernel {status['cpu']}"
+                  + (f" (fell back: {status['fallback_reason']})" if status.get("fallback_reason") else ""))
     print("  fits 24GB: peak reserved (allocations + allocator cache) < "
           f"{FITS_24GB_RESERVED_GIB} GiB, leaving room for the CUDA context on a 24 GiB card", flush=True)
     return 1 if errors else 0
@@ -554,7 +571,7 @@ def cpu_main(args) -> None:
                   f"<= 0.5); peak RSS shared / three-copy = {shared['peak_mb'] / published['peak_mb']:.2f}")
         for v, results in runs.items():
             status = results[0].get("rotation", {})
-            if status.get("selected") == "compiled":
+            if status.get("selected") in ("compiled", "triton"):
                 print(f"  {v}: rotation kernel {status['cpu']}"
                       + (f" (fell back: {status['fallback_reason']})" if status.get("fallback_reason") else ""))
         for v, results in runs.items() if args.profile else ():

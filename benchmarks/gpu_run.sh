@@ -5,10 +5,10 @@
 #   bash benchmarks/gpu_run.sh
 #
 # Writes directly under $OUT (default /tmp/wadi-gpu): gpu_run.log (everything printed), bench_distill.json,
-# bench_lorad.json. Runs, each capped so that the whole script ends within ~5.5 minutes even if something hangs
-# (expected: ~3 minutes on an H100):
+# bench_lorad.json. Runs, each capped so that the whole script ends within ~6.5 minutes even if something hangs
+# (expected: ~3.5 minutes on an H100):
 #   1. benchmarks/bench_distill.py --gpu  (SD1.5 config, 64x64 latents, batch 4, bf16; shared / published /
-#      lora / shared-theta32, each in its own process, 90 s at most each)      cap 240 s
+#      lora / shared-theta32 / shared-triton, each in its own process, 90 s at most each)      cap 300 s
 #   2. benchmarks/bench_lorad.py --gpu    (SD-sized transformer block, LoRA / LoRaD / hook, batches 2 and 8)  cap 60 s
 # The repo is not pip-installed there: PYTHONPATH holds the repo root (the configs are package data that
 # importlib.resources finds in the source tree).
@@ -44,6 +44,10 @@ import torch
 
 names = ("torch", "diffusers", "peft", "transformers", "accelerate", "huggingface_hub", "numpy", "safetensors")
 print("python", sys.version.split()[0], "|", ", ".join(f"{n} {md.version(n)}" for n in names))
+try:  # optional: shared-triton runs eager without it (and says so)
+    print("triton", md.version("triton"))
+except md.PackageNotFoundError:
+    print("triton not installed: shared-triton will run the eager path")
 import diffusers  # noqa: E402
 from diffusers import UNet2DConditionModel  # noqa: E402,F401
 import wadi_analysis.examples  # noqa: E402
@@ -56,8 +60,8 @@ PY
     local status=0 rc
     echo
     echo "== bench_distill --gpu ($(date -u +%T))"
-    timeout -k 10 240 python3 benchmarks/bench_distill.py --gpu --child-timeout 90 --json "$OUT/bench_distill.json"
-    rc=$?; echo "bench_distill exit $rc (124: hit the 240 s cap; the JSON holds the variants done)"; ((rc)) && status=1
+    timeout -k 10 300 python3 benchmarks/bench_distill.py --gpu --child-timeout 90 --json "$OUT/bench_distill.json"
+    rc=$?; echo "bench_distill exit $rc (124: hit the 300 s cap; the JSON holds the variants done)"; ((rc)) && status=1
     echo
     echo "== bench_lorad --gpu ($(date -u +%T))"
     timeout -k 10 60 python3 benchmarks/bench_lorad.py --gpu --json "$OUT/bench_lorad.json"

@@ -144,10 +144,10 @@ def test_selection_by_environment_and_bad_values(selection, monkeypatch):
     assert isinstance(rotation.kernel(torch.device("cpu")), CompiledRotation)
     assert rotation.kernel(torch.device("meta")) is rotation.ONE_BLOCK  # other devices: eager, one block
     selection.update(name=None)
-    monkeypatch.setenv(rotation.ROTATION_KERNEL_ENV, "triton")  # a bad environment never stops a run
+    monkeypatch.setenv(rotation.ROTATION_KERNEL_ENV, "fused")  # a bad environment never stops a run
     assert rotation.kernel(torch.device("cpu")) is rotation.KERNELS["cpu"]
     status = rotation_kernel_status()
-    assert status["cpu"] == "eager" and "'triton'" in status["fallback_reason"]
+    assert status["cpu"] == "eager" and "'fused'" in status["fallback_reason"]
     with pytest.raises(ValueError, match="eager, compiled"):
         set_rotation_kernel("fast")
     set_rotation_kernel("eager")

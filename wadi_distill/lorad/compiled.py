@@ -24,8 +24,8 @@ Not the default: on the CPU it is slower than the eager path (one WaDi iteration
 1.16x on the SD1.5 config at 8x8, ``benchmarks/bench_distill.py --variants shared,shared-compiled,lora
 --threads 1``; forward and backward passes alone 1.1-2x). Inductor's C++ backend does not vectorize the
 stride-2 pair accesses, so cos/sin become scalar calls, where the eager path's complex multiply and
-cos/sin run vectorized. A fused GPU kernel (Triton) would be another implementation of this contract in
-:data:`.rotation.KERNELS`; none is written here (none could be built or tested without a GPU).
+cos/sin run vectorized. The fused GPU kernels (Triton) are another implementation of this contract:
+:mod:`.triton_rotation` (``set_rotation_kernel("triton")``).
 """
 
 from __future__ import annotations

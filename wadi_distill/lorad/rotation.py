@@ -34,7 +34,8 @@ On the CPU a large weight's temporaries live in a reused workspace (never reallo
 at most :data:`ROW_BLOCK_PAIRS` angles; other devices run one block. :data:`KERNELS` maps a device type to the
 implementation (``rotate`` and ``grads``); another one, a fused GPU kernel, slots in there behind the
 same autograd function. On the CPU :func:`set_rotation_kernel` (or ``WADI_ROTATION_KERNEL``) selects
-the torch.compile implementation of :mod:`.compiled` instead (not the default: slower on CPU, measured).
+the torch.compile implementation of :mod:`.compiled` instead (not the default: slower on CPU, measured);
+``"triton"`` selects the Triton kernels of :mod:`.triton_rotation` on CUDA (opt-in, eager elsewhere).
 """
 
 from __future__ import annotations
@@ -263,22 +264,24 @@ class EagerRotation:
         return grad_weight, grad_a, grad_b
 
 
-# Device type -> implementation; any other device runs EagerRotation in one block, where a fused GPU
-# kernel (same rotate/grads contract, e.g. Triton on CUDA) goes.
+# Device type -> implementation; any other device runs EagerRotation in one block. The Triton kernels
+# (same rotate/grads contract) are selected by name ("triton", below), not by device: opt-in.
 KERNELS = {"cpu": EagerRotation(lambda: ROW_BLOCK_PAIRS)}
 ONE_BLOCK = EagerRotation(lambda: None)
 
 # Which CPU implementation runs: "eager" (default: measured faster on CPU, see README Benchmarks) or
-# "compiled" (:mod:`.compiled`, torch.compile with the eager path as fallback). Environment variable,
-# read at the first rotation, or :func:`set_rotation_kernel`.
+# "compiled" (:mod:`.compiled`, torch.compile with the eager path as fallback) or "triton"
+# (:mod:`.triton_rotation`, Triton kernels for CUDA tensors, the eager path for others). Environment
+# variable, read at the first rotation, or :func:`set_rotation_kernel`.
 ROTATION_KERNEL_ENV = "WADI_ROTATION_KERNEL"
-ROTATION_KERNELS = ("eager", "compiled")
-_SELECTION: dict = {"name": None, "note": None, "compiled": None}
+ROTATION_KERNELS = ("eager", "compiled", "triton")
+_SELECTION: dict = {"name": None, "note": None, "compiled": None, "triton": None}
 
 
 def set_rotation_kernel(name: str) -> None:
     """Run the CPU rotation as ``"eager"`` PyTorch operations or ``"compiled"`` (torch.compile, falling
-    back to eager where compilation is unavailable; see :func:`rotation_kernel_status`)."""
+    back to eager where compilation is unavailable), or every rotation of CUDA tensors as ``"triton"``
+    kernels (eager where Triton or CUDA is unavailable); see :func:`rotation_kernel_status`."""
     if name not in ROTATION_KERNELS:
         raise ValueError(f"rotation kernel must be one of {', '.join(ROTATION_KERNELS)}, got {name!r}")
     _SELECTION.update(name=name, note=None)
@@ -302,11 +305,20 @@ def _compiled_cpu():
     return _SELECTION["compiled"]
 
 
+def _triton():
+    if _SELECTION.get("triton") is None:
+        from .triton_rotation import TritonRotation  # imports this module; Triton itself at the first rotation
+
+        _SELECTION["triton"] = TritonRotation(lambda device: KERNELS.get(device.type, ONE_BLOCK))
+    return _SELECTION["triton"]
+
+
 def rotation_kernel_status() -> dict:
-    """{"selected": what was asked, "cpu": what runs on the CPU ("compiled" until a compilation failed),
-    "fallback_reason": why compiled fell back (or why the environment's choice was ignored), else None}."""
+    """{"selected": what was asked, "cpu": what runs on the CPU ("compiled" until a compilation failed;
+    for "triton": what the latest rotation ran, "triton" or "eager"), "fallback_reason": why compiled or
+    triton fell back (or why the environment's choice was ignored), else None}."""
     selected = _selected()
-    compiled = _SELECTION["compiled"] if selected == "compiled" else None
+    compiled = _SELECTION.get(selected) if selected in ("compiled", "triton") else None
     reason = compiled.fallback_reason if compiled is not None else None
     return {"selected": selected, "cpu": compiled.active if compiled is not None else selected,
             "fallback_reason": reason or _SELECTION["note"]}
@@ -316,6 +328,8 @@ def kernel(device: torch.device):
     """The rotation implementation for ``device`` (``rotate`` and ``grads``; see :class:`EagerRotation`)."""
     if device.type == "cpu" and _selected() == "compiled":
         return _compiled_cpu()
+    if _selected() == "triton":
+        return _triton()
     return KERNELS.get(device.type, ONE_BLOCK)
 
 
