@@ -12,6 +12,10 @@ from wadi_distill import embedded
 from wadi_distill.embedded import datasets
 from wadi_distill.evaluation.classifier import embed, load_classifier
 
+# of the defaults' 1,000 iterations: there the sweep's three seeds stood at 0.81-0.90x the teacher's best single
+# step in 300-sample FD (reports/recipe/curves.csv, generator-conv-r32+regression-1-guidance-real-2.5)
+CI_STEPS = 400
+
 
 def cli(*args, timeout=600):
     import os
@@ -164,7 +168,11 @@ def test_run_defaults_to_the_embedded_teacher(tmp_path):
 
     default = load_config()
     assert default.teacher == str(embedded.teacher_path()) and default.prompts == str(embedded.prompts_path())
-    assert (default.generator_rank, default.fake_rank, default.out) == (16, 4, "wadi-run")
+    assert (default.generator_rank, default.fake_rank, default.out) == (32, 4, "wadi-run")
+    # the recipe sweep's choice (README "The VSD recipe"): LoRaD on Linear + Conv2d, VSD + regression, cfg 2.5
+    assert (default.generator_preset, default.regression_weight, default.vsd.guidance_real) == \
+        ("sd-unet-generator-conv", 1.0, 2.5)
+    assert default.vsd.guidance_fake == 1.5 and default.adapter == "lorad"
     assert len(default.validation_prompts) == 10
     assert load_config(steps=7, out="elsewhere").steps == 7  # the command line still wins
     other = tmp_path / "run.toml"
@@ -173,23 +181,24 @@ def test_run_defaults_to_the_embedded_teacher(tmp_path):
     assert named.teacher == "some/pipeline" and named.generator_rank is None and named.out == "run"
 
 
-def test_short_distillation_improves_the_one_step_fd(tmp_path):
-    """CI-sized WaDi run on the embedded teacher (500 steps, batch 16, lr 1e-3, LoRaD r8 on Linear and
-    Conv2d at ~8.5 % of the U-Net): its one-step samples beat the undistilled teacher used as a one-step
-    generator. (At 400 steps, batch 8, lr 2e-3 it did not, by the 0.9 margin, on the retrained teacher.)"""
+def test_short_distillation_beats_the_teachers_best_single_step(tmp_path):
+    """CI-sized WaDi run on the embedded teacher: the defaults (LoRaD r32 on Linear and Conv2d, VSD +
+    regression, guidance 2.5) for CI_STEPS of their 1,000 steps. Its one-step samples beat the teacher used
+    as a one-step generator at its best guidance (of 1, 1.5, 2 and 3), at the same sample count, in FD and
+    in recall."""
     from wadi_distill.config import load_config
     from wadi_distill.evaluation.benchmark import evaluate
     from wadi_distill.training.loop import train
 
-    config = load_config(out=str(tmp_path / "run"), steps=500, batch_size=16, generator_rank=8,
-                         generator_preset="sd-unet-generator-conv", generator_lr=1e-3, checkpoint_every=500,
-                         validate_every=500, cache_dir=str(tmp_path / "cache"))
+    config = load_config(out=str(tmp_path / "run"), steps=CI_STEPS, checkpoint_every=CI_STEPS,
+                         validate_every=CI_STEPS, cache_dir=str(tmp_path / "cache"))
     train(config)
     student = evaluate(tmp_path / "run", per_class=30)
-    teacher = evaluate(embedded.teacher_path(), per_class=30, steps=1, guidance_scale=1.0)
-    assert student["real_vs_real"] == teacher["real_vs_real"]  # same reference, same sample count
-    assert student["scores"]["frechet_distance"] < 0.9 * teacher["scores"]["frechet_distance"]
-    assert student["scores"]["recall"] > teacher["scores"]["recall"]
+    singles = [evaluate(embedded.teacher_path(), per_class=30, steps=1, guidance_scale=g) for g in (1.0, 1.5, 2.0, 3.0)]
+    best = min(singles, key=lambda s: s["scores"]["frechet_distance"])
+    assert student["real_vs_real"] == best["real_vs_real"]  # same reference, same sample count
+    assert student["scores"]["frechet_distance"] < best["scores"]["frechet_distance"]
+    assert student["scores"]["recall"] > max(s["scores"]["recall"] for s in singles)
 
 
 def test_lorad_runs_without_peft_and_lora_says_what_is_missing(tmp_path):

@@ -53,7 +53,9 @@ def test_training_conditioning_is_the_pipelines_encode_prompt(flow_teacher):
         ours, our_pooled = sd3_conditioning([pipe.text_encoder, pipe.text_encoder_2], clip_ids,
                                             pipe.text_encoder_3(t5_ids)[0])
     assert ours.shape == (3, pipe.tokenizer_max_length + T5_TOKENS, 2 * 8)
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)  # float32 rounding of a batched T5
+    # float32 rounding of a batched T5, which differs by CPU (1.3e-5 absolute, 3.6e-5 relative seen on one);
+    # a wrong conditioning differs in the first digit
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(our_pooled, pooled, rtol=0, atol=1e-6)
 
 
@@ -117,15 +119,17 @@ def test_flow_teacher_command_refuses_bad_input_in_one_line(tmp_path):
 
 
 def test_the_recipe_runs_on_the_flow_teacher_with_its_family_presets(flow_teacher):
-    from wadi_distill.config import EMBEDDED_DEFAULTS, load_config
+    from wadi_distill.config import EMBEDDED_DEFAULTS, PAPER_OBJECTIVE, load_config
     from wadi_distill.experiments.recipe import teacher_options
 
     assert teacher_options("") == {}
     config = load_config(**teacher_options(str(flow_teacher)))
     assert config.teacher == str(flow_teacher)
     assert (config.generator_preset, config.fake_preset) == ("sd3-generator", "sd3-fake")
+    # the sweep's candidates are options over the published objective on the embedded defaults
     assert (config.batch_size, config.generator_rank) == (EMBEDDED_DEFAULTS["batch_size"],
-                                                          EMBEDDED_DEFAULTS["generator_rank"])
+                                                          PAPER_OBJECTIVE["generator_rank"])
+    assert (config.regression_weight, config.vsd.guidance_real) == (0.0, PAPER_OBJECTIVE["vsd"]["guidance_real"])
     # the sweep's own settings are not overridden by the embedded run defaults
     assert not {"steps", "validate_every", "checkpoint_every", "out"} & set(teacher_options(str(flow_teacher)))
     assert len(config.validation_prompts) == 10

@@ -314,7 +314,7 @@ def test_run_help_shows_every_adapter_the_vsd_table_and_the_defaults():
     assert "lorad | lora | dora | full" in text and "a [vsd] table" in text
     for option, default in (("--steps", "default 100; without --teacher 1000"),
                             ("--batch-size", "default 4; without --teacher 16"),
-                            ("--generator-rank", "default the preset's rank; without --teacher 16"),
+                            ("--generator-rank", "default the preset's rank; without --teacher 32"),
                             ("--fake-rank", "default the preset's rank; without --teacher 4"),
                             ("--seed", "default 0")):
         assert default in text.split(f" {option} ", 1)[1][:120], option

@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from wadi_analysis.errors import InvalidValue
-from wadi_distill.experiments.recipe import (CANDIDATES, SweepSettings, merged, run_label, stability, sweep,
+from wadi_distill.config import merge_options as merged
+from wadi_distill.experiments.recipe import (CANDIDATES, SweepSettings, run_label, stability, sweep,
                                              sweep_from_options, targets_met)
 
 
@@ -49,6 +50,35 @@ def test_targets_are_issue_13s():
                                          "accuracy_ge_teacher_25_minus_0.02": True, "stable": True}
 
 
+def test_targets_are_the_teachers_at_the_rows_guidance():
+    teacher = [{"steps": 25, "guidance": 1.5, "frechet_distance": 0.3, "recall": 0.8, "prompt_accuracy": 0.95},
+               {"steps": 4, "guidance": 1.5, "frechet_distance": 0.9, "recall": 0.5, "prompt_accuracy": 0.95},
+               {"steps": 25, "guidance": 2.5, "frechet_distance": 0.7, "recall": 0.6, "prompt_accuracy": 0.99},
+               {"steps": 4, "guidance": 2.5, "frechet_distance": 1.3, "recall": 0.3, "prompt_accuracy": 0.99},
+               {"steps": 1, "guidance": 1.5, "frechet_distance": 2.6, "recall": 0.1, "prompt_accuracy": 0.9}]
+    row = {"frechet_distance": 1.2, "recall": 0.37, "prompt_accuracy": 0.95, "stability": 1.2}
+    at_15, at_25 = targets_met({**row, "guidance": 1.5}, teacher), targets_met({**row, "guidance": 2.5}, teacher)
+    assert (at_15["fd_le_teacher_4_steps"], at_25["fd_le_teacher_4_steps"]) == (False, True)
+    assert (at_15["recall_ge_0.6x_teacher_25"], at_25["recall_ge_0.6x_teacher_25"]) == (False, True)
+    assert (at_15["accuracy_ge_teacher_25_minus_0.02"], at_25["accuracy_ge_teacher_25_minus_0.02"]) == (True, False)
+    assert at_15["fd_le_half_best_single_step"] and at_25["fd_le_half_best_single_step"]  # best single step: any
+
+
+def test_candidates_are_options_over_the_published_objective():
+    """Rows keep their meaning when `run`'s defaults change: a candidate is trained over PAPER_OBJECTIVE."""
+    from wadi_distill.config import EMBEDDED_DEFAULTS, PAPER_OBJECTIVE, load_config, merge_options
+
+    paper = load_config(**PAPER_OBJECTIVE)
+    assert (paper.regression_weight, paper.generator_preset, paper.generator_rank, paper.vsd.guidance_real) == \
+        (0.0, "sd-unet-generator", 16, 1.5)
+    default = load_config()
+    assert (default.regression_weight, default.generator_rank, default.vsd.guidance_real) == \
+        (EMBEDDED_DEFAULTS["regression_weight"], EMBEDDED_DEFAULTS["generator_rank"],
+         EMBEDDED_DEFAULTS["vsd"]["guidance_real"])
+    layered = merge_options(PAPER_OBJECTIVE, {"vsd": {"guidance_fake": 1.0}}, {"regression_weight": 1.0})
+    assert layered["vsd"] == {"guidance_real": 1.5, "guidance_fake": 1.0} and layered["regression_weight"] == 1.0
+
+
 def test_unknown_candidates_and_seeds_are_refused(tmp_path):
     with pytest.raises(InvalidValue, match="unknown candidate 'nope'"):
         sweep_from_options(tmp_path / "r", "defaults,nope", "0", 10, None)
@@ -74,7 +104,8 @@ def test_a_tiny_sweep_writes_every_table_and_keeps_what_it_has(tmp_path, monkeyp
     assert set(curves["step"]) == {1, 2} and (out / "curves.png").is_file() and (out / "teacher.csv").is_file()
     assert "| defaults@2 | 1 |" in (out / "table.md").read_text()
     teacher = pd.read_csv(out / "teacher.csv")
-    assert teacher["model"].tolist() == ["teacher 25 steps, cfg 1.5", "teacher 4 steps, cfg 1.5", "teacher 1 step, cfg 1.0"]
+    # the single steps, then 25 and 4 steps at the candidates' real-score guidance (the published 1.5 here)
+    assert teacher["model"].tolist() == ["teacher 1 step, cfg 1.0", "teacher 25 steps, cfg 1.5", "teacher 4 steps, cfg 1.5"]
     before = (out / "table.csv").read_text()
     sweep(out, settings, log=lambda line: None)  # nothing new to run: the table is kept as it was
     assert (out / "table.csv").read_text() == before

@@ -41,6 +41,15 @@ def test_pairs_are_the_teachers_ddim_samples_from_their_noise(teacher, monkeypat
     assert not torch.equal(other.noise, pairs.noise)
 
 
+def test_a_run_makes_no_more_pairs_than_it_can_draw():
+    from wadi_distill.config import load_config
+    from wadi_distill.regression import pair_count
+
+    assert pair_count(load_config(steps=1000, batch_size=16)) == 2048
+    assert pair_count(load_config(steps=2, batch_size=3)) == 6
+    assert pair_count(load_config(steps=100, batch_size=16, regression_pairs=64)) == 64
+
+
 def test_share_covers_the_count():
     assert [regression.share(2048, p) for p in (1, 2, 3)] == [2048, 1024, 683]
     assert regression.share(5, 8) == 1
@@ -85,13 +94,36 @@ def test_the_term_pulls_the_generator_towards_the_teachers_samples(pipeline, tea
 
 
 def test_a_run_with_the_term_resumes_exactly(pipeline, tmp_path):
-    options = dict(regression_weight=1.0, regression_pairs=6, regression_teacher_steps=2)
+    options = dict(regression_weight=1.0, regression_pairs=4, regression_teacher_steps=2)  # <= 2 steps x batch 2
     train(config_for(pipeline, tmp_path / "straight", **options))
     train(config_for(pipeline, tmp_path / "split", steps=2, **options))
     train(config_for(pipeline, tmp_path / "split", **options), resume="latest")
     straight = load_file(tmp_path / "straight" / "checkpoints" / "step-0000004" / "generator.safetensors")
     split = load_file(tmp_path / "split" / "checkpoints" / "step-0000004" / "generator.safetensors")
     assert straight.keys() == split.keys() and all(torch.equal(straight[n], split[n]) for n in straight)
+
+
+def test_an_extended_run_makes_the_pairs_its_first_part_made(pipeline, tmp_path):
+    """Pairs are capped at steps x batch (regression.pair_count), and the count is in each checkpoint's
+    state.json: a 2-step run extended to 4 steps goes on with its 4 pairs, not the 6 a 4-step run makes."""
+    import json
+
+    options = dict(regression_weight=1.0, regression_pairs=6, regression_teacher_steps=2)
+    train(config_for(pipeline, tmp_path / "straight", **options))
+    train(config_for(pipeline, tmp_path / "split", steps=2, **options))
+    train(config_for(pipeline, tmp_path / "split", **options), resume="latest")
+
+    def recorded(run: str, step: int) -> int:
+        state = tmp_path / run / "checkpoints" / f"step-{step:07d}" / "state.json"
+        return json.loads(state.read_text())["regression_pairs"]
+    assert (recorded("straight", 4), recorded("split", 2), recorded("split", 4)) == (6, 4, 4)
+    from wadi_distill.distill import TrainingError
+    from wadi_distill.training.checkpoint import read_regression_pairs
+
+    state = tmp_path / "split" / "checkpoints" / "step-0000004" / "state.json"
+    state.write_text(json.dumps({"step": 4, "regression_pairs": 10 ** 9}))  # tampered: refused, not made
+    with pytest.raises(TrainingError, match="regression_pairs must be an integer from 1"):
+        read_regression_pairs(state.parent, 6)
 
 
 def test_fsdp_refuses_the_term_in_one_line():

@@ -34,6 +34,16 @@ def test_a_piece_is_reused_only_with_the_same_settings_and_teacher(tmp_path, mon
     monkeypatch.setitem(config.EMBEDDED_DEFAULTS, "fake_rank", 8)  # a run default every arm starts from
     assert ResultStore(tmp_path, settings_tag(TINY, embedded.teacher_path())).load("lora-seed0") is None
     monkeypatch.undo()
+    # what the reproduction pins (the paper's objective) does not follow `run`'s defaults
+    from wadi_distill.experiments.reproduce import PAPER_OBJECTIVE
+
+    pinned = settings_tag(TINY, embedded.teacher_path(), PAPER_OBJECTIVE)
+    monkeypatch.setitem(config.EMBEDDED_DEFAULTS, "regression_weight", 0.25)  # other pinned defaults
+    monkeypatch.setitem(config.EMBEDDED_DEFAULTS, "generator_rank", 8)
+    monkeypatch.setitem(config.EMBEDDED_DEFAULTS, "vsd", {"guidance_real": 3.0})
+    assert settings_tag(TINY, embedded.teacher_path(), PAPER_OBJECTIVE) == pinned
+    assert settings_tag(TINY, embedded.teacher_path()) != tag
+    monkeypatch.undo()
     assert "teacher" not in tag["run_options"] and "cache_dir" not in tag["run_options"]  # contents, not paths
     store.path("lora-seed0").write_text('{"tag": ')  # damaged: retrained, not an error
     assert store.load("lora-seed0") is None

@@ -55,6 +55,12 @@ def regression_loss(x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(x0, target.to(x0.dtype))
 
 
+def pair_count(config) -> int:
+    """Pairs a run makes: ``regression_pairs``, but no more than its ``steps × batch_size`` draws can use (a
+    short run, such as a smoke test of the defaults, does not pay for 2,048 teacher samples)."""
+    return min(config.regression_pairs, config.steps * config.batch_size)
+
+
 def share(count: int, processes: int) -> int:
     """Pairs each process makes: count / processes, rounded up (every process makes as many)."""
     return math.ceil(count / processes)

@@ -27,7 +27,7 @@ from pathlib import Path
 from wadi_analysis.errors import UserError
 
 from .. import embedded
-from ..config import EMBEDDED_DEFAULTS
+from ..config import EMBEDDED_DEFAULTS, PAPER_OBJECTIVE, merge_options
 from ..evaluation.benchmark import Benchmark
 from ..evaluation.intervals import bootstrap_interval, flattened_at
 from ..runs import ONE_STEP_INFO, load_sampler
@@ -102,9 +102,9 @@ def train_student(name: str, overrides: dict, seed: int, out: Path, settings: Se
     shutil.rmtree(run_dir, ignore_errors=True)
     options = {"out": str(run_dir), "seed": seed, "steps": settings.steps, "batch_size": settings.batch_size,
                "generator_lr": settings.generator_lr, "validate_every": settings.validate_every,
-               "checkpoint_every": settings.steps, "keep_checkpoints": 1, "cache_dir": str(out / "cache"),
-               **settings.extra, **overrides}
-    config = load_config(**options)
+               "checkpoint_every": settings.steps, "keep_checkpoints": 1, "cache_dir": str(out / "cache")}
+    # every arm trains the paper's objective (VSD alone), whatever `run` defaults to (config.PAPER_OBJECTIVE)
+    config = load_config(**merge_options(PAPER_OBJECTIVE, options, settings.extra, overrides))
     points = []
 
     def record(step, teacher, model, vsd) -> bool:
@@ -266,7 +266,7 @@ def reproduce(out: str | Path, settings: Settings | None = None, log=print, over
                        ours=_is_reproduction)
     folder = RunFolder(out)  # only for its undo of a failed call: remove what this call added
     before = folder.entries()
-    store = ResultStore(out, settings_tag(settings, embedded.teacher_path()), resume=resume)
+    store = ResultStore(out, settings_tag(settings, embedded.teacher_path(), PAPER_OBJECTIVE), resume=resume)
     try:
         return _reproduce(out, settings, log, store, jobs, device)
     except BaseException:

@@ -8,8 +8,8 @@ own settings and retrains the rest; a failed or interrupted call keeps them (and
 ``compare/`` and ``plan.json``).
 
 The tag is every setting except ``seeds`` (adding seeds reuses the seeds already trained), the run options
-every arm starts from (``load_config()``: the embedded defaults under the reproduction's own, so a changed
-default retrains), and digests of the teacher's U-Net and of the prompt file — contents, not paths, so a
+every arm starts from (``load_config()`` under the options the reproduction pins: a changed default
+retrains), and digests of the teacher's U-Net and of the prompt file — contents, not paths, so a
 fresh checkout elsewhere resumes, and a retrained embedded teacher invalidates everything.
 """
 
@@ -30,14 +30,15 @@ FORMAT = 2  # 2: curves flatten by window means (evaluation.intervals.flattened_
 PATH_OPTIONS = ("teacher", "prompts", "out", "cache_dir")  # where things are, not what: in the digests
 
 
-def settings_tag(settings, teacher: Path) -> dict:
+def settings_tag(settings, teacher: Path, pinned: dict | None = None) -> dict:
     """What a stored piece must have been made with to be reused: ``settings`` (a dataclass) without its
-    seeds, the run options the arms start from (without paths), and the sha256 of the teacher's U-Net
-    weights and of the prompt file."""
+    seeds, the run options the arms start from (``load_config(**pinned)``: the embedded defaults under the
+    options the reproduction pins, without paths), and the sha256 of the teacher's U-Net weights and of
+    the prompt file."""
     from ..config import load_config
 
     tag = {k: v for k, v in asdict(settings).items() if k != "seeds"}
-    base = load_config()
+    base = load_config(**(pinned or {}))
     options = {k: v for k, v in base.to_dict().items() if k not in PATH_OPTIONS}
     return json.loads(json.dumps({"format": FORMAT, "settings": tag, "run_options": options,
                                   "teacher_unet": _digest(sorted((Path(teacher) / "unet").glob("*.safetensors"))),

@@ -6,7 +6,7 @@
     generator_ema.safetensors                 the generator's EMA (runs with ``ema_decay``)
     optimizers.pt                             both optimisers' states
     rng-RANK.pt                               every process's sampling RNG
-    state.json                                the step
+    state.json                                the step (and how many regression pairs the run made)
 
 It is written to a temporary folder and renamed when complete, so a checkpoint is whole or absent;
 only the newest ``keep`` are kept.
@@ -36,6 +36,7 @@ class CheckpointIO:
         self.scalers = scalers  # fp16 loss scalers per role (their scale is training state too)
         self.accelerator, self.keep = accelerator, keep
         self.rank = accelerator.process_index if accelerator else 0
+        self.state: dict = {}  # more of state.json, fixed when the run starts (e.g. "regression_pairs")
 
     def _barrier(self) -> None:
         if self.accelerator:
@@ -61,7 +62,7 @@ class CheckpointIO:
             states.update({f"{role}_scaler": scaler.state_dict() for role, scaler in (self.scalers or {}).items()
                            if scaler.is_enabled()})
             torch.save(states, tmp / "optimizers.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, **self.state}))
             os.replace(tmp, final)
             for old in self.run.checkpoints()[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -101,6 +102,16 @@ class CheckpointIO:
                     raise TrainingError(f"{path / 'optimizers.pt'}: the {role} loss-scaler state is damaged") from None
         self.rng.set_state(rng)
         return step
+
+
+def read_regression_pairs(path: Path, most: int) -> int | None:
+    """How many regression pairs the run of checkpoint ``path`` made (None: not recorded, or none made); at
+    most ``most``, the run's ``regression_pairs`` (more would be another run's, or a tampered file)."""
+    count = json.loads((path / "state.json").read_text()).get("regression_pairs")  # read_step checked the file
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= most):
+        raise TrainingError(f"{path / 'state.json'}: regression_pairs must be an integer from 1 to this run's "
+                            f"regression_pairs ({most}), not {count!r}")
+    return count
 
 
 def read_step(path: Path) -> int:

@@ -25,7 +25,7 @@ from ..sampling import decode, image_grid
 from ..teacher import Teacher, load_teacher
 from .. import regression
 from . import sharding
-from .checkpoint import CheckpointIO, resolve_resume
+from .checkpoint import CheckpointIO, read_regression_pairs, resolve_resume
 from .ema import AdapterEMA
 from .prompt_files import open_prompts
 from .prompts import cached_embeddings
@@ -74,14 +74,19 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     checkpoints = CheckpointIO(run, roles, optimizers, rng, ema, accelerator, keep=config.keep_checkpoints,
                                scalers=scalers)
     step = 0
+    pair_count = None  # a resumed run makes the pairs its first part made (regression.pair_count)
     if (checkpoint := resolve_resume(run, resume)) is not None:
         step = checkpoints.load(checkpoint)
+        pair_count = read_regression_pairs(checkpoint, config.regression_pairs)
     all_prompts, null_prompt = all_prompts.to(accelerator.device), null_prompt.to(accelerator.device)
     separate_generator = roles.generator if roles.separate_generator else None
     skips = _Skips(config.max_nonfinite_in_a_row)
     metric_rows(run.metrics_file)  # a damaged metrics.csv is refused before config.json is rewritten
     # after every refusal: making the pairs takes minutes on a large teacher
-    pairs = _regression_pairs(teacher, all_prompts, null_prompt, config, accelerator, notices if is_main else [])
+    pairs = _regression_pairs(teacher, all_prompts, null_prompt, config, accelerator, notices if is_main else [],
+                              pair_count)
+    if pairs is not None:
+        checkpoints.state["regression_pairs"] = pair_count or regression.pair_count(config)
     fresh, before = is_main and step == 0, run.entries()  # a fresh run: what a failure must not remove
     if is_main:
         run.path.mkdir(parents=True, exist_ok=True)
@@ -156,13 +161,14 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
         raise
 
 
-def _regression_pairs(teacher: Teacher, prompts, null, config: RunConfig, accelerator, notices: list[str]):
+def _regression_pairs(teacher: Teacher, prompts, null, config: RunConfig, accelerator, notices: list[str],
+                      count: int | None = None):
     """This process's share of the regression pairs (:mod:`wadi_distill.regression`), or None when the
-    term is off. Made by the teacher alone (DDIM runs with no adapter active) from their own seed, so a
-    resumed run makes the same pairs again."""
+    term is off. Made by the teacher alone (DDIM runs with no adapter active) from their own seed: a resumed
+    run passes the ``count`` its checkpoint recorded and makes the same pairs again."""
     if not config.regression_weight:
         return None
-    count = regression.share(config.regression_pairs, accelerator.num_processes)
+    count = regression.share(count or regression.pair_count(config), accelerator.num_processes)
     notices.append(f"regression pairs: {count} teacher samples of {config.regression_teacher_steps} DDIM steps "
                    f"per process (guidance {config.vsd.guidance_real})")
     return regression.teacher_pairs(teacher, prompts, null, count, config.regression_teacher_steps,
