@@ -51,7 +51,8 @@ def unsupported(plugin, config, on_validate) -> str | None:
     if config.adapter == "full":
         return "FSDP shards the frozen base of adapter runs; --adapter full is not supported with FSDP"
     if config.regression_weight:
-        return "the regression term (regression_weight) is not supported with FSDP yet"
+        return ("the regression term (regression_weight, on in the embedded teacher's defaults) is not supported "
+                "with FSDP yet; set regression_weight = 0 in the --config TOML")
     if on_validate is not None:
         return "FSDP runs validation on every process; an on_validate callback is not supported with FSDP"
     if getattr(plugin, "activation_checkpointing", False):
