@@ -84,3 +84,20 @@ def test_an_interrupted_reproduction_resumes_without_retraining(tmp_path, monkey
     # --no-resume retrains: the runs are back
     reproduce(out, TINY, log=lambda line: None, resume=False)
     assert (out / "runs" / "lora-seed0" / "export").is_dir()
+
+
+def test_every_arm_trains_the_papers_objective_whatever_run_defaults_to(tmp_path):
+    """`run`'s embedded defaults add the regression term and guidance 2.5; the reproduction's arms do not."""
+    from wadi_distill.config import load_config
+    from wadi_distill.experiments.reproduce import student_config, student_overrides
+
+    default = load_config()
+    assert default.regression_weight > 0 and default.vsd.guidance_real != 1.5  # the defaults differ ...
+    settings = replace(TINY, extra={"vsd": {"guidance_fake": 1.0}})
+    for name, overrides in student_overrides(settings).items():
+        config = student_config(name, overrides, 3, tmp_path, settings)
+        assert (config.regression_weight, config.vsd.guidance_real, config.vsd.guidance_fake) == (0.0, 1.5, 1.0), name
+        assert (config.seed, config.steps, config.batch_size) == (3, TINY.steps, TINY.batch_size)
+        assert config.out == str(tmp_path / "runs" / f"{name}-seed3")
+    assert student_config("full", student_overrides(settings)["full"], 0, tmp_path, settings).generator_lr == \
+        TINY.full_lr  # ... and each arm's own options still win

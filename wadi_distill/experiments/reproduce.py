@@ -87,6 +87,18 @@ def curve_flattened(values, settings: Settings) -> int | None:
     return flattened_at(values, settings.flat_window, settings.flat_threshold)
 
 
+def student_config(name: str, overrides: dict, seed: int, out: Path, settings: Settings):
+    """The run options of one (arm, seed): the paper's objective (VSD alone: ``config.PAPER_OBJECTIVE``, whatever
+    `run` defaults to), the settings' budget, batch and rate, then ``settings.extra`` and the arm's own."""
+    from ..config import load_config
+
+    options = {"out": str(out / "runs" / f"{name}-seed{seed}"), "seed": seed, "steps": settings.steps,
+               "batch_size": settings.batch_size, "generator_lr": settings.generator_lr,
+               "validate_every": settings.validate_every, "checkpoint_every": settings.steps, "keep_checkpoints": 1,
+               "cache_dir": str(out / "cache")}
+    return load_config(**merge_options(PAPER_OBJECTIVE, options, settings.extra, overrides))
+
+
 def train_student(name: str, overrides: dict, seed: int, out: Path, settings: Settings, curve: Benchmark,
             final: Benchmark, log) -> tuple[dict, list[dict]]:
     """One student: train with convergence points, export, score. Returns (final row, curve rows).
@@ -94,17 +106,12 @@ def train_student(name: str, overrides: dict, seed: int, out: Path, settings: Se
     With ``settings.early_stop`` training ends at the first validation point where the curve has
     flattened (:func:`curve_flattened`), else at ``settings.steps``; the row's ``trained_steps`` and
     ``stopped_early`` say which."""
-    from ..config import load_config
     from ..export import export_run
     from ..training.loop import train
 
-    run_dir = out / "runs" / f"{name}-seed{seed}"
+    config = student_config(name, overrides, seed, out, settings)
+    run_dir = Path(config.out)
     shutil.rmtree(run_dir, ignore_errors=True)
-    options = {"out": str(run_dir), "seed": seed, "steps": settings.steps, "batch_size": settings.batch_size,
-               "generator_lr": settings.generator_lr, "validate_every": settings.validate_every,
-               "checkpoint_every": settings.steps, "keep_checkpoints": 1, "cache_dir": str(out / "cache")}
-    # every arm trains the paper's objective (VSD alone), whatever `run` defaults to (config.PAPER_OBJECTIVE)
-    config = load_config(**merge_options(PAPER_OBJECTIVE, options, settings.extra, overrides))
     points = []
 
     def record(step, teacher, model, vsd) -> bool:
