@@ -69,6 +69,7 @@ CANDIDATES: dict[str, dict] = {
     # stronger real-score guidance raised it most of any single change (guidance-real-2.5: 0.90 vs 0.83);
     # the pairs are then made at that guidance too
     "regression-1-guidance-real-2.5": {"regression_weight": 1.0, "vsd": {"guidance_real": 2.5}},
+    "regression-1-guidance-real-3.5": {"regression_weight": 1.0, "vsd": {"guidance_real": 3.5}},
     # the weighting of the two losses over t (vsd.GENERATOR_WEIGHTINGS, vsd.FAKE_WEIGHTINGS)
     "weighting-dmd": {"vsd": {"generator_weighting": "dmd"}},
     "fake-weighting-uniform": {"vsd": {"fake_weighting": "uniform"}},
