@@ -4,9 +4,8 @@ compiling or running the compiled pass fails."""
 
 import pytest
 import torch
-from torch import nn
 
-from wadi_distill import lorad
+from tests.support.tensors import adapted_model_pass
 from wadi_distill.lorad import rotation
 from wadi_distill.lorad.compiled import CompiledRotation
 from wadi_distill.lorad.rotation import rotated_weight, rotation_kernel_status, set_rotation_kernel
@@ -86,17 +85,7 @@ def test_compiled_gradients_pass_gradcheck(selection):
 def test_a_layer_trains_the_same(selection):
     """An adapted Linear + Conv2d model: output and adapter gradients equal eager's to 1e-6."""
     def run(kind):
-        set_rotation_kernel(kind)
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Flatten(), nn.Linear(6 * 5 * 5, 10))
-        lorad.add_adapter(model, "g", {"0": 2, "2": 3})
-        lorad.set_adapter(model, "g")
-        with torch.no_grad():
-            for p in lorad.adapter_parameters(model, "g"):
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
-        out = model(torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(3)))
-        out.square().sum().backward()
-        return [out.detach()] + [p.grad for p in lorad.adapter_parameters(model, "g")]
+        return adapted_model_pass(kind, channels=4, size=5, out_features=10, ranks={"0": 2, "2": 3})
 
     for got, want in zip(run("compiled"), run("eager")):
         assert relative_error(got, want) < 1e-6

@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
-from wadi_distill import lorad
+from tests.support.tensors import adapted_model_pass
 from wadi_distill.lorad import rotation, triton_rotation
 from wadi_distill.lorad.rotation import rotated_weight, rotation_kernel_status, set_rotation_kernel
 from wadi_distill.lorad.triton_rotation import TritonRotation
@@ -126,17 +125,7 @@ def test_triton_gradients_pass_gradcheck(interpreter):
 def test_a_layer_trains_the_same(interpreter):
     """An adapted Linear + Conv2d model: output and adapter gradients equal eager's to 1e-6."""
     def run(kind):
-        set_rotation_kernel(kind)
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.Flatten(), nn.Linear(5 * 4 * 4, 6))
-        lorad.add_adapter(model, "g", {"0": 2, "2": 1})
-        lorad.set_adapter(model, "g")
-        with torch.no_grad():
-            for p in lorad.adapter_parameters(model, "g"):
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
-        out = model(torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(3)))
-        out.square().sum().backward()
-        return [out.detach()] + [p.grad for p in lorad.adapter_parameters(model, "g")]
+        return adapted_model_pass(kind, channels=3, size=4, out_features=6, ranks={"0": 2, "2": 1})
 
     fused = run("triton")
     assert rotation_kernel_status()["cpu"] == "triton"
