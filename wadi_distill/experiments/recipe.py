@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import embedded
 from ..evaluation.benchmark import Benchmark
 from ..runs import load_sampler
-from .reproduce import Settings, train_student
+from .reproduce import Settings, student_config, train_student
 
 # Candidates: options over config.PAPER_OBJECTIVE on the embedded defaults; "vsd" is the [vsd] table.
 CANDIDATES: dict[str, dict] = {
@@ -161,7 +161,7 @@ def sweep(out: str | Path, settings: SweepSettings | None = None, log=print) -> 
     figure into ``out`` (created; candidates already in its ``table.csv`` are kept, not retrained)."""
     import pandas as pd
 
-    from ..config import PAPER_OBJECTIVE, load_config, merge_options
+    from ..config import merge_options
 
     settings = settings or SweepSettings()
     unknown = [name for name in (*settings.candidates, settings.base or "defaults") if name not in CANDIDATES]
@@ -181,7 +181,7 @@ def sweep(out: str | Path, settings: SweepSettings | None = None, log=print) -> 
             if any(r["candidate"] == label and r["seed"] == seed for r in table):
                 continue
             options = merge_options(on_teacher, CANDIDATES[settings.base] if settings.base else {}, CANDIDATES[name])
-            config = load_config(**merge_options(PAPER_OBJECTIVE, options))  # as train_student trains it
+            config = student_config(label, options, seed, out, Settings())  # as train_student will train it
             guidance = config.vsd.guidance_real
             if not any(r["steps"] > 1 and r["guidance"] == guidance for r in teacher):  # this guidance's targets
                 teacher += teacher_targets(final, settings, guidance)

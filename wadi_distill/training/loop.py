@@ -74,10 +74,10 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     checkpoints = CheckpointIO(run, roles, optimizers, rng, ema, accelerator, keep=config.keep_checkpoints,
                                scalers=scalers)
     step = 0
-    pair_count = None  # a resumed run makes the pairs its first part made (regression.pair_count)
+    pair_count = regression.pair_count(config)
     if (checkpoint := resolve_resume(run, resume)) is not None:
-        step = checkpoints.load(checkpoint)
-        pair_count = read_regression_pairs(checkpoint, config.regression_pairs)
+        step = checkpoints.load(checkpoint)  # a resumed run makes the pairs its first part made
+        pair_count = read_regression_pairs(checkpoint, config.regression_pairs) or pair_count
     all_prompts, null_prompt = all_prompts.to(accelerator.device), null_prompt.to(accelerator.device)
     separate_generator = roles.generator if roles.separate_generator else None
     skips = _Skips(config.max_nonfinite_in_a_row)
@@ -86,7 +86,7 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
     pairs = _regression_pairs(teacher, all_prompts, null_prompt, config, accelerator, notices if is_main else [],
                               pair_count)
     if pairs is not None:
-        checkpoints.state["regression_pairs"] = pair_count or regression.pair_count(config)
+        checkpoints.state["regression_pairs"] = pair_count
     fresh, before = is_main and step == 0, run.entries()  # a fresh run: what a failure must not remove
     if is_main:
         run.path.mkdir(parents=True, exist_ok=True)
@@ -162,13 +162,13 @@ def train(config: RunConfig, resume: str | None = None, progress: bool = False, 
 
 
 def _regression_pairs(teacher: Teacher, prompts, null, config: RunConfig, accelerator, notices: list[str],
-                      count: int | None = None):
+                      count: int):
     """This process's share of the regression pairs (:mod:`wadi_distill.regression`), or None when the
-    term is off. Made by the teacher alone (DDIM runs with no adapter active) from their own seed: a resumed
-    run passes the ``count`` its checkpoint recorded and makes the same pairs again."""
+    term is off; ``count`` pairs in all (a resumed run passes the count its checkpoint recorded). Made by the
+    teacher alone (DDIM runs with no adapter active) from their own seed, so a resumed run makes the same pairs."""
     if not config.regression_weight:
         return None
-    count = regression.share(count or regression.pair_count(config), accelerator.num_processes)
+    count = regression.share(count, accelerator.num_processes)
     notices.append(f"regression pairs: {count} teacher samples of {config.regression_teacher_steps} DDIM steps "
                    f"per process (guidance {config.vsd.guidance_real})")
     return regression.teacher_pairs(teacher, prompts, null, count, config.regression_teacher_steps,
