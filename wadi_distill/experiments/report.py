@@ -23,8 +23,10 @@ CAPTIONS = {
     "convergence": "One-step Fréchet distance over training iterations (mean over the seeds still training: "
                    "a seed stops once its curve has flattened; convergence points use fewer samples than the "
                    "final scores, so their floor is higher).",
-    "fig1a": "Fig 1a at small scale: mean per-row direction change (1 − cos) against mean relative norm change, "
-             "all layers, teacher vs each student.",
+    "fig1a": "Fig 1a at small scale, teacher vs each student, all layers: left, the paper's mean per-row "
+             "direction change (1 − cos, second order in the angle) against the mean relative norm change; right, "
+             "the same at first order (mean angle in radians against the norm change; dashed: equal). Students "
+             "whose norms are preserved at rounding stand in the strip at each panel's left.",
     "fig1b": "Fig 1b at small scale: share of the weight-change energy in the top 30 % of its rank, mean over layers.",
     "ranks": "LoRaD rank ablation: final one-step FD against trainable parameters.",
 }
@@ -85,14 +87,67 @@ def fig_convergence(curves: pd.DataFrame) -> Figure:
 
 
 def fig_1a(analysis: pd.DataFrame) -> Figure:
-    fig, ax = _axes(6, 4)
-    ax.scatter(analysis["norm_change_mean"], analysis["direction_change_mean"])
-    for _, row in analysis.iterrows():  # labels beside their markers, not over them
-        ax.annotate(row["model"], (row["norm_change_mean"], row["direction_change_mean"]), fontsize=7,
-                    textcoords="offset points", xytext=(5, 4))
-    ax.set(xlabel="mean relative norm change", ylabel="mean direction change (1 − cos)", xscale="log", yscale="log")
-    fig.tight_layout()
+    """Fig 1a twice: the paper's measure (1 − cos, second order in the angle) and the first-order one (the
+    mean angle in radians), each against the mean relative norm change. Students whose norms are preserved
+    at rounding (LoRaD, DoRA with frozen magnitude) have no norm change to place on a log axis: they stand in
+    a strip of their own at its left, labelled so, rather than at the rounding error as if it were measured."""
+    import numpy as np
+
+    preserved = (analysis["norms_preserved_at_rounding"].astype(bool) if "norms_preserved_at_rounding" in analysis
+                 else analysis["norm_change_mean"] <= 0)
+    panels = [("direction_change_mean", "mean direction change 1 − cos (%)", "the paper's measure (second order)")]
+    if "angle_deg_mean" in analysis:  # the angle in radians × 100: the same units as a relative change in %
+        analysis = analysis.assign(angle_rad_mean=np.deg2rad(analysis["angle_deg_mean"]) * 100)
+        panels.append(("angle_rad_mean", "mean angle (radians, as %)", "first order: angle against norm change"))
+    fig = Figure(figsize=(6 * len(panels), 4.2))
+    ratios = ([1, 3, 0.45] * len(panels))[:-1]  # strip, panel, a gap before the next strip
+    grid = fig.add_gridspec(1, len(ratios), width_ratios=ratios, wspace=0.04,  # final: labels are placed in points
+                            left=0.07, right=0.99, bottom=0.14, top=0.91)
+    measured, rounded = analysis[~preserved], analysis[preserved]
+    x_log = bool(len(measured)) and bool((measured["norm_change_mean"] > 0).all())
+    for k, (column, ylabel, title) in enumerate(panels):
+        strip, ax = fig.add_subplot(grid[0, 3 * k]), fig.add_subplot(grid[0, 3 * k + 1])
+        values = analysis[column][analysis[column] > 0]
+        ylim = (values.min() / 2, values.max() * 2) if len(values) else (1e-3, 1)
+        for axes in (strip, ax):
+            axes.set(yscale="log", ylim=ylim)
+        strip.set(xlim=(-0.3, 1.7), xticks=[0], xticklabels=["norms at\nrounding"], ylabel=ylabel)
+        _labelled_points(strip, np.zeros(len(rounded)), rounded[column].to_numpy(), rounded["model"].tolist())
+        x = measured["norm_change_mean"].to_numpy()
+        if x_log:
+            ax.set(xscale="log", xlim=(x.min() / 2, x.max() * 6))
+            if column == "angle_rad_mean":  # equal first-order changes
+                ax.plot(ax.get_xlim(), ax.get_xlim(), ls="--", lw=0.8, color="0.5", label="angle = norm change")
+                ax.legend(fontsize=7, loc="lower right")
+        _labelled_points(ax, x, measured[column].to_numpy(), measured["model"].tolist())
+        ax.set(xlabel="mean relative norm change (%)", title=title)
+        ax.title.set_fontsize(9)
+        ax.tick_params(labelleft=False, which="both")
     return fig
+
+
+def _labelled_points(ax, x, y, labels, gap_points: float = 10.0) -> None:
+    """Markers with their labels to the right, pushed apart vertically by at least ``gap_points`` so that
+    close points stay readable (the axes' log y limits must be set first); a thin line joins a moved label to
+    its marker."""
+    import numpy as np
+
+    ax.scatter(x, y, zorder=3)
+    if not len(y):
+        return
+    low, high = np.log10(ax.get_ylim())
+    height = ax.get_position().height * ax.figure.get_figheight() * 72  # the axes' height in points
+    at = (np.log10(np.asarray(y, dtype=float)) - low) / (high - low) * height
+    order = np.argsort(at)
+    place = at[order].copy()
+    for i in range(1, len(place)):
+        place[i] = max(place[i], place[i - 1] + gap_points)
+    place -= max(0.0, place[-1] - height + 4)  # the top label stays inside the axes
+    for position, i in zip(place, order):
+        moved = abs(position - at[i]) > 0.5
+        ax.annotate(labels[i], (x[i], y[i]), xytext=(12, position - at[i]), textcoords="offset points",
+                    fontsize=7, va="center",
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if moved else None)
 
 
 def fig_1b(analysis: pd.DataFrame) -> Figure:
