@@ -74,6 +74,9 @@ CANDIDATES: dict[str, dict] = {
     # 0.97); DMD scores the fake with no guidance, and guidance-fake-1 raised accuracy most among the first runs
     "regression-1-guidance-real-2.5-fake-1": {"regression_weight": 1.0,
                                               "vsd": {"guidance_real": 2.5, "guidance_fake": 1.0}},
+    # ... a heavier pull towards the teacher's 25-step samples (accuracy 0.99), and guidance between 2.5 and 3.5
+    "regression-4-guidance-real-2.5": {"regression_weight": 4.0, "vsd": {"guidance_real": 2.5}},
+    "regression-1-guidance-real-3": {"regression_weight": 1.0, "vsd": {"guidance_real": 3.0}},
     # the weighting of the two losses over t (vsd.GENERATOR_WEIGHTINGS, vsd.FAKE_WEIGHTINGS)
     "weighting-dmd": {"vsd": {"generator_weighting": "dmd"}},
     "fake-weighting-uniform": {"vsd": {"fake_weighting": "uniform"}},
