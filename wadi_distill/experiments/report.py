@@ -93,8 +93,9 @@ def fig_1a(analysis: pd.DataFrame) -> Figure:
     a strip of their own at its left, labelled so, rather than at the rounding error as if it were measured."""
     import numpy as np
 
+    # compare's own verdict (wadi_analysis.report.tables); an analysis.csv older than it has none to give
     preserved = (analysis["norms_preserved_at_rounding"].astype(bool) if "norms_preserved_at_rounding" in analysis
-                 else analysis["norm_change_mean"] <= 0)
+                 else pd.Series(False, index=analysis.index))
     panels = [("direction_change_mean", "mean direction change 1 − cos (%)", "the paper's measure (second order)")]
     if "angle_deg_mean" in analysis:  # the angle in radians × 100: the same units as a relative change in %
         analysis = analysis.assign(angle_rad_mean=np.deg2rad(analysis["angle_deg_mean"]) * 100)
